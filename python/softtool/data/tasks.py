@@ -1,0 +1,324 @@
+"""The four tasks: how an input is phrased, what the model must produce, and how it is scored.
+
+    squad        context + question -> answer       exact match, F1 (SQuAD v1.1), BLEU
+    squad-qg     context + answer -> question       BLEU
+    cnndm        article -> highlights              ROUGE-1/2/L(sum), BLEU
+    translation  source -> target (src/tgt codes)   BLEU, chrF (sacrebleu, with signatures)
+
+A task also turns a reader's record (a dict of columns) into an Example, accepting the column
+names the common formats use (SQuAD JSON, the Hugging Face datasets, CSV/JSONL with named columns).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+from softtool import metrics
+from softtool.data.example import Example
+from softtool.errors import SofttoolError
+from softtool.prompts.template import Template
+
+LANGUAGES = {
+    "ar": "Arabic",
+    "cs": "Czech",
+    "de": "German",
+    "en": "English",
+    "es": "Spanish",
+    "et": "Estonian",
+    "fi": "Finnish",
+    "fr": "French",
+    "hi": "Hindi",
+    "it": "Italian",
+    "ja": "Japanese",
+    "ko": "Korean",
+    "lv": "Latvian",
+    "nl": "Dutch",
+    "pl": "Polish",
+    "pt": "Portuguese",
+    "ro": "Romanian",
+    "ru": "Russian",
+    "tr": "Turkish",
+    "uk": "Ukrainian",
+    "zh": "Chinese",
+}
+
+
+@dataclass(frozen=True)
+class TranslationOptions:
+    """Options of the translation task."""
+
+    src: str = field(
+        default="en", metadata={"help": "source language code (e.g. en); also the source column/file suffix"}
+    )
+    tgt: str = field(
+        default="de", metadata={"help": "target language code (e.g. de); also the target column/file suffix"}
+    )
+
+    def __post_init__(self) -> None:
+        for side, code in (("src", self.src), ("tgt", self.tgt)):
+            if code not in LANGUAGES:
+                raise ValueError(f"{side}={code!r} is not a known language code; use one of {sorted(LANGUAGES)}")
+        if self.src == self.tgt:
+            raise ValueError(f"src and tgt are both {self.src!r}; translation needs two different languages")
+
+
+class Task:
+    """What every task provides; see the module docstring for the four tasks."""
+
+    name: ClassVar[str]
+    fields: ClassVar[tuple[str, ...]]  # template fields an Example carries
+    main_metric: ClassVar[str]
+    truncate_field: ClassVar[str]  # the long input field cut when the input is too long
+    max_target_tokens: ClassVar[int]  # generation budget
+    instruction: str  # the discrete instruction of the baseline prompt
+    input_text: str  # the input format, with {field} placeholders, ending where the output starts
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The task's options, as saved in the adapter metadata (task_options)."""
+        return {}
+
+    # -- records -> examples ------------------------------------------------------------------
+    def column_choices(self) -> dict[str, tuple[str, ...]]:
+        """For each value the task needs, the column names accepted for it (first found wins)."""
+        raise NotImplementedError
+
+    def resolve_columns(self, available: Sequence[str], where: str) -> dict[str, str]:
+        """Map each needed value to a column of `available`; SofttoolError names what is missing."""
+        chosen: dict[str, str] = {}
+        missing: list[str] = []
+        for key, choices in self.column_choices().items():
+            found = next((c for c in choices if c in available), None)
+            if found is None:
+                missing.append(" or ".join(repr(c) for c in choices))
+            else:
+                chosen[key] = found
+        if missing:
+            raise SofttoolError(
+                f"{where}: missing column(s) {', '.join(missing)} for task {self.name}; "
+                f"it has {sorted(available)}; rename the columns or pick the right --task"
+            )
+        return chosen
+
+    def make_example(self, record: Mapping[str, Any], columns: Mapping[str, str], index: int) -> Example | None:
+        """The Example for one record, or None when a needed value is empty (the reader counts it)."""
+        values = {key: _text(record.get(col)) for key, col in columns.items() if key != "answers"}
+        if any(not v.strip() for v in values.values()):
+            return None
+        answers = _answers(record.get(columns["answers"])) if "answers" in columns else []
+        if "answers" in columns and not answers:
+            return None
+        example_id = _text(record.get("id")) or str(index)
+        return self._example(example_id, values, answers)
+
+    def _example(self, example_id: str, values: dict[str, str], answers: list[str]) -> Example:
+        raise NotImplementedError
+
+    # -- templates ------------------------------------------------------------------------------
+    def default_template(self, num_virtual_tokens: int) -> Template:
+        """Prompt tuning's layout: the virtual tokens, then the task's input text."""
+        return Template.prefix(num_virtual_tokens, self.input_text)
+
+    def baseline_template(self) -> Template:
+        """The discrete-prompt baseline: the instruction, then the input text; no virtual tokens."""
+        return Template.parse(self.instruction + "\n" + self.input_text)
+
+    def zero_shot_template(self) -> Template:
+        return Template.parse(self.input_text)
+
+    # -- outputs --------------------------------------------------------------------------------
+    def target_text(self, example: Example) -> str:
+        # The input ends with "Answer:" etc.; the tokenizer encodes the following word with its space.
+        return " " + example.target.strip()
+
+    def postprocess(self, generated: str) -> str:
+        """The prediction from the generated text: stripped and cut at the first newline."""
+        return generated.strip().split("\n", 1)[0].strip()
+
+    def score(self, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def sentence_score(self, prediction: str, references: Sequence[str]) -> float:
+        """Sentence BLEU (0-100, smoothed, effective order) of one prediction."""
+        return metrics.sentence_bleu(prediction, references, tokenize=self._bleu_tokenize)
+
+    _bleu_tokenize: ClassVar[str] = "13a"
+
+    def _bleu(self, predictions, references) -> dict[str, Any]:
+        score, signature = metrics.bleu(predictions, references, tokenize=self._bleu_tokenize)
+        return {"bleu": score, "bleu_signature": signature}
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"get_task({self.name!r}{', ' if opts else ''}{opts})"
+
+
+class SquadTask(Task):
+    name = "squad"
+    fields = ("context", "question")
+    main_metric = "f1"
+    truncate_field = "context"
+    max_target_tokens = 32
+    instruction = "Answer the question with a short span copied from the context."
+    input_text = "Context: {context}\nQuestion: {question}\nAnswer:"
+
+    def column_choices(self):
+        return {"context": ("context",), "question": ("question",), "answers": ("answers", "answer")}
+
+    def _example(self, example_id, values, answers):
+        return Example(example_id, {"context": values["context"], "question": values["question"]}, answers)
+
+    def score(self, predictions, references):
+        out: dict[str, Any] = dict(metrics.squad_scores(predictions, references))
+        out.update(self._bleu(predictions, references))
+        out["n"] = len(predictions)
+        return out
+
+
+class SquadQuestionGenerationTask(Task):
+    name = "squad-qg"
+    fields = ("context", "answer")
+    main_metric = "bleu"
+    truncate_field = "context"
+    max_target_tokens = 48
+    instruction = "Write the question that the answer answers, given the context."
+    input_text = "Context: {context}\nAnswer: {answer}\nQuestion:"
+
+    def column_choices(self):
+        return {"context": ("context",), "question": ("question",), "answers": ("answers", "answer")}
+
+    def _example(self, example_id, values, answers):
+        # Every gold answer of a SQuAD question is a span for the same question; the first is the input.
+        return Example(example_id, {"context": values["context"], "answer": answers[0]}, [values["question"]])
+
+    def score(self, predictions, references):
+        out = self._bleu(predictions, references)
+        out["n"] = len(predictions)
+        return out
+
+
+class CnnDmTask(Task):
+    name = "cnndm"
+    fields = ("article",)
+    main_metric = "rougeL"
+    truncate_field = "article"
+    max_target_tokens = 96
+    instruction = "Summarize the news article in three short sentences, one per line."
+    input_text = "Article: {article}\nSummary:"
+
+    def column_choices(self):
+        return {"article": ("article", "document"), "highlights": ("highlights", "summary")}
+
+    def _example(self, example_id, values, answers):
+        highlights = "\n".join(line.strip() for line in values["highlights"].strip().splitlines() if line.strip())
+        return Example(example_id, {"article": values["article"]}, [highlights])
+
+    def postprocess(self, generated: str) -> str:
+        # Newlines separate summary sentences (rougeLsum needs them); drop blank lines only.
+        return "\n".join(line.strip() for line in generated.strip().splitlines() if line.strip())
+
+    def score(self, predictions, references):
+        out: dict[str, Any] = dict(metrics.rouge(predictions, references))
+        out.update(self._bleu(predictions, references))
+        out["n"] = len(predictions)
+        return out
+
+
+class TranslationTask(Task):
+    name = "translation"
+    fields = ("source",)
+    main_metric = "bleu"
+    truncate_field = "source"
+    max_target_tokens = 64
+
+    def __init__(self, options: TranslationOptions) -> None:
+        self._options = options
+        src, tgt = LANGUAGES[options.src], LANGUAGES[options.tgt]
+        self.instruction = f"Translate the {src} sentence into {tgt}."
+        self.input_text = f"{src}: {{source}}\n{tgt}:"
+        # sacrebleu's 13a tokenizer splits on spaces; Chinese needs its own segmentation.
+        self._bleu_tokenize = "zh" if options.tgt == "zh" else "13a"
+
+    @property
+    def src(self) -> str:
+        return self._options.src
+
+    @property
+    def tgt(self) -> str:
+        return self._options.tgt
+
+    @property
+    def options(self):
+        return asdict(self._options)
+
+    def column_choices(self):
+        return {"source": (self.src, "source", "src"), "target": (self.tgt, "target", "tgt")}
+
+    def _example(self, example_id, values, answers):
+        return Example(example_id, {"source": values["source"].strip()}, [values["target"].strip()])
+
+    def score(self, predictions, references):
+        out = self._bleu(predictions, references)
+        score, signature = metrics.chrf(predictions, references)
+        out.update({"chrf": score, "chrf_signature": signature, "n": len(predictions)})
+        return out
+
+
+_TASKS: dict[str, type[Task]] = {
+    "squad": SquadTask,
+    "squad-qg": SquadQuestionGenerationTask,
+    "cnndm": CnnDmTask,
+    "translation": TranslationTask,
+}
+TASK_NAMES = tuple(_TASKS)
+
+
+def get_task(name: str, **options: Any) -> Task:
+    """The task `name` (squad, squad-qg, cnndm, translation); only translation takes options (src, tgt)."""
+    if name not in _TASKS:
+        raise SofttoolError(f"--task {name!r} is not a task; use one of {', '.join(_TASKS)}")
+    if name == "translation":
+        try:
+            return TranslationTask(TranslationOptions(**options))
+        except TypeError as exc:
+            raise SofttoolError(f"task translation: {exc}; its options are src and tgt") from exc
+        except ValueError as exc:
+            raise SofttoolError(f"task translation: {exc}") from exc
+    if options:
+        raise SofttoolError(f"task {name} takes no options, got {sorted(options)}")
+    return _TASKS[name]()
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else str(value)
+
+
+def _answers(value: Any) -> list[str]:
+    """Gold answers from any common shape, de-duplicated in order, empty ones dropped.
+
+    SQuAD JSON gives [{"text": ...}], the Hugging Face dataset {"text": [...], "answer_start": [...]},
+    a CSV cell a string (or a JSON list written as a string).
+    """
+    if isinstance(value, str):
+        stripped = value.strip()
+        if stripped.startswith("["):
+            try:
+                value = json.loads(stripped)
+            except json.JSONDecodeError:
+                value = [value]
+        else:
+            value = [value]
+    if isinstance(value, Mapping):
+        value = value.get("text", [])
+        value = [value] if isinstance(value, str) else value
+    texts: list[str] = []
+    for item in value or []:
+        text = _text(item.get("text") if isinstance(item, Mapping) else item).strip()
+        if text and text not in texts:
+            texts.append(text)
+    return texts
