@@ -1,0 +1,176 @@
+"""Self-check of a fresh export: ONNX Runtime against the PyTorch model on sample batches, prefill and decode.
+
+Both sides are fed the same tokens (PyTorch's greedy choice at every step), so the logit difference is
+measured on identical inputs at every step, and "the argmax agrees at every step" is exactly "greedy
+decoding gives the same tokens". The reference is plain transformers: token embeddings with the prompt rows
+substituted, a 2-D mask, explicit positions and its own KV cache, so the check also covers the wrapper.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Thresholds per dtype: (max |logit diff| that passes, fraction of steps whose argmax must agree).
+# fp32 must match exactly in tokens; fp16 and int8 change the numbers, so only token agreement is checked.
+THRESHOLDS = {"fp32": (1e-3, 1.0), "fp16": (None, 0.9), "int8": (None, 0.75)}
+
+SAMPLE_TEXT = [
+    "The Eiffel Tower was finished in 1889 and is 330 metres tall.",
+    "A man in a red jacket rides a bicycle down a busy street.",
+]
+
+
+def sample_rows(tokenizer, meta: dict[str, Any]) -> tuple[list[list[int]], list[int]]:
+    """Two rows of ids in the virtual-token convention, of different lengths, one per task (task 0 and the last)."""
+    from softtool.prompts.template import Template, assemble_ids
+
+    rows, tasks = [], []
+    for i, task_id in enumerate([0, meta["num_tasks"] - 1]):
+        template = Template.parse(meta["tasks"][task_id]["template"])
+        text = SAMPLE_TEXT[i % len(SAMPLE_TEXT)]
+        fields = {name: text if k == 0 else "What is it about?" for k, name in enumerate(template.fields)}
+        pieces = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in template.render(fields)]
+        rows.append(assemble_ids(template, pieces, meta["vocab_size"], task_id))
+        tasks.append(task_id)
+    return rows, tasks
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """input_ids, attention_mask, position_ids for left padding, positions as transformers' generate makes them."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row) :] = row
+        mask[b, width - len(row) :] = 1
+    positions = np.cumsum(mask, axis=1) - 1
+    positions[mask == 0] = 1
+    return ids, mask, positions
+
+
+class TorchReference:
+    """transformers forward with inputs_embeds (prompt rows substituted) and its own KV cache."""
+
+    def __init__(self, model, table, vocab_size: int):
+        self.model, self.table, self.vocab_size = model, table, vocab_size
+        params = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.cache = None
+
+    def embed(self, ids):
+        import torch
+
+        ids = torch.as_tensor(ids)
+        virtual = ids >= self.vocab_size
+        emb = self.model.get_input_embeddings()(torch.where(virtual, 0, ids)).clone()
+        emb[virtual] = self.table[(ids - self.vocab_size)[virtual]].to(emb.dtype)
+        return emb
+
+    def step(self, ids, mask, positions) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            out = self.model(
+                inputs_embeds=self.embed(ids),
+                attention_mask=torch.as_tensor(mask),
+                position_ids=torch.as_tensor(positions),
+                use_cache=True,
+                **{self.cache_arg: self.cache},
+            )
+        cache = getattr(out, "cache", None)
+        self.cache = cache if cache is not None else out.past_key_values
+        return out.logits[:, -1, :].float().numpy()
+
+
+class OrtStepper:
+    """Feeds an exported graph step by step with its KV cache as numpy arrays (plain run, no IO binding)."""
+
+    def __init__(self, session, meta: dict[str, Any], table: np.ndarray | None):
+        from softtool.export.session import input_dtypes
+
+        self.session, self.meta = session, meta
+        self.dtypes = input_dtypes(session)
+        self.table = table if meta["prompt_table_input"] else None
+        self.past: list[np.ndarray] | None = None
+
+    def step(self, ids, mask, positions) -> np.ndarray:
+        batch = ids.shape[0]
+        feeds = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            "beam_idx": np.arange(batch, dtype=np.int64),
+        }
+        if self.table is not None:
+            feeds["prompt_table"] = self.table
+        m = self.meta
+        for i in range(m["num_layers"]):
+            for kind in ("key", "value"):
+                name = f"past_key_values.{i}.{kind}"
+                if self.past is None:
+                    feeds[name] = np.zeros((batch, m["num_kv_heads"], 0, m["head_dim"]), dtype=self.dtypes[name])
+                else:
+                    feeds[name] = self.past[2 * i + (kind == "value")]
+        outputs = self.session.run(None, feeds)
+        self.past = outputs[-2 * m["num_layers"] :]
+        if m["top_k"]:
+            # Full logits are not in the graph: scatter the top-k log-probs (rest -inf) so argmax still compares.
+            values, indices = outputs[0], outputs[1]
+            dense = np.full((batch, m["vocab_size"]), -np.inf, dtype=np.float32)
+            np.put_along_axis(dense, indices, values, axis=1)
+            return dense
+        return outputs[0].astype(np.float32)
+
+
+def verify_export(folder: Path, model, table, meta: dict[str, Any], *, device: str, steps: int) -> dict[str, Any]:
+    """Run both sides on the sample batch for `steps` greedy steps; returns the report (passed, diffs, agreement)."""
+    import torch
+    from softtool.export.session import create_session
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    rows, _ = sample_rows(tokenizer, meta)
+    ids, mask, positions = left_pad(rows, meta["pad_token_id"])
+    reference = TorchReference(model, table, meta["vocab_size"])
+    session = create_session(folder / "model.onnx", device)
+    ort_side = OrtStepper(session, meta, table.numpy().astype(np.float32))
+
+    diffs, agree = [], []
+    for _ in range(steps):
+        want = reference.step(ids, mask, positions)
+        got = ort_side.step(ids, mask, positions)
+        if meta["top_k"]:
+            # Compare log-probs on the graph's top-k ids only.
+            want = torch.log_softmax(torch.from_numpy(want), -1).numpy()
+            keep = np.isfinite(got)
+            diffs.append(float(np.abs(np.where(keep, got - want, 0)).max()))
+        else:
+            diffs.append(float(np.abs(got - want).max()))
+        chosen = want.argmax(-1)
+        agree.extend((got.argmax(-1) == chosen).tolist())
+        ids = chosen[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=np.int64)], axis=1)
+        positions = positions[:, -1:] + 1
+
+    max_diff, rate = max(diffs), float(np.mean(agree))
+    limit_diff, limit_rate = THRESHOLDS[meta["dtype"]]
+    failures = []
+    if limit_diff is not None and max_diff > limit_diff:
+        failures.append(f"max logit difference {max_diff:.3g} exceeds {limit_diff:g}")
+    if rate < limit_rate:
+        failures.append(f"greedy tokens agree on {rate:.1%} of {len(agree)} steps, below {limit_rate:.0%}")
+    return {
+        "passed": not failures,
+        "failure": "; ".join(failures),
+        "device": device,
+        "steps": steps,
+        "batch": len(rows),
+        "max_abs_logit_diff": max_diff,
+        "prefill_abs_logit_diff": diffs[0],
+        "greedy_agreement": rate,
+        "thresholds": {"max_abs_logit_diff": limit_diff, "greedy_agreement": limit_rate},
+    }
