@@ -21,6 +21,7 @@ import io
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,16 +86,25 @@ def default_dev_split(data: str | Path) -> str:
 
 
 def list_splits(folder: Path) -> dict[str, list[Path]]:
-    """Every split the folder holds: file stem -> its data files (tables and parallel sides)."""
-    splits: dict[str, list[Path]] = {}
+    """Every split the folder holds: file stem -> its data files (tables, and parallel sides in pairs)."""
+    tables: dict[str, list[Path]] = {}
+    sides: dict[str, list[Path]] = {}
     for path in sorted(folder.iterdir()):
         if not path.is_file():
             continue
         name = path.name[:-3] if path.name.endswith(".gz") else path.name
         stem, dot, suffix = name.rpartition(".")
-        if dot and stem and (f".{suffix}" in TABLE_FORMATS or _LANGUAGE_SUFFIX.match(f".{suffix}")):
-            splits.setdefault(stem, []).append(path)
-    return splits
+        if not (dot and stem):
+            continue
+        if f".{suffix}" in TABLE_FORMATS:
+            tables.setdefault(stem, []).append(path)
+        elif _LANGUAGE_SUFFIX.match(f".{suffix}"):
+            sides.setdefault(stem, []).append(path)
+    # A lone "notes.txt" is not half of a parallel corpus: language-suffixed files count only in pairs.
+    for stem, paths in sides.items():
+        if len(paths) >= 2:
+            tables.setdefault(stem, []).extend(paths)
+    return dict(sorted(tables.items()))
 
 
 def collect_examples(
@@ -167,6 +177,17 @@ def _find_split_files(folder: Path, split: str, task: Task) -> list[Path]:
 # -- formats ----------------------------------------------------------------------------------
 
 
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn the ways a file can fail to read into one SofttoolError that names it."""
+    try:
+        yield
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
+        raise SofttoolError(
+            f"{path}: cannot read the file ({_describe(exc)}); check that it is a valid, complete file"
+        ) from exc
+
+
 def _open_text(path: Path, newline: str = "") -> io.TextIOBase:
     # utf-8-sig drops a byte-order mark, which would otherwise glue itself to the first column name.
     if path.name.endswith(".gz"):
@@ -190,7 +211,7 @@ def _read_table(path: Path) -> tuple[list[str], Iterator[Mapping[str, Any]]]:
 
 
 def _read_json(path: Path) -> tuple[list[str], Iterator[Mapping[str, Any]]]:
-    with _open_text(path) as fh:
+    with _reading(path), _open_text(path) as fh:
         try:
             doc = json.load(fh)
         except json.JSONDecodeError as exc:
@@ -240,7 +261,7 @@ def _squad_records(path: Path, data: Any) -> list[dict[str, Any]]:
 
 def _read_jsonl(path: Path) -> tuple[list[str], Iterator[Mapping[str, Any]]]:
     records: list[Mapping[str, Any]] = []
-    with _open_text(path, newline="\n") as fh:
+    with _reading(path), _open_text(path, newline="\n") as fh:
         for number, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -255,7 +276,7 @@ def _read_jsonl(path: Path) -> tuple[list[str], Iterator[Mapping[str, Any]]]:
 
 
 def _read_csv(path: Path, delimiter: str) -> tuple[list[str], Iterator[Mapping[str, Any]]]:
-    with _open_text(path) as fh:
+    with _reading(path), _open_text(path) as fh:
         reader = csv.DictReader(fh, delimiter=delimiter)
         rows = list(reader)
         columns = list(reader.fieldnames or [])
@@ -268,7 +289,7 @@ def _read_parallel(src: Path, tgt: Path, task: Task) -> tuple[list[str], Iterato
     sides = []
     for path in (src, tgt):
         # Only "\n" ends a line: a stray "\r" inside a sentence must not shift the alignment.
-        with _open_text(path, newline="\n") as fh:
+        with _reading(path), _open_text(path, newline="\n") as fh:
             sides.append([line.rstrip("\r\n") for line in fh])
     if len(sides[0]) != len(sides[1]):
         raise SofttoolError(
