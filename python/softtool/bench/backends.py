@@ -1,0 +1,192 @@
+"""The generation backends `softtool bench` compares, behind one small interface.
+
+    peft       the PEFT library's prompt tuning (PeftModelForCausalLM.generate), same prompt weights
+    hf         plain transformers generate on the same model, without any soft prompt (a reference row)
+    torch      softtool's PyTorch backend (softtool.runtime, "torch")
+    onnx       the exported ONNX graph on ONNX Runtime with the C++ search (softtool.runtime, "onnx")
+    onnx-int8  the same after dynamic int8 quantization
+
+Each returns, per row, the best sequence's new tokens cut after the first EOS. A backend whose code
+is missing from this build raises `BackendUnavailable` with the reason; the harness reports it as
+skipped instead of inventing numbers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from softtool.bench.options import BenchOptions
+from softtool.bench.workload import Workload, default_cache_dir
+from softtool.errors import SofttoolError
+
+
+class BackendUnavailable(Exception):
+    """This backend cannot run in this build or on this input (the message says why)."""
+
+
+def cut_at_eos(tokens: list[int], eos: int) -> list[int]:
+    """New tokens before the first EOS (what a user gets; softtool.runtime returns them so too)."""
+    out = []
+    for t in tokens:
+        if t == eos:
+            break
+        out.append(int(t))
+    return out
+
+
+class Backend:
+    name = ""
+
+    def __init__(self, options: BenchOptions, workload: Workload) -> None:
+        self.options = options
+        self.workload = workload
+
+    def load(self) -> None:
+        """Load weights and graphs (not timed as generation)."""
+
+    def generate(self, indices: range, max_new_tokens: int) -> list[list[int]]:
+        raise NotImplementedError
+
+
+class _HfBackend(Backend):
+    """transformers generate on text-only rows, left-padded; PEFT adds its prompt in front."""
+
+    use_prompt = False
+
+    def load(self) -> None:
+        from softtool.models import load_model
+
+        self.model = load_model(self.options.model)
+        if self.use_prompt:
+            try:
+                from peft import PeftModel
+            except ImportError as exc:
+                raise BackendUnavailable("peft is not installed (pip install 'softtool[bench]')") from exc
+            self.model = PeftModel.from_pretrained(self.model, str(self.workload.adapter_dir))
+            self.model.eval()
+
+    def generate(self, indices: range, max_new_tokens: int) -> list[list[int]]:
+        import torch
+
+        rows = [self.workload.text_rows[i] for i in indices]
+        width = max(len(r) for r in rows)
+        pad = self.workload.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=self.options.num_beams,
+                eos_token_id=self.workload.eos_token_id,
+                pad_token_id=pad,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
+        # Both plain and PEFT generate return the (text) input ids followed by the new tokens.
+        return [cut_at_eos(seq[width:].tolist(), self.workload.eos_token_id) for seq in out]
+
+
+class HfBackend(_HfBackend):
+    name = "hf"
+
+
+class PeftBackend(_HfBackend):
+    name = "peft"
+    use_prompt = True
+
+
+class SofttoolBackend(Backend):
+    """softtool.runtime's generators: the PyTorch backend on the adapter, ONNX Runtime on an export."""
+
+    runtime = "torch"
+
+    def source_dir(self) -> Path:
+        return self.workload.adapter_dir
+
+    def load(self) -> None:
+        try:
+            from softtool.runtime import load_generator
+        except ImportError as exc:
+            raise BackendUnavailable(f"softtool.runtime is not in this build yet ({exc})") from exc
+        try:
+            self.generator = load_generator(str(self.source_dir()), self.runtime)
+        except (ImportError, NotImplementedError, SofttoolError) as exc:
+            raise BackendUnavailable(f"softtool.runtime cannot load the {self.runtime} backend: {exc}") from exc
+
+    def generate(self, indices: range, max_new_tokens: int) -> list[list[int]]:
+        from softtool.runtime import SearchOptions
+
+        options = SearchOptions(
+            max_new_tokens=max_new_tokens,
+            num_beams=self.options.num_beams,
+            eos_token_ids=[self.workload.eos_token_id],
+            pad_token_id=self.workload.pad_token_id,
+        )
+        rows = [self.workload.pieces[i] for i in indices]
+        beams = self.generator.generate(rows, [0] * len(rows), options)
+        return [cut_at_eos(list(row_beams[0]), self.workload.eos_token_id) for row_beams in beams]
+
+
+class TorchBackend(SofttoolBackend):
+    name = "torch"
+
+
+class OnnxBackend(SofttoolBackend):
+    name = "onnx"
+    runtime = "onnx"
+    dtype = "float32"
+
+    def source_dir(self) -> Path:
+        given = self.options.onnx_int8_dir if self.dtype == "int8" else self.options.onnx_dir
+        if given:
+            return Path(given)
+        return export_on_the_fly(self.options, self.workload.adapter_dir, self.dtype)
+
+    def load(self) -> None:
+        super().load()
+        # Same thread count as every other backend, when the ONNX generator lets us set it.
+        session_options = getattr(self.generator, "set_threads", None)
+        if callable(session_options):
+            session_options(self.options.threads)
+
+
+class OnnxInt8Backend(OnnxBackend):
+    name = "onnx-int8"
+    dtype = "int8"
+
+
+BACKENDS: dict[str, type[Backend]] = {
+    b.name: b for b in (PeftBackend, HfBackend, TorchBackend, OnnxBackend, OnnxInt8Backend)
+}
+
+
+def export_on_the_fly(options: BenchOptions, adapter_dir: Path, dtype: str, progress=None) -> Path:
+    """Export the adapter into the bench cache (once per adapter, model and dtype) with softtool.export."""
+    import hashlib
+
+    try:
+        from softtool.export.onnx import ExportOptions, export_adapters, read_export_meta
+    except ImportError as exc:
+        raise BackendUnavailable(f"softtool.export is not in this build yet ({exc})") from exc
+    weights = (adapter_dir / "adapter_model.safetensors").read_bytes()
+    key = hashlib.sha1(weights + options.model.encode()).hexdigest()[:12]
+    out = default_cache_dir(options) / f"export-{key}-{dtype}"
+    try:
+        read_export_meta(out)
+        return out
+    except (SofttoolError, OSError, ValueError):
+        pass  # not exported yet (or a half-written folder): export afresh
+    try:
+        export_adapters(
+            [str(adapter_dir)],
+            out,
+            ExportOptions(dtype="int8" if dtype == "int8" else "fp32", model=options.model, overwrite=True),
+            progress=progress,
+        )
+    except SofttoolError as exc:
+        raise BackendUnavailable(f"export ({dtype}) failed: {exc}") from exc
+    return out

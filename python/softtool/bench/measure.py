@@ -1,0 +1,136 @@
+"""Timing one backend on the workload: load, warm up, time to first token, timed passes, peak memory.
+
+Definitions (the same for every backend):
+  tokens_per_s    generated tokens (each row's tokens and its EOS, if it stopped early) / timed wall time
+  sequences_per_s rows / timed wall time
+  latency p50/p95 of one `generate` call on one batch
+  ttft            latency of one batch with max_new_tokens=1 (prefill plus the first token), median
+  prefill_tokens_per_s  input tokens (virtual ones included) / the summed ttft
+  peak_rss_mb     the process's resident-memory high-water mark (getrusage), a clean number only when the
+                  backend ran in its own process
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from softtool.bench.backends import BACKENDS, BackendUnavailable
+from softtool.bench.options import BenchOptions
+from softtool.bench.workload import Workload
+
+
+def set_threads(threads: int) -> None:
+    """Pin every library to the same thread count (ONNX Runtime backends read OMP_NUM_THREADS too)."""
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["SOFTTOOL_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    pos = (len(ordered) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM starts afresh at exec, whereas ru_maxrss
+    carries the forking parent's peak into the child."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    # ru_maxrss is in KiB on Linux and bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def run_backend(name: str, options: BenchOptions, workload: Workload, isolated: bool) -> dict[str, Any]:
+    """Measure one backend in this process; a skipped backend comes back with its reason."""
+    set_threads(options.threads)
+    backend = BACKENDS[name](options, workload)
+    start = time.perf_counter()
+    try:
+        backend.load()
+        batches = workload.batches(options.batch_size)
+        for idx in batches[: options.warmup]:
+            backend.generate(idx, options.max_new_tokens)
+    except BackendUnavailable as exc:
+        return {"name": name, "status": "skipped", "reason": str(exc)}
+    load_s = time.perf_counter() - start
+
+    ttft = []
+    for idx in batches:
+        t0 = time.perf_counter()
+        backend.generate(idx, 1)
+        ttft.append(time.perf_counter() - t0)
+    # Plain transformers runs without the soft prompt, so its inputs are the text tokens only.
+    input_rows = workload.text_rows if name == "hf" else workload.rows
+    input_tokens = sum(map(len, input_rows))
+
+    latencies, outputs, tokens = [], [], 0
+    for repeat in range(options.repeats):
+        for idx in batches:
+            t0 = time.perf_counter()
+            out = backend.generate(idx, options.max_new_tokens)
+            latencies.append(time.perf_counter() - t0)
+            # Outputs exclude EOS; a row that stopped early did generate its EOS, so count it.
+            tokens += sum(len(o) + (len(o) < options.max_new_tokens) for o in out)
+            if repeat == 0:
+                outputs += out
+    total = sum(latencies)
+    return {
+        "name": name,
+        "status": "ok",
+        "tokens_per_s": tokens / total,
+        "sequences_per_s": len(workload.rows) * options.repeats / total,
+        "generated_tokens": tokens // options.repeats,
+        "latency_p50_s": percentile(latencies, 0.5),
+        "latency_p95_s": percentile(latencies, 0.95),
+        "ttft_s": statistics.median(ttft),
+        "prefill_tokens_per_s": input_tokens / sum(ttft),
+        "input_tokens": input_tokens,
+        "load_s": load_s,
+        "timed_s": total,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_isolated": isolated,
+        "outputs": outputs,
+    }
+
+
+def workload_to_json(workload: Workload) -> dict[str, Any]:
+    data = asdict(workload)
+    data["adapter_dir"] = str(workload.adapter_dir)
+    return data
+
+
+def workload_from_json(data: dict[str, Any]) -> Workload:
+    return Workload(**{**data, "adapter_dir": Path(data["adapter_dir"])})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Worker entry: `python -m softtool.bench.measure SPEC.json RESULT.json` runs one backend alone."""
+    spec_path, result_path = (argv or sys.argv[1:])[:2]
+    spec = json.loads(Path(spec_path).read_text())
+    options = BenchOptions(**spec["options"])
+    result = run_backend(spec["backend"], options, workload_from_json(spec["workload"]), isolated=True)
+    Path(result_path).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

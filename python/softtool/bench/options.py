@@ -1,0 +1,145 @@
+"""The options of one benchmark run (`softtool bench`): the workload, the backends, and how to time them.
+
+One dataclass per concern: `BenchOptions` for generation speed, `TrainBenchOptions` for the training
+comparison. The CLI builds its flags from the fields' help metadata, and a workload config
+(benchmarks/configs/*.json) is a JSON object with the same field names.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from softtool.errors import SofttoolError
+
+ALL_BACKENDS = ("peft", "hf", "torch", "onnx", "onnx-int8")
+TASKS = ("translation", "squad", "cnndm")
+
+
+@dataclass
+class BenchOptions:
+    """What to generate, on which backends, and how often to time it."""
+
+    task: str = field(default="translation", metadata={"help": f"Task of the workload: {', '.join(TASKS)}."})
+    data: str | None = field(
+        default=None, metadata={"help": "Data folder (e.g. ../shared/data/multi30k); or give `inputs` in a config."}
+    )
+    split: str = field(default="val", metadata={"help": "Data split to read."})
+    limit: int = field(default=64, metadata={"help": "Number of examples to generate for."})
+    batch_size: int = field(default=16, metadata={"help": "Rows per generate call."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Generated tokens per row at most."})
+    num_beams: int = field(default=1, metadata={"help": "1 for greedy search, N for beam search with N beams."})
+    backends: list[str] = field(
+        default_factory=lambda: list(ALL_BACKENDS), metadata={"help": f"Backends to run, of {', '.join(ALL_BACKENDS)}."}
+    )
+    model: str = field(default="smollm2-135m", metadata={"help": "Base model (name, folder or .gguf)."})
+    adapter: str | None = field(
+        default=None, metadata={"help": "Soft prompt folder; without one an untrained prompt (vocab init) is made."}
+    )
+    num_virtual_tokens: int = field(default=20, metadata={"help": "Virtual tokens of the untrained prompt."})
+    template: str | None = field(
+        default=None, metadata={"help": "Template of the untrained prompt; default: the task's prefix template."}
+    )
+    onnx_dir: str | None = field(default=None, metadata={"help": "Exported graph for `onnx`; default: export it."})
+    onnx_int8_dir: str | None = field(default=None, metadata={"help": "Exported int8 graph; default: export it."})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where on-the-fly exports and the untrained prompt go (default: a cache)."}
+    )
+    warmup: int = field(default=1, metadata={"help": "Untimed batches run first on each backend."})
+    repeats: int = field(default=1, metadata={"help": "Timed passes over the workload per backend."})
+    threads: int = field(default=2, metadata={"help": "CPU threads every backend and the limit probes use."})
+    isolate: bool = field(
+        default=True, metadata={"help": "Run each backend in a fresh process (a clean peak-memory number)."}
+    )
+    limits: bool = field(default=True, metadata={"help": "Measure the machine's bandwidth and FLOP/s bounds."})
+    inputs: list[str] | None = field(
+        default=None, metadata={"help": "Inline source texts (configs only) instead of a data folder."}
+    )
+    references: list[str] | None = field(default=None, metadata={"help": "Inline references for `inputs`."})
+    output: str | None = field(default=None, metadata={"help": "JSON result path (a PNG chart goes beside it)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the untrained prompt."})
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        unknown = [b for b in self.backends if b not in ALL_BACKENDS]
+        if unknown or not self.backends:
+            raise ValueError(f"backends must be a non-empty subset of {ALL_BACKENDS}, got {self.backends}")
+        for name in ("limit", "batch_size", "max_new_tokens", "num_beams", "repeats", "threads", "num_virtual_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if (self.data is None) == (self.inputs is None):
+            raise ValueError("give exactly one of `data` (a data folder) and `inputs` (inline texts)")
+        if self.references is not None and (self.inputs is None or len(self.references) != len(self.inputs)):
+            raise ValueError("`references` needs `inputs` of the same length")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainBenchOptions:
+    """The training comparison: softtool's training step against PEFT prompt tuning, same everything."""
+
+    task: str = field(default="translation", metadata={"help": f"Task of the workload: {', '.join(TASKS)}."})
+    data: str | None = field(default=None, metadata={"help": "Data folder to draw training examples from."})
+    split: str = field(default="train", metadata={"help": "Data split to read."})
+    model: str = field(default="smollm2-135m", metadata={"help": "Base model (name, folder or .gguf)."})
+    num_virtual_tokens: list[int] = field(
+        default_factory=lambda: [20, 100], metadata={"help": "Prompt lengths to compare (one run each)."}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Examples per training step."})
+    steps: int = field(default=10, metadata={"help": "Timed training steps per side (K)."})
+    warmup: int = field(default=2, metadata={"help": "Untimed steps first (not counted, but losses are compared)."})
+    lr: float = field(default=3e-2, metadata={"help": "Learning rate (AdamW) of both sides."})
+    max_length: int = field(default=128, metadata={"help": "Token budget per example."})
+    threads: int = field(default=2, metadata={"help": "CPU threads."})
+    seed: int = field(default=0, metadata={"help": "Seed of the shared prompt init and data order."})
+    inputs: list[str] | None = field(default=None, metadata={"help": "Inline source texts (configs only)."})
+    references: list[str] | None = field(default=None, metadata={"help": "Inline targets for `inputs`."})
+    loss_rtol: float = field(default=1e-3, metadata={"help": "Relative loss difference allowed after K steps."})
+    output: str | None = field(default=None, metadata={"help": "JSON result path (a PNG chart goes beside it)."})
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if not self.num_virtual_tokens or min(self.num_virtual_tokens) < 1:
+            raise ValueError(f"num_virtual_tokens must be positive, got {self.num_virtual_tokens}")
+        for name in ("batch_size", "steps", "threads", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if (self.data is None) == (self.inputs is None):
+            raise ValueError("give exactly one of `data` (a data folder) and `inputs` (inline texts)")
+        if self.inputs is not None and (self.references is None or len(self.references) != len(self.inputs)):
+            raise ValueError("training needs `references` (targets) as long as `inputs`")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """A workload config: a JSON object of option fields, optionally {"generate": {...}, "train": {...}}."""
+    path = Path(path)
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SofttoolError(f"cannot read bench config {path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise SofttoolError(f"bench config {path} must hold a JSON object of options")
+    return config
+
+
+def build_options(cls: type, values: dict[str, Any], source: str) -> Any:
+    """Make `cls` from a dict, turning unknown keys and bad combinations into one-line user errors."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SofttoolError(f"{source}: unknown option(s) {unknown}; known: {sorted(known)}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise SofttoolError(f"{source}: {exc}") from exc

@@ -1,0 +1,162 @@
+"""Presenting a benchmark result: a rich table on the terminal, the JSON file, and a PNG bar chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from softtool.adapter import atomic_write_json
+
+REQUIRED_BACKEND_KEYS = ("name", "status", "tokens_per_s", "speedup_vs_peft", "speedup_vs_hf")
+
+
+def _fmt(value: Any, spec: str = ".1f", suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    return f"{value:{spec}}{suffix}"
+
+
+def print_table(result: dict[str, Any], console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    if result.get("kind") == "train":
+        print_train_table(result, console)
+        return
+    opts, metric = result["options"], result.get("main_metric") or "metric"
+    search = "greedy" if opts["num_beams"] == 1 else f"beam {opts['num_beams']}"
+    title = (
+        f"{opts['task']} x{result['workload']['examples']}, batch {opts['batch_size']}, "
+        f"{opts['max_new_tokens']} new tokens, {search}, "
+        f"{opts['threads']} threads on {result['machine']['cpu_model']}"
+    )
+    table = Table(title=title)
+    for col in (
+        "backend",
+        "tok/s",
+        "seq/s",
+        "vs peft",
+        "vs hf",
+        "p50 s",
+        "p95 s",
+        "ttft s",
+        "peak MB",
+        metric,
+        "same as ref",
+    ):
+        table.add_column(col, justify="left" if col == "backend" else "right")
+    for r in result["backends"]:
+        if r["status"] != "ok":
+            table.add_row(r["name"], f"[yellow]{r['status']}[/yellow]")
+            continue
+        same = r.get("identical_share")
+        table.add_row(
+            r["name"],
+            _fmt(r["tokens_per_s"]),
+            _fmt(r["sequences_per_s"], ".2f"),
+            _fmt(r.get("speedup_vs_peft"), ".2f", "x"),
+            _fmt(r.get("speedup_vs_hf"), ".2f", "x"),
+            _fmt(r["latency_p50_s"], ".2f"),
+            _fmt(r["latency_p95_s"], ".2f"),
+            _fmt(r["ttft_s"], ".3f"),
+            _fmt(r["peak_rss_mb"], ".0f"),
+            _fmt(r.get("metric"), ".2f"),
+            "-" if same is None else f"{same:.0%} vs {r['identical_to']}",
+        )
+    console.print(table)
+    for r in result["backends"]:
+        if r["status"] != "ok":
+            console.print(f"[yellow]{r['name']} {r['status']}:[/yellow] {r.get('reason', '')}")
+    limits = result.get("limits") or {}
+    if limits:
+        console.print(
+            f"machine limits ({opts['threads']} threads): {limits['memory_bandwidth_gbs']:.1f} GB/s copy bandwidth, "
+            f"{limits['matmul_gflops']:.0f} GFLOP/s matmul; batch-1 decode bound "
+            f"{limits.get('decode_bound_tokens_per_s_batch1', 0):.0f} tok/s, prefill bound "
+            f"{limits.get('prefill_bound_tokens_per_s', 0):.0f} tok/s"
+        )
+        for r in result["backends"]:
+            if r["status"] == "ok" and "share_of_compute_bound_prefill" in r:
+                bw = r.get("share_of_bandwidth_bound")
+                console.print(
+                    f"  {r['name']}: prefill at {r['share_of_compute_bound_prefill']:.0%} of the compute bound"
+                    + (f", batch-1 decode at {bw:.0%} of the bandwidth bound" if bw is not None else "")
+                )
+    for note in result.get("notes", []):
+        console.print(f"[bold]note:[/bold] {note}")
+
+
+def print_train_table(result: dict[str, Any], console) -> None:
+    from rich.table import Table
+
+    opts = result["options"]
+    table = Table(title=f"training: {opts['task']}, batch {opts['batch_size']}, {opts['steps']} timed steps")
+    for col in ("virtual tokens", "backend", "samples/s", "tokens/s", "vs peft", "loss after K", "losses agree"):
+        table.add_column(col, justify="right")
+    for r in result["backends"]:
+        if r["status"] != "ok":
+            table.add_row(str(r.get("num_virtual_tokens", "")), r["name"], f"[yellow]{r['status']}: {r['reason']}")
+            continue
+        table.add_row(
+            str(r["num_virtual_tokens"]),
+            r["name"],
+            _fmt(r["samples_per_s"], ".2f"),
+            _fmt(r["tokens_per_s"], ".0f"),
+            _fmt(r.get("speedup_vs_peft"), ".2f", "x"),
+            _fmt(r["final_loss"], ".4f"),
+            {True: "yes", False: "[red]no[/red]", None: "-"}[r.get("losses_agree")],
+        )
+    console.print(table)
+
+
+def write_json(result: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, result)
+    return path
+
+
+def write_chart(result: dict[str, Any], path: str | Path) -> Path | None:
+    """A bar chart of tokens/s per backend (skipped ones left out), with the speedup over PEFT on each bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in result["backends"] if r["status"] == "ok"]
+    if not ok:
+        return None
+    key = "samples_per_s" if result.get("kind") == "train" else "tokens_per_s"
+    labels = [r["name"] + (f"\nN={r['num_virtual_tokens']}" if "num_virtual_tokens" in r else "") for r in ok]
+    values = [r[key] for r in ok]
+    fig, ax = plt.subplots(figsize=(1.4 * len(ok) + 2.5, 4))
+    colors = ["#999999" if r["name"] in ("peft", "hf") else "#2a7ab0" for r in ok]
+    bars = ax.bar(labels, values, color=colors)
+    for bar, r in zip(bars, ok, strict=True):
+        speedup = r.get("speedup_vs_peft")
+        text = f"{bar.get_height():.1f}" + (f"\n{speedup:.2f}x peft" if speedup else "")
+        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel(key.replace("_per_s", "/s"))
+    opts = result["options"]
+    if result.get("kind") == "train":
+        ax.set_title(f"training step, {opts['task']}, batch {opts['batch_size']}")
+    else:
+        search = "greedy" if opts["num_beams"] == 1 else f"beam {opts['num_beams']}"
+        ax.set_title(f"{opts['task']}, batch {opts['batch_size']}, {opts['max_new_tokens']} new tokens, {search}")
+    ax.margins(y=0.25)
+    ax.text(
+        1.0,
+        -0.18,
+        f"{result['machine']['cpu_model']}, {opts['threads']} threads, {result['machine']['git_commit']}",
+        transform=ax.transAxes,
+        ha="right",
+        fontsize=7,
+        color="#555555",
+    )
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
