@@ -78,6 +78,10 @@ def main(data_root: Path, virtual_tokens: int, max_length: int, output: Path) ->
                 encode_example(tokenizer, template, task, ex, max_length=max_length).truncated for ex in split.examples
             )
             targets = [len(e.target_ids) - 1 for e in full]  # without EOS
+            field = task.truncate_field
+            field_tokens = [
+                len(tokenizer(ex.fields[field], add_special_tokens=False)["input_ids"]) for ex in split.examples
+            ]
             row = {
                 "task": task_name,
                 "split": split_name,
@@ -89,6 +93,8 @@ def main(data_root: Path, virtual_tokens: int, max_length: int, output: Path) ->
                 "encode_ms_per_example": round(1000 * encode_s / len(split), 3),
                 "input_tokens": _summary([e.input_length for e in full]),
                 "target_tokens": _summary(targets),
+                "long_field": field,
+                "long_field_tokens": _summary(field_tokens),
                 "truncated_at_max_length": cut,
                 "targets_over_max_target_tokens": sum(t + 1 > task.max_target_tokens for t in targets),
                 "max_target_tokens": task.max_target_tokens,

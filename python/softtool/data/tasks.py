@@ -232,7 +232,7 @@ class TranslationTask(Task):
     fields = ("source",)
     main_metric = "bleu"
     truncate_field = "source"
-    # German takes ~1.5x the English tokens in SmolLM2's vocabulary: 96 covers every Multi30k target
+    # German takes about twice the tokens of its English source in SmolLM2's vocabulary: 96 covers every Multi30k target
     # (longest 95 tokens + EOS); see benchmarks/results/data_stats.json.
     max_target_tokens = 96
 
