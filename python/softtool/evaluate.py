@@ -1,0 +1,217 @@
+"""Evaluation: generate on a data split with a soft prompt (or a discrete baseline prompt) and score.
+
+Examples are encoded without their target, sorted by length so batches carry little padding,
+generated, restored to file order, post-processed by the task and scored. A run writes
+DIR/predictions.jsonl (one line per example) and DIR/metrics.json (scores, counts, options, speed).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from softtool.adapter import _atomic_write_bytes, atomic_write_json
+from softtool.errors import SofttoolError
+from softtool.runtime.base import Generator, SearchOptions
+
+PREDICTIONS_FILE = "predictions.jsonl"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class EvalOptions:
+    """What to evaluate on and how to decode."""
+
+    split: str | None = field(default=None, metadata={"help": "split to evaluate (default: the dev/validation split)"})
+    limit: int | None = field(default=None, metadata={"help": "evaluate the first N examples only"})
+    backend: str = field(default="torch", metadata={"help": "generation backend: torch or onnx"})
+    num_beams: int = field(default=1, metadata={"help": "beam size (1: greedy)"})
+    batch_size: int = field(default=8, metadata={"help": "examples generated together"})
+    max_new_tokens: int = field(default=0, metadata={"help": "generation budget (0: the task's default)"})
+    max_length: int = field(default=512, metadata={"help": "longest input in tokens incl. virtual tokens and output"})
+    baseline: bool = field(
+        default=False, metadata={"help": "also evaluate the discrete instruction prompt and zero-shot input"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("torch", "onnx"):
+            raise ValueError(f"backend must be torch or onnx, got {self.backend!r}")
+        if self.num_beams < 1 or self.batch_size < 1:
+            raise ValueError("num_beams and batch_size must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be positive, got {self.limit}")
+        if self.max_new_tokens < 0 or self.max_length < 8:
+            raise ValueError("max_new_tokens must be >= 0 and max_length >= 8")
+
+
+@dataclass
+class Predictions:
+    texts: list[str]
+    truncated: int
+    generated_tokens: int
+    seconds: float
+
+
+def search_options(tokenizer, num_beams: int, max_new_tokens: int) -> SearchOptions:
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return SearchOptions(
+        max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, num_beams=num_beams
+    )
+
+
+def predict(
+    generator: Generator,
+    task,
+    examples: Sequence,
+    *,
+    options: SearchOptions,
+    batch_size: int,
+    max_length: int,
+    progress: bool = True,
+    desc: str = "generating",
+) -> Predictions:
+    """Generate for `examples` with the generator's template; returns post-processed predictions in order."""
+    from softtool.data import encode_example
+
+    budget = max_length - options.max_new_tokens
+    encoded = [
+        encode_example(generator.tokenizer, generator.template, task, ex, max_length=budget, with_target=False)
+        for ex in examples
+    ]
+    order = sorted(range(len(encoded)), key=lambda i: encoded[i].input_length)
+    texts: list[str] = [""] * len(encoded)
+    generated = 0
+    start = time.perf_counter()
+    with tqdm(total=len(order), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True) as bar:
+        for lo in range(0, len(order), batch_size):
+            idx = order[lo : lo + batch_size]
+            outputs = generator.generate([encoded[i].pieces for i in idx], None, options)
+            for i, hyps in zip(idx, outputs, strict=True):
+                generated += len(hyps[0])
+                texts[i] = task.postprocess(generator.tokenizer.decode(hyps[0], skip_special_tokens=True))
+            bar.update(len(idx))
+    return Predictions(texts, sum(e.truncated for e in encoded), generated, time.perf_counter() - start)
+
+
+def write_eval(output: Path, task, examples: Sequence, preds: Predictions, info: dict[str, Any]) -> dict[str, Any]:
+    """Score `preds`, write predictions.jsonl and metrics.json under `output`; returns the metrics record."""
+    output.mkdir(parents=True, exist_ok=True)
+    references = [ex.references for ex in examples]
+    scores = task.score(preds.texts, references) if examples else {}
+    lines = []
+    for ex, pred in zip(examples, preds.texts, strict=True):
+        row = {
+            "id": ex.id,
+            **ex.fields,
+            "references": ex.references,
+            "prediction": pred,
+            "sentence_bleu": task.sentence_score(pred, ex.references),
+        }
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    _atomic_write_bytes(output / PREDICTIONS_FILE, "".join(lines).encode())
+    record = {
+        "metrics": scores,
+        "n": len(examples),
+        "truncated": preds.truncated,
+        "seconds": round(preds.seconds, 3),
+        "generated_tokens": preds.generated_tokens,
+        "tokens_per_s": round(preds.generated_tokens / preds.seconds, 2) if preds.seconds > 0 else None,
+        **info,
+    }
+    atomic_write_json(output / METRICS_FILE, record)
+    return record
+
+
+def run_eval(
+    path: str | Path,
+    data: str | Path,
+    output: str | Path,
+    options: EvalOptions,
+    *,
+    task_name: str | None = None,
+    task_options: dict | None = None,
+    template: str | None = None,
+    model_name: str | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Evaluate the adapter/export at `path` (and, with options.baseline, the discrete prompts).
+
+    Returns {"soft_prompt": record, "baseline": record, "zero_shot": record} (baselines only when asked).
+    """
+    from softtool.data import default_dev_split, get_task, load_split
+    from softtool.runtime import load_generator
+    from softtool.runtime.torch_backend import TorchGenerator
+
+    output = Path(output)
+    kw: dict[str, Any] = {}
+    if options.backend == "torch":
+        kw = {"template": template, "model_name": model_name, "device": device}
+    generator = load_generator(path, options.backend, **{k: v for k, v in kw.items() if v is not None})
+    meta = generator.meta
+    name = task_name or (meta.task if meta is not None and meta.task != "generic" else None)
+    if name is None:
+        raise SofttoolError(f"{path} does not say which task it was trained for; pass --task")
+    task = get_task(name, **(task_options or (meta.task_options if meta is not None and not task_name else {})))
+    split_name = options.split or default_dev_split(data)
+    split = load_split(data, split_name, task=task, limit=options.limit)
+    if not split.examples:
+        raise SofttoolError(f"{data}: split {split_name} has no usable examples")
+    max_new = options.max_new_tokens or task.max_target_tokens
+    so = search_options(generator.tokenizer, options.num_beams, max_new)
+    common = {
+        "task": task.name,
+        "task_options": task.options,
+        "split": split_name,
+        "data": str(data),
+        "skipped_empty": split.skipped_empty,
+        "backend": options.backend,
+        "options": asdict(options),
+    }
+    results: dict[str, dict[str, Any]] = {}
+    preds = predict(
+        generator,
+        task,
+        split.examples,
+        options=so,
+        batch_size=options.batch_size,
+        max_length=options.max_length,
+        progress=progress,
+        desc="soft prompt",
+    )
+    results["soft_prompt"] = write_eval(
+        output, task, split.examples, preds, {**common, "adapter": str(path), "template": str(generator.template)}
+    )
+    if options.baseline:
+        # The discrete prompts run on the PyTorch model; an ONNX export carries only the soft-prompt graph.
+        model = getattr(generator, "model", None)
+        if model is None:
+            from softtool.models import load_model
+
+            model = load_model(model_name or meta.base_model, device=device)
+        for kind, tmpl in (("baseline", task.baseline_template()), ("zero_shot", task.zero_shot_template())):
+            plain = TorchGenerator(model, generator.tokenizer, tmpl, None, meta)
+            preds = predict(
+                plain,
+                task,
+                split.examples,
+                options=so,
+                batch_size=options.batch_size,
+                max_length=options.max_length,
+                progress=progress,
+                desc=kind.replace("_", "-"),
+            )
+            results[kind] = write_eval(
+                output / kind,
+                task,
+                split.examples,
+                preds,
+                {**common, "backend": "torch", "adapter": None, "template": str(tmpl)},
+            )
+    return results

@@ -1,0 +1,145 @@
+"""The trainable prompt modules: a plain prompt table (prompt tuning, Lester et al. 2021) and a
+prompt encoder (P-tuning, Liu et al. 2021: bidirectional LSTM + MLP head, or an MLP) over learned
+input embeddings.
+
+Both are nn.Modules whose `forward()` returns the prompt table [N, hidden]. After training the
+module is run once and only that table is saved (softtool.adapter), so inference never needs the
+encoder and a P-tuning result loads exactly like a prompt-tuning one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from softtool.prompts.template import Template
+
+METHODS = ("prompt", "ptuning")
+INITS = ("vocab", "text", "random")
+ENCODERS = ("lstm", "mlp")
+# Lester et al. sample initial prompts from the 5,000 most frequent tokens; BPE vocabularies put
+# frequent merges at low ids, so the lowest ids stand in for "frequent" without a corpus.
+VOCAB_INIT_RANGE = 5000
+
+
+@dataclass
+class PromptConfig:
+    """What to learn: the method, how many virtual tokens, where they go, and how they start."""
+
+    method: str = field(default="prompt", metadata={"help": "prompt (prompt tuning) or ptuning (prompt encoder)"})
+    num_virtual_tokens: int = field(default=20, metadata={"help": "virtual tokens in total (ignored with --template)"})
+    init: str = field(
+        default="vocab",
+        metadata={"help": "start of the prompt table: vocab (sampled token embeddings), text (--init-text) or random"},
+    )
+    init_text: str | None = field(
+        default=None, metadata={"help": "phrase whose embeddings start the prompt (init=text)"}
+    )
+    encoder: str = field(default="lstm", metadata={"help": "P-tuning prompt encoder: lstm (BiLSTM + MLP head) or mlp"})
+    encoder_hidden_size: int = field(
+        default=0, metadata={"help": "P-tuning encoder width (0: the model's hidden size)"}
+    )
+    template: str | None = field(
+        default=None, metadata={"help": "template with [P:N] blocks and {field}s (default: the task's, with N tokens)"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if self.num_virtual_tokens <= 0:
+            raise ValueError(f"num_virtual_tokens must be positive, got {self.num_virtual_tokens}")
+        if self.encoder_hidden_size < 0:
+            raise ValueError(f"encoder_hidden_size must be >= 0, got {self.encoder_hidden_size}")
+        if self.init == "text" and not self.init_text:
+            raise ValueError("init=text needs init_text (the phrase whose embeddings start the prompt)")
+        if self.template is not None:
+            n = Template.parse(self.template).num_virtual_tokens
+            if n == 0:
+                raise ValueError(f"template {self.template!r} has no [P:N] block; add one")
+            self.num_virtual_tokens = n
+
+
+def initial_table(config: PromptConfig, embeddings: torch.Tensor, tokenizer=None, seed: int = 0) -> torch.Tensor:
+    """The starting prompt table [N, H] (float32) drawn from the frozen input embeddings [V, H]."""
+    n = config.num_virtual_tokens
+    vocab, hidden = embeddings.shape
+    gen = torch.Generator().manual_seed(seed)
+    weight = embeddings.detach().float().cpu()
+    if config.init == "random":
+        # Match the embedding scale: a unit-variance table would dwarf the real tokens.
+        return torch.randn(n, hidden, generator=gen) * weight.std()
+    if config.init == "vocab":
+        ids = torch.randint(0, min(vocab, VOCAB_INIT_RANGE), (n,), generator=gen)
+        return weight[ids].clone()
+    if tokenizer is None:
+        raise ValueError("init=text needs the tokenizer")
+    ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"init_text {config.init_text!r} tokenizes to nothing")
+    ids = (ids * (n // len(ids) + 1))[:n]  # repeat a short phrase, truncate a long one
+    return weight[torch.tensor(ids)].clone()
+
+
+class PromptTable(nn.Module):
+    """Prompt tuning: the table itself is the parameter."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(table.clone().float())
+
+    def forward(self) -> torch.Tensor:
+        return self.weight
+
+
+class PromptEncoder(nn.Module):
+    """P-tuning: learned input embeddings reparameterized by a BiLSTM + MLP head (or an MLP).
+
+    Virtual tokens of all template blocks form one sequence, so the LSTM lets blocks inform each
+    other; the reparameterization is what makes P-tuning train more stably than a bare table.
+    """
+
+    def __init__(self, table: torch.Tensor, kind: str = "lstm", hidden_size: int = 0):
+        super().__init__()
+        n, dim = table.shape
+        width = hidden_size or dim
+        self.kind = kind
+        self.input_embeddings = nn.Parameter(table.clone().float())
+        if kind == "lstm":
+            self.lstm = nn.LSTM(dim, width // 2 or 1, num_layers=2, bidirectional=True, batch_first=True)
+            lstm_out = 2 * (width // 2 or 1)
+            self.head = nn.Sequential(nn.Linear(lstm_out, width), nn.ReLU(), nn.Linear(width, dim))
+        elif kind == "mlp":
+            self.head = nn.Sequential(nn.Linear(dim, width), nn.ReLU(), nn.Linear(width, dim))
+        else:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {kind!r}")
+
+    def forward(self) -> torch.Tensor:
+        x = self.input_embeddings
+        if self.kind == "lstm":
+            x = self.lstm(x.unsqueeze(0))[0].squeeze(0)
+        return self.head(x)
+
+
+def build_prompt_module(config: PromptConfig, model, tokenizer=None, seed: int = 0) -> nn.Module:
+    """The trainable module for `config`, initialized from `model`'s input embeddings (seeded)."""
+    table = initial_table(config, model.get_input_embeddings().weight, tokenizer, seed)
+    if config.method == "prompt":
+        return PromptTable(table)
+    torch.manual_seed(seed)  # the encoder's layers draw from the global generator
+    return PromptEncoder(table, config.encoder, config.encoder_hidden_size)
+
+
+@torch.no_grad()
+def export_table(module: nn.Module) -> torch.Tensor:
+    """Run the prompt module once: the [N, H] table that the adapter stores."""
+    was_training = module.training
+    module.eval()
+    table = module().detach().float().cpu().clone()
+    module.train(was_training)
+    return table

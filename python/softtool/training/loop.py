@@ -1,0 +1,309 @@
+"""The training loop: AdamW on the prompt parameters only, warmup + decay, clipping, accumulation,
+periodic dev evaluation keeping the best prompt, checkpoints (periodic and on SIGINT/SIGTERM), and a
+stop on a non-finite loss.
+
+Data order is a seeded permutation per epoch, and the checkpoint stores the position in it plus all
+RNG states, so a resumed run takes exactly the steps an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from softtool.errors import SofttoolError
+from softtool.training.batching import Feature, collate
+from softtool.training.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from softtool.training.forward import batch_loss
+from softtool.training.options import TrainOptions
+from softtool.training.report import write_metrics
+
+
+class NonFiniteLoss(SofttoolError):
+    """Training stopped because the loss became NaN or infinite."""
+
+
+@dataclass
+class TrainState:
+    """Where the run is; everything here goes into the checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # examples of the current epoch's order already used
+    best_score: float = -math.inf  # higher is better (negated dev loss, or the task metric)
+    best_step: int = 0
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    best_table: torch.Tensor | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class TrainResult:
+    state: TrainState
+    total_steps: int
+    interrupted: bool
+    best_table: torch.Tensor
+
+
+def total_steps(options: TrainOptions, num_examples: int) -> int:
+    if options.max_steps:
+        return options.max_steps
+    per_step = options.batch_size * options.grad_accumulation
+    return max(1, math.ceil(options.epochs * num_examples / per_step))
+
+
+def lr_lambda(options: TrainOptions, steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < options.warmup_steps:
+            return (step + 1) / (options.warmup_steps + 1)
+        if options.schedule == "constant":
+            return 1.0
+        progress = (step - options.warmup_steps) / max(1, steps - options.warmup_steps)
+        progress = min(1.0, progress)
+        if options.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return factor
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints and returns. A second signal
+    falls through to the default handler (the user insists)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            # Outside the main thread no handler can be set; the run then just cannot stop cleanly.
+            with contextlib.suppress(ValueError):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            signal.raise_signal(signum)
+            return
+        self.requested = True
+        tqdm.write(f"{signal.Signals(signum).name}: finishing this step and saving a checkpoint (again to abort)")
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Trains `prompt_module` (its forward() returns the table) against a frozen `model`."""
+
+    def __init__(
+        self,
+        model,
+        prompt_module: nn.Module,
+        options: TrainOptions,
+        train_features: Sequence[Feature],
+        dev_features: Sequence[Feature],
+        *,
+        pad_id: int,
+        vocab_size: int,
+        prefix_tokens: int,
+        output_dir: Path,
+        device: torch.device,
+        generate_metrics: Callable[[torch.Tensor], dict[str, float]] | None = None,
+        main_metric: str | None = None,
+    ):
+        if not train_features:
+            raise SofttoolError("no training examples left after reading the data; check --data")
+        self.model = model
+        self.prompt = prompt_module.to(device)
+        self.options = options
+        self.train_features = list(train_features)
+        self.dev_features = list(dev_features)[: options.eval_limit]
+        self.pad_id = pad_id
+        self.vocab_size = vocab_size
+        self.prefix_tokens = prefix_tokens if options.prefix_cache else 0
+        self.output_dir = Path(output_dir)
+        self.device = device
+        self.generate_metrics = generate_metrics if options.eval_generate else None
+        self.main_metric = main_metric
+        self.steps = total_steps(options, len(self.train_features))
+        self.optimizer = torch.optim.AdamW(self.prompt.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(options, self.steps))
+        self.scaler = torch.amp.GradScaler("cuda") if options.autocast and options.dtype == "float16" else None
+        self.state = TrainState()
+
+    # -- data order ---------------------------------------------------------------------------------
+    def _order(self, epoch: int) -> list[int]:
+        gen = torch.Generator().manual_seed(self.options.seed * 100_003 + epoch)
+        return torch.randperm(len(self.train_features), generator=gen).tolist()
+
+    def _next_features(self, order: list[int]) -> tuple[list[Feature], list[int]]:
+        st = self.state
+        if st.position >= len(order):
+            st.epoch, st.position = st.epoch + 1, 0
+            order = self._order(st.epoch)
+        idx = order[st.position : st.position + self.options.batch_size]
+        st.position += len(idx)
+        return [self.train_features[i] for i in idx], order
+
+    # -- pieces -------------------------------------------------------------------------------------
+    def _autocast(self):
+        if not self.options.autocast:
+            return torch.autocast(self.device.type, enabled=False)
+        dtype = torch.bfloat16 if self.options.dtype == "bfloat16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    @torch.no_grad()
+    def dev_loss(self) -> float:
+        table = self.prompt()
+        total, count = 0.0, 0
+        for start in range(0, len(self.dev_features), self.options.batch_size):
+            batch = collate(
+                self.dev_features[start : start + self.options.batch_size], self.pad_id, self.prefix_tokens
+            ).to(self.device)
+            with self._autocast():
+                loss, n = batch_loss(self.model, batch, table, self.vocab_size)
+            total, count = total + float(loss), count + n
+        return total / max(1, count)
+
+    def evaluate(self) -> None:
+        st = self.state
+        row: dict[str, Any] = {"kind": "eval", "step": st.step}
+        if self.dev_features:
+            row["dev_loss"] = self.dev_loss()
+        table = self.prompt().detach().float().cpu()
+        if self.generate_metrics is not None:
+            row.update(self.generate_metrics(table))
+        if self.generate_metrics is not None and self.main_metric in row:
+            score = float(row[self.main_metric])
+        elif "dev_loss" in row:
+            score = -row["dev_loss"]
+        else:
+            score = float(st.step)  # no dev set: the latest prompt is the best we know
+        st.history.append(row)
+        if score > st.best_score:
+            st.best_score, st.best_step, st.best_table = score, st.step, table.clone()
+            st.best_metrics = {k: v for k, v in row.items() if k not in ("kind",)}
+        tqdm.write("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+    def checkpoint(self) -> Path:
+        st = self.state
+        return save_checkpoint(
+            self.output_dir,
+            {
+                "prompt": self.prompt.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "state": vars(st).copy(),
+                "total_steps": self.steps,
+            },
+        )
+
+    def restore(self) -> None:
+        ckpt = load_checkpoint(self.output_dir)
+        self.prompt.load_state_dict(ckpt["prompt"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = TrainState(**ckpt["state"])
+        set_rng_state(ckpt["rng"])
+
+    def _train_step(self, order: list[int]) -> tuple[dict[str, Any], list[int]]:
+        micro = []
+        for _ in range(self.options.grad_accumulation):
+            feats, order = self._next_features(order)
+            micro.append(feats)
+        # Normalize by the target tokens of the whole step, so accumulation equals one big batch.
+        tokens = sum(len(f.target_ids) for feats in micro for f in feats)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for feats in micro:
+            batch = collate(feats, self.pad_id, self.prefix_tokens).to(self.device)
+            with self._autocast():
+                loss, _ = batch_loss(self.model, batch, self.prompt(), self.vocab_size)
+            loss = loss / tokens
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(
+                    f"loss became {float(loss)} at step {self.state.step + 1}; training stopped, the last good "
+                    f"checkpoint is in {self.output_dir / 'checkpoints'} (lower --lr, or use float32)"
+                )
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += float(loss)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = 0.0
+        if self.options.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.prompt.parameters(), self.options.max_grad_norm))
+        lr = self.scheduler.get_last_lr()[0]
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.state.step += 1
+        return {
+            "kind": "train",
+            "step": self.state.step,
+            "loss": total,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": tokens,
+        }, order
+
+    def run(self, resume: bool = False, progress: bool = True) -> TrainResult:
+        self.model.eval()
+        self.prompt.train()
+        if resume:
+            self.restore()
+        st = self.state
+        order = self._order(st.epoch)
+        interrupted = False
+        bar = tqdm(
+            total=self.steps, initial=st.step, desc="training", unit="step", disable=not progress, dynamic_ncols=True
+        )
+        with _StopRequest() as stop:
+            while st.step < self.steps:
+                start = time.perf_counter()
+                try:
+                    row, order = self._train_step(order)
+                except NonFiniteLoss:
+                    bar.close()
+                    write_metrics(self.output_dir, st.history)
+                    raise
+                elapsed = time.perf_counter() - start
+                st.seconds += elapsed
+                row["tokens_per_s"] = row["tokens"] / max(elapsed, 1e-9)
+                st.history.append(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+                every = self.options.eval_every
+                if (every and st.step % every == 0) or st.step == self.steps:
+                    self.evaluate()
+                if self.options.checkpoint_every and st.step % self.options.checkpoint_every == 0:
+                    self.checkpoint()
+                    write_metrics(self.output_dir, st.history)
+                if stop.requested and st.step < self.steps:
+                    interrupted = True
+                    break
+            bar.close()
+            # Saved inside the handler's scope so a signal during the save is deferred, not fatal.
+            self.checkpoint()
+            write_metrics(self.output_dir, st.history)
+        best = st.best_table if st.best_table is not None else self.prompt().detach().float().cpu()
+        return TrainResult(st, self.steps, interrupted, best)

@@ -1,0 +1,77 @@
+"""TrainOptions: how to train (optimizer, schedule, batching, evaluation, checkpoints, device).
+
+The fields' help text is reused by `softtool train --help`; bad combinations raise ValueError here
+so every caller (CLI, scripts, tests) gets the same checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+SCHEDULES = ("linear", "cosine", "constant")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class TrainOptions:
+    """Optimization and bookkeeping for one training run."""
+
+    lr: float = field(default=0.03, metadata={"help": "AdamW learning rate of the prompt parameters"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps"})
+    schedule: str = field(default="linear", metadata={"help": "decay after warmup: linear, cosine or constant"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the prompt gradient norm (0: no clipping)"})
+    grad_accumulation: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps (0: use --epochs)"})
+    epochs: float = field(default=0.0, metadata={"help": "passes over the training set (when --max-steps is 0)"})
+    seed: int = field(default=0, metadata={"help": "seed for initialization and data order"})
+    eval_every: int = field(
+        default=50, metadata={"help": "evaluate on the dev subset every N steps (0: only at the end)"}
+    )
+    eval_limit: int = field(default=64, metadata={"help": "dev examples used for evaluation during training"})
+    eval_generate: bool = field(
+        default=False,
+        metadata={"help": "also generate on the dev subset and keep the prompt with the best task metric"},
+    )
+    checkpoint_every: int = field(default=100, metadata={"help": "save a resumable checkpoint every N steps"})
+    max_length: int = field(
+        default=256, metadata={"help": "longest input + target in tokens (longer inputs truncated)"}
+    )
+    prefix_cache: bool = field(
+        default=True,
+        metadata={"help": "run a prefix prompt once per step and share its KV cache (same result, faster)"},
+    )
+    dtype: str = field(default="float32", metadata={"help": "base model weights: float32, bfloat16 or float16"})
+    autocast: bool = field(default=False, metadata={"help": "bf16/fp16 autocast (CUDA only; dtype picks the type)"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name in ("warmup_steps", "max_steps", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "grad_accumulation", "max_length", "eval_limit"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_steps == 0 and self.epochs <= 0:
+            raise ValueError("set max_steps or epochs (both are 0)")
+        if self.max_steps and self.epochs:
+            raise ValueError("set max_steps or epochs, not both")
+        if self.autocast and self.dtype == "float32":
+            raise ValueError("autocast needs dtype bfloat16 or float16")
+        if self.autocast and self.device in ("cpu",):
+            raise ValueError("autocast is for CUDA; on cpu train in float32")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def help_of(cls, name: str) -> str:
+    """The help text of dataclass field `name` (what the CLI shows for the matching option)."""
+    return cls.__dataclass_fields__[name].metadata.get("help", "")

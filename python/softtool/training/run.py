@@ -1,0 +1,276 @@
+"""One training run end to end: read and encode the data, load the frozen model, train, and write the
+output folder (adapter, metrics.jsonl/.csv, loss.png, checkpoints/, run.json).
+
+run.json records what defines the run (task, data, model, prompt and optimization options), so a
+folder holding a different run is refused unless --overwrite, and --resume checks it continues the
+same one.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from softtool.adapter import CONFIG_FILE, META_FILE, WEIGHTS_FILE, Adapter, AdapterMeta, atomic_write_json, save_adapter
+from softtool.errors import SofttoolError
+from softtool.prompts.encoder import PromptConfig, build_prompt_module
+from softtool.prompts.template import Template
+from softtool.training.batching import Feature, make_feature
+from softtool.training.checkpoint import CHECKPOINT_DIR
+from softtool.training.loop import Trainer, TrainResult
+from softtool.training.options import TrainOptions
+from softtool.training.report import LOSS_PLOT, METRICS_CSV, METRICS_JSONL, plot_loss, print_summary
+
+RUN_FILE = "run.json"
+_OUTPUT_FILES = (CONFIG_FILE, WEIGHTS_FILE, META_FILE, METRICS_JSONL, METRICS_CSV, LOSS_PLOT, RUN_FILE)
+# Options that may change between a run and its resumption without making it a different run.
+_RESUMABLE = ("max_steps", "epochs", "eval_every", "checkpoint_every", "device")
+
+
+@dataclass
+class DataOptions:
+    """Where the data is and how much of it to use."""
+
+    task: str = field(default="translation", metadata={"help": "squad, squad-qg, cnndm or translation"})
+    data: str = field(default="", metadata={"help": "data folder or file (see docs/data.md for the formats)"})
+    train_split: str = field(default="train", metadata={"help": "split to train on"})
+    dev_split: str | None = field(default=None, metadata={"help": "split for evaluation (default: dev/validation)"})
+    train_limit: int | None = field(default=None, metadata={"help": "use only the first N training examples"})
+    task_options: dict[str, Any] = field(default_factory=dict)  # translation: {"src": "en", "tgt": "de"}
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ValueError("data is required")
+        if self.train_limit is not None and self.train_limit < 1:
+            raise ValueError(f"train_limit must be positive, got {self.train_limit}")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SofttoolError(f"--device {device}: CUDA is not available here; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise SofttoolError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or auto") from exc
+
+
+def _run_identity(data: DataOptions, model_name: str, prompt: PromptConfig, options: TrainOptions) -> dict[str, Any]:
+    train = {k: v for k, v in options.to_dict().items() if k not in _RESUMABLE}
+    data_dict = asdict(data)
+    data_dict["data"] = str(Path(data.data).expanduser().resolve()) if Path(data.data).exists() else data.data
+    return {"data": data_dict, "model": model_name, "prompt": asdict(prompt), "train": train}
+
+
+def prepare_output(output: Path, identity: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder holding another run; clear ours with overwrite; check identity on resume."""
+    import json
+
+    run_file = output / RUN_FILE
+    ours = [p for p in (*_OUTPUT_FILES, CHECKPOINT_DIR) if (output / p).exists()]
+    if resume:
+        if not run_file.is_file():
+            raise SofttoolError(f"--resume: {output} holds no run ({RUN_FILE} missing); start without --resume")
+        try:
+            previous = json.loads(run_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise SofttoolError(f"{run_file} is unreadable ({exc}); start again with --overwrite") from exc
+        if previous != identity:
+            changed = sorted(k for k in identity if previous.get(k) != identity[k])
+            raise SofttoolError(
+                f"--resume: {output} holds a different run (differs in {', '.join(changed)}); "
+                "use the same options, or another --output"
+            )
+        return
+    if ours and not overwrite:
+        raise SofttoolError(
+            f"{output} already holds a training run; pass --overwrite to replace it, "
+            "--resume to continue it, or choose another --output"
+        )
+    for name in ours:
+        target = output / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    output.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_file, identity)
+
+
+def encode_features(
+    tokenizer, template: Template, task, examples, max_length: int, vocab_size: int, desc: str, progress: bool
+) -> tuple[list[Feature], int]:
+    from softtool.data import encode_example
+
+    features, truncated = [], 0
+    for ex in tqdm(examples, desc=desc, unit="ex", disable=not progress, dynamic_ncols=True, leave=False):
+        enc = encode_example(tokenizer, template, task, ex, max_length=max_length, with_target=True)
+        truncated += enc.truncated
+        features.append(make_feature(template, enc.pieces, enc.target_ids, vocab_size))
+    return features, truncated
+
+
+@dataclass
+class TrainSummary:
+    output: Path
+    result: TrainResult
+    counts: dict[str, int]
+    seconds: float
+
+
+def train_prompt(
+    data: DataOptions,
+    prompt: PromptConfig,
+    options: TrainOptions,
+    output: str | Path,
+    *,
+    model_name: str = "smollm2-135m",
+    trust_remote_code: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    model=None,
+    tokenizer=None,
+) -> TrainSummary:
+    """Train a soft prompt and write the output folder. `model`/`tokenizer` skip loading (tests, scripts)."""
+    from softtool.data import default_dev_split, get_task, load_split
+    from softtool.models import load_model, load_tokenizer
+
+    started = time.perf_counter()
+    output = Path(output)
+    task = get_task(data.task, **data.task_options)
+    template = Template.parse(prompt.template) if prompt.template else task.default_template(prompt.num_virtual_tokens)
+    missing = [f for f in template.fields if f not in task.fields]
+    if missing:
+        raise SofttoolError(
+            f"--template {template}: field(s) {missing} are not fields of task {task.name} (it has {list(task.fields)})"
+        )
+    prepare_output(output, _run_identity(data, model_name, prompt, options), resume=resume, overwrite=overwrite)
+    device = resolve_device(options.device)
+    torch.manual_seed(options.seed)
+
+    train_split = load_split(data.data, data.train_split, task=task, limit=data.train_limit)
+    dev_name = data.dev_split or default_dev_split(data.data)
+    dev_split = load_split(data.data, dev_name, task=task, limit=options.eval_limit)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model_name)
+    if model is None:
+        tqdm.write(f"loading {model_name} ...") if progress else None
+        model = load_model(model_name, dtype=options.dtype, device=str(device), trust_remote_code=trust_remote_code)
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    train_feats, train_trunc = encode_features(
+        tokenizer, template, task, train_split.examples, options.max_length, vocab_size, "encoding train", progress
+    )
+    dev_feats, dev_trunc = encode_features(
+        tokenizer, template, task, dev_split.examples, options.max_length, vocab_size, "encoding dev", progress
+    )
+    counts = {
+        "train_examples": len(train_feats),
+        "dev_examples": len(dev_feats),
+        "train_truncated": train_trunc,
+        "dev_truncated": dev_trunc,
+        "train_skipped_empty": train_split.skipped_empty,
+        "dev_skipped_empty": dev_split.skipped_empty,
+    }
+
+    module = build_prompt_module(prompt, model, tokenizer, seed=options.seed)
+    generate_metrics = None
+    if options.eval_generate and dev_split.examples:
+        generate_metrics = _dev_metrics(model, tokenizer, template, task, dev_split.examples, options)
+    trainer = Trainer(
+        model,
+        module,
+        options,
+        train_feats,
+        dev_feats,
+        pad_id=tokenizer.pad_token_id,
+        vocab_size=vocab_size,
+        prefix_tokens=template.num_virtual_tokens if template.is_prefix else 0,
+        output_dir=output,
+        device=device,
+        generate_metrics=generate_metrics,
+        main_metric=task.main_metric,
+    )
+    result = trainer.run(resume=resume, progress=progress)
+
+    meta = AdapterMeta(
+        base_model=model_name,
+        num_virtual_tokens=template.num_virtual_tokens,
+        token_dim=result.best_table.shape[1],
+        vocab_size=vocab_size,
+        template=str(template),
+        task=task.name,
+        method=prompt.method,
+        task_options=task.options,
+        init=prompt.init,
+        metrics={**result.state.best_metrics, "best_step": result.state.best_step, **counts},
+        train_options={**options.to_dict(), "prompt": asdict(prompt), "steps_done": result.state.step},
+    )
+    save_adapter(output, Adapter(result.best_table, meta), model.config)
+    plot_loss(
+        output,
+        result.state.history,
+        title=f"{task.name}: {prompt.method}, {template.num_virtual_tokens} virtual tokens, {model_name}",
+    )
+    summary = TrainSummary(output, result, counts, time.perf_counter() - started)
+    if progress:
+        _print(summary)
+    return summary
+
+
+def _dev_metrics(model, tokenizer, template, task, examples, options: TrainOptions):
+    from softtool.evaluate import predict, search_options
+    from softtool.runtime.torch_backend import TorchGenerator
+
+    generator = TorchGenerator(
+        model, tokenizer, template, torch.zeros(template.num_virtual_tokens, model.config.hidden_size)
+    )
+    so = search_options(tokenizer, 1, task.max_target_tokens)
+
+    def metrics(table: torch.Tensor) -> dict[str, float]:
+        generator.set_prompt(table)
+        preds = predict(
+            generator,
+            task,
+            examples,
+            options=so,
+            batch_size=options.batch_size,
+            max_length=options.max_length + task.max_target_tokens,
+            progress=False,
+        )
+        scores = task.score(preds.texts, [ex.references for ex in examples])
+        return {k: float(v) for k, v in scores.items() if isinstance(v, int | float)}
+
+    return metrics
+
+
+def _print(summary: TrainSummary) -> None:
+    st = summary.result.state
+    rows = [
+        (
+            "steps",
+            f"{st.step} / {summary.result.total_steps}" + (" (interrupted)" if summary.result.interrupted else ""),
+        ),
+        ("time", f"{summary.seconds:.1f} s (training {st.seconds:.1f} s)"),
+        ("examples", f"{summary.counts['train_examples']} train, {summary.counts['dev_examples']} dev"),
+        (
+            "truncated / skipped",
+            f"{summary.counts['train_truncated'] + summary.counts['dev_truncated']} / "
+            f"{summary.counts['train_skipped_empty'] + summary.counts['dev_skipped_empty']}",
+        ),
+    ]
+    for key, value in st.best_metrics.items():
+        if key != "step":
+            rows.append((f"best {key}", f"{value:.4f}" if isinstance(value, float) else str(value)))
+    rows.append(("best step", str(st.best_step)))
+    rows += [
+        ("adapter", str(summary.output)),
+        ("loss plot", str(summary.output / LOSS_PLOT)),
+        ("metrics", str(summary.output / METRICS_JSONL)),
+        ("resume with", "--resume (same options)" if summary.result.interrupted else "-"),
+    ]
+    print_summary(rows)
