@@ -228,6 +228,21 @@ def test_hub_name_without_the_datasets_package_says_how_to_proceed():
     assert default_dev_split("hf:squad") == "dev"
 
 
+def test_hub_rows_in_the_translation_layout_become_examples():
+    # The rows `datasets` yields for e.g. wmt16 nest both sides under "translation".
+    from softtool.data.hub import looks_like_hub_name, parse_hub_name
+    from softtool.data.readers import collect_examples, flatten_translation
+
+    rows = [{"translation": {"de": "Ein Hund.", "en": "A dog."}}, {"translation": {"de": "x", "en": " "}}]
+    task = get_task("translation")
+    mapping = task.resolve_columns(["de", "en"], "hf:wmt16")
+    examples, skipped, total = collect_examples((flatten_translation(r) for r in rows), mapping, task, None)
+    assert [(e.fields["source"], e.target) for e in examples] == [("A dog.", "Ein Hund.")]
+    assert (skipped, total) == (1, 2)
+    assert parse_hub_name("hf:wmt16:de-en") == ("wmt16", "de-en")
+    assert looks_like_hub_name("Helsinki-NLP/europarl") and not looks_like_hub_name("./nope/")
+
+
 # -- the real data sets ---------------------------------------------------------------------
 
 
