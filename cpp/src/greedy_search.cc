@@ -1,0 +1,143 @@
+// Greedy search (transformers' generate(do_sample=False)) and multinomial sampling: processors on
+// the raw logits, then arg-max or a draw; finished rows get the pad token until every row is done.
+#include <random>
+#include <stdexcept>
+
+#include "softtool/logits_processors.h"
+#include "softtool/parallel.h"
+#include "softtool/reduce.h"
+#include "softtool/sampling.h"
+#include "softtool/search.h"
+
+namespace softtool {
+
+GreedySearch::GreedySearch(const SearchOptions& options) : SearchStrategy(options) {
+  copies_ = options_.do_sample ? options_.num_return_sequences : 1;
+}
+
+void GreedySearch::reset(const std::vector<std::vector<int64_t>>& prompts) {
+  batch_size_ = static_cast<int64_t>(prompts.size());
+  num_rows_ = batch_size_ * copies_;
+  history_.clear();
+  for (const auto& p : prompts) {
+    for (int64_t c = 0; c < copies_; ++c) history_.push_back(p);
+  }
+  hyps_.assign(static_cast<size_t>(num_rows_), Hypothesis{});
+  finished_.assign(static_cast<size_t>(num_rows_), 0);
+  scratch_.assign(static_cast<size_t>(num_threads_), {});
+  step_ = 0;
+  started_ = true;
+  done_ = options_.max_new_tokens == 0 || num_rows_ == 0;
+}
+
+StepResult GreedySearch::step(const float* logits, int64_t rows, int64_t vocab) {
+  check_started();
+  check_rows(rows);
+  if (done_) return idle_result();
+  if (vocab <= 0) throw std::invalid_argument("step: logits need at least one column");
+  std::vector<int64_t> chosen(static_cast<size_t>(rows), options_.pad_token_id);
+  std::vector<float> log_probs(static_cast<size_t>(rows), 0.0f);
+  const bool copy_row = options_.has_processors() || options_.do_sample;
+  parallel_for(rows, threads_for(rows, vocab, num_threads_),
+               [&](int64_t t, int64_t begin, int64_t end) {
+                 std::vector<float>& buf = scratch_[t];
+                 for (int64_t r = begin; r < end; ++r) {
+                   if (finished_[r]) continue;
+                   const float* row = logits + r * vocab;
+                   if (copy_row) {
+                     buf.assign(row, row + vocab);
+                     const RowHistory h{history_[r].data(), history_[r].size(), step_,
+                                        padding_[r / copies_]};
+                     apply_processors(buf.data(), vocab, h, options_);
+                     row = buf.data();
+                   }
+                   if (options_.do_sample) {
+                     // One generator per row and step, seeded from (seed, row, step): independent
+                     // of thread layout.
+                     std::seed_seq seq{options_.seed, static_cast<uint64_t>(r),
+                                       static_cast<uint64_t>(step_)};
+                     std::mt19937_64 rng(seq);
+                     const Sample s = sample_from(buf.data(), vocab, options_, rng);
+                     chosen[r] = s.index;
+                     log_probs[r] = s.log_prob;
+                   } else {
+                     chosen[r] = arg_max(row, vocab);
+                     log_probs[r] = log_sum_exp(row, vocab).log_prob(row[chosen[r]]);
+                   }
+                 }
+               });
+  return commit(chosen, log_probs);
+}
+
+StepResult GreedySearch::step_topk(const float* values, const int64_t* indices, int64_t rows,
+                                   int64_t k) {
+  check_started();
+  check_rows(rows);
+  if (done_) return idle_result();
+  if (k <= 0) throw std::invalid_argument("step_topk: need at least one candidate per row");
+  for (int64_t i = 0; i < rows * k; ++i) {
+    if (indices[i] < 0) throw std::invalid_argument("step_topk: token ids must be >= 0");
+  }
+  std::vector<int64_t> chosen(static_cast<size_t>(rows), options_.pad_token_id);
+  std::vector<float> log_probs(static_cast<size_t>(rows), 0.0f);
+  std::vector<float> buf;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (finished_[r]) continue;
+    buf.assign(values + r * k, values + (r + 1) * k);
+    const RowHistory h{history_[r].data(), history_[r].size(), step_, padding_[r / copies_]};
+    apply_processors_sparse(buf.data(), indices + r * k, k, h, options_);
+    int64_t best;
+    if (options_.do_sample) {
+      std::seed_seq seq{options_.seed, static_cast<uint64_t>(r), static_cast<uint64_t>(step_)};
+      std::mt19937_64 rng(seq);
+      const Sample s = sample_from(buf.data(), k, options_, rng);
+      best = s.index;
+      log_probs[r] = s.log_prob;
+    } else {
+      // Arg-max by score, ties to the lower token id (what a full-row arg-max would pick).
+      best = 0;
+      for (int64_t i = 1; i < k; ++i) {
+        if (ranks_before(buf[i], indices[r * k + i], buf[best], indices[r * k + best])) best = i;
+      }
+      log_probs[r] = buf[best];
+    }
+    chosen[r] = indices[r * k + best];
+  }
+  return commit(chosen, log_probs);
+}
+
+StepResult GreedySearch::commit(const std::vector<int64_t>& chosen,
+                                const std::vector<float>& log_probs) {
+  StepResult result = idle_result();
+  ++step_;
+  bool all_done = true;
+  for (int64_t r = 0; r < num_rows_; ++r) {
+    if (!finished_[r]) {
+      const int64_t token = chosen[r];
+      result.next_tokens[r] = token;
+      history_[r].push_back(token);
+      hyps_[r].score += log_probs[r];
+      if (options_.is_eos(token)) {
+        finished_[r] = 1;
+      } else {
+        hyps_[r].tokens.push_back(token);
+      }
+    }
+    if (step_ >= options_.max_new_tokens) finished_[r] = 1;
+    result.finished[r] = finished_[r];
+    all_done = all_done && finished_[r];
+  }
+  done_ = all_done;
+  return result;
+}
+
+std::vector<std::vector<Hypothesis>> GreedySearch::finalize() const {
+  check_started();
+  std::vector<std::vector<Hypothesis>> out(static_cast<size_t>(batch_size_));
+  for (int64_t b = 0; b < batch_size_; ++b) {
+    for (int64_t c = 0; c < copies_; ++c) out[b].push_back(hyps_[b * copies_ + c]);
+  }
+  return out;
+}
+
+}  // namespace softtool
