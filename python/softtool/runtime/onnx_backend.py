@@ -41,7 +41,16 @@ class OnnxGenerator(Generator):
     """Generate with an exported graph; tasks are rows of its prompt table (t*N .. t*N+N-1)."""
 
     def __init__(
-        self, folder: Path, meta: dict[str, Any], session, device: str, tokenizer, table: np.ndarray, template: Template
+        self,
+        folder: Path,
+        meta: dict[str, Any],
+        session,
+        device: str,
+        tokenizer,
+        table: np.ndarray,
+        template: Template,
+        *,
+        precompute_prompt: bool = True,
     ):
         self.folder, self.export_meta, self.session, self.device = folder, meta, session, device
         self.tokenizer = tokenizer
@@ -67,6 +76,7 @@ class OnnxGenerator(Generator):
         self._ort_device = "cuda" if device == "cuda" else "cpu"
         self._table_value = None
         self._prefix = None
+        self._precompute = precompute_prompt
         self.table = table
         self.num_tasks = table.shape[0] // max(self.num_virtual, 1)
         self._refresh_prompt()
@@ -82,6 +92,7 @@ class OnnxGenerator(Generator):
         threads: int | None = None,
         template: str | None = None,
         optimization: str = "all",
+        precompute_prompt: bool = True,
     ) -> OnnxGenerator:
         """Load an export folder. device "cuda" falls back to the CPU with a warning unless `strict_device`."""
         from safetensors import SafetensorError
@@ -113,7 +124,7 @@ class OnnxGenerator(Generator):
                 f"{folder} has {meta['num_virtual_tokens']}"
             )
         session = create_session(folder / MODEL_FILE, device, threads, optimization)
-        return cls(folder, meta, session, device, tokenizer, table, tmpl)
+        return cls(folder, meta, session, device, tokenizer, table, tmpl, precompute_prompt=precompute_prompt)
 
     # -- prompts ------------------------------------------------------------------------------------
     def add_task(self, prompt_table) -> int:
@@ -138,7 +149,8 @@ class OnnxGenerator(Generator):
 
         if self.export_meta["prompt_table_input"]:
             self._table_value = ort.OrtValue.ortvalue_from_numpy(self.table, self._ort_device, 0)
-        self._prefix = self._compute_prefix() if self.num_virtual and self.template.is_prefix else None
+        shared = self._precompute and self.num_virtual and self.template.is_prefix
+        self._prefix = self._compute_prefix() if shared else None
 
     def _compute_prefix(self) -> list[Any]:
         """Every task's prompt keys/values [tasks, kv_heads, N, head_dim] per layer, kept on the device."""
@@ -220,6 +232,47 @@ class OnnxGenerator(Generator):
                     f"{self.vocab_size} + {self.num_tasks} task(s) x {self.num_virtual} virtual tokens"
                 )
 
+    def _prefill(self, rows: Rows, task_ids: list[int], order: list[int], pad_id: int):
+        """Run the prompt through the graph for rows `order` of `rows`; returns (head, past, mask, positions)."""
+        from softtool import search
+
+        row_tasks = np.asarray([task_ids[i] for i in order], dtype=np.int64)
+        layout = self.template.layout
+        prefix = self._prefix is not None
+        if prefix:
+            layout = layout[1:]  # the leading virtual block is already in the seeded cache
+        opts = search.BatchOptions(
+            vocab_size=self.vocab_size,
+            num_virtual_tokens=0 if prefix else self.num_virtual,
+            padding_side="left",
+            pad_id=int(pad_id),
+        )
+        pieces = [[np.asarray(p, dtype=np.int64) for p in rows[i]] for i in order]
+        batch = search.build_batch(pieces, row_tasks.astype(np.int32), layout, opts)
+        ids = _batch_field(batch, "input_ids")
+        mask = _batch_field(batch, "attention_mask")
+        positions = _batch_field(batch, "position_ids")
+        if ids.shape[1] == 0:
+            raise SofttoolError("every row is empty after the prompt; give some input text")
+        if prefix:
+            n = self.num_virtual
+            mask = np.concatenate([np.ones((len(order), n), dtype=np.int64), mask], axis=1)
+            positions = positions + n
+            head, past = self._run(ids, mask, positions, row_tasks, self._prefix, 0)
+        else:
+            head, past = self._run(ids, mask, positions, np.arange(len(order), dtype=np.int64), None, len(order))
+        return head, past, mask, positions
+
+    def last_logits(self, rows: Rows, task_ids: list[int] | None = None) -> np.ndarray:
+        """The next-token logits [B, V] after each row's prompt (graphs exported with full logits)."""
+        _search_module()
+        task_ids = [int(t) for t in task_ids] if task_ids is not None else [0] * len(rows)
+        self._check(rows, task_ids)
+        if self._topk:
+            raise SofttoolError(f"{self.folder} was exported with --top-k; it has no full logits")
+        head, _, _, _ = self._prefill(rows, task_ids, list(range(len(rows))), self.tokenizer.pad_token_id)
+        return head[0]
+
     def generate(self, rows: Rows, task_ids: list[int] | None, options: SearchOptions) -> list[list[list[int]]]:
         if not rows:
             return []
@@ -231,29 +284,7 @@ class OnnxGenerator(Generator):
         searcher.start([np.asarray([t for piece in row for t in piece], dtype=np.int64) for row in rows])
         repeat = searcher.num_rows // len(rows)
         order = [i for i in range(len(rows)) for _ in range(repeat)]  # item-major, as the search expects
-        row_tasks = np.asarray([task_ids[i] for i in order], dtype=np.int64)
-        layout = self.template.layout
-        prefix = self._prefix is not None
-        if prefix:
-            layout = layout[1:]  # the leading virtual block is already in the seeded cache
-        opts = search.BatchOptions(
-            vocab_size=self.vocab_size,
-            num_virtual_tokens=self.num_virtual,
-            padding_side="left",
-            pad_id=int(options.pad_token_id),
-        )
-        pieces = [[np.asarray(p, dtype=np.int64) for p in rows[i]] for i in order]
-        batch = search.build_batch(pieces, row_tasks.astype(np.int32), layout, opts)
-        ids = _batch_field(batch, "input_ids")
-        mask = _batch_field(batch, "attention_mask")
-        positions = _batch_field(batch, "position_ids")
-        if prefix:
-            n = self.num_virtual
-            mask = np.concatenate([np.ones((len(order), n), dtype=np.int64), mask], axis=1)
-            positions = positions + n
-            head, past = self._run(ids, mask, positions, row_tasks, self._prefix, 0)
-        else:
-            head, past = self._run(ids, mask, positions, np.arange(len(order), dtype=np.int64), None, len(order))
+        head, past, mask, positions = self._prefill(rows, task_ids, order, options.pad_token_id)
         last = positions[:, -1]
         for step in range(options.max_new_tokens):
             result = searcher.step_topk(head[0], head[1]) if self._topk else searcher.step(head[0])
