@@ -239,11 +239,11 @@ class Trainer:
             loss = loss / tokens
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(
-                    f"loss became {float(loss)} at step {self.state.step + 1}; training stopped, the last good "
+                    f"loss became {float(loss.detach())} at step {self.state.step + 1}; training stopped, the last good "
                     f"checkpoint is in {self.output_dir / 'checkpoints'} (lower --lr, or use float32)"
                 )
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total += float(loss)
+            total += float(loss.detach())
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = 0.0
