@@ -1,0 +1,108 @@
+"""The train/eval/generate commands end to end on the tiny model, and their --help."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from softtool.cli import main
+
+
+def run_cli(args, capsys):
+    """Run `softtool ARGS`; returns (exit status, stdout, stderr)."""
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "generate"])
+def test_help_works_for_each_command(command, capsys):
+    code, out, _ = run_cli([command, "--help"], capsys)
+    assert code == 0
+    assert f"Usage: softtool {command}" in out
+    assert "Example:" in out
+
+
+def test_python_dash_m_softtool_runs_the_same_cli():
+    out = subprocess.run(
+        [sys.executable, "-m", "softtool", "train", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "--num-virtual-tokens" in out and "--no-prefix-cache" in out
+
+
+@pytest.fixture
+def data(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for split in ("train", "val"):
+        (folder / f"{split}.en").write_text("A man rides a bike.\nTwo dogs play.\nA girl reads.\n")
+        (folder / f"{split}.de").write_text("Ein Mann fährt Rad.\nZwei Hunde spielen.\nEin Mädchen liest.\n")
+    return folder
+
+
+def test_train_eval_generate_from_the_command_line(tmp_path, data, tiny_model_dir, capsys):
+    adapter = tmp_path / "adapter"
+    code, _, err = run_cli(
+        [
+            "train",
+            "--task",
+            "translation",
+            "--data",
+            str(data),
+            "--model",
+            str(tiny_model_dir),
+            "--method",
+            "ptuning",
+            "--encoder",
+            "mlp",
+            "--num-virtual-tokens",
+            "3",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--eval-every",
+            "1",
+            "--device",
+            "cpu",
+            "--output",
+            str(adapter),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert "training summary" in err
+    meta = json.loads((adapter / "softtool.json").read_text())
+    assert meta["method"] == "ptuning" and meta["train_options"]["steps_done"] == 2
+
+    code, out, err = run_cli(
+        [
+            "eval",
+            str(adapter),
+            "--data",
+            str(data),
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "3",
+            "--baseline",
+            "--output",
+            str(tmp_path / "eval"),
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert "soft-prompt" in out and "baseline" in out and "zero-shot" in out
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] == 2
+
+    code, out, err = run_cli(["generate", str(adapter), "--max-new-tokens", "3", "A dog.", "A cat."], capsys)
+    assert code == 0, err
+    assert len(out.splitlines()) == 2
