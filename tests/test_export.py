@@ -108,11 +108,11 @@ def test_graph_logits_equal_transformers_at_prefill_and_each_cached_decode_step(
 
 
 def test_ptuning_split_template_exports_and_verifies(tmp_path, tiny_model_dir, tiny_model):
-    from softtool.export.onnx import export_adapters
+    from softtool.export.onnx import ExportOptions, export_adapters
     from softtool.export.session import create_session
 
     adapter = make_adapter(tmp_path / "ad", tiny_model_dir, template=SPLIT)
-    meta = export_adapters([adapter], tmp_path / "onnx")
+    meta = export_adapters([adapter], tmp_path / "onnx", ExportOptions(verify_steps=8))
     assert meta["verification"]["passed"]
     v = meta["vocab_size"]
     from softtool.adapter import load_adapter
@@ -141,7 +141,7 @@ def test_int8_and_fp16_exports_run_and_agree_on_most_greedy_tokens(tmp_path, tin
 
     adapter = make_adapter(tmp_path / "ad", tiny_model_dir)
     for dtype in ("int8", "fp16"):
-        meta = export_adapters([adapter], tmp_path / dtype, ExportOptions(dtype=dtype))
+        meta = export_adapters([adapter], tmp_path / dtype, ExportOptions(dtype=dtype, verify_steps=16))
         report = meta["verification"]
         assert report["passed"], report
         assert report["greedy_agreement"] >= THRESHOLDS[dtype][1]
@@ -156,7 +156,7 @@ def test_topk_output_gives_the_same_greedy_tokens(tmp_path, tiny_model_dir):
     from softtool.export.onnx import ExportOptions, export_adapters
 
     adapter = make_adapter(tmp_path / "ad", tiny_model_dir)
-    meta = export_adapters([adapter], tmp_path / "onnx", ExportOptions(top_k=4))
+    meta = export_adapters([adapter], tmp_path / "onnx", ExportOptions(top_k=4, verify_steps=8))
     assert meta["verification"]["greedy_agreement"] == 1.0
     assert meta["verification"]["max_abs_logit_diff"] <= 1e-3
 
@@ -169,7 +169,7 @@ def test_failed_verification_exits_nonzero_saying_by_how_much(tmp_path, tiny_mod
     adapter = make_adapter(tmp_path / "ad", tiny_model_dir)
     monkeypatch.setitem(verify.THRESHOLDS, "fp32", (-1.0, 1.0))  # no real difference can pass this
     with pytest.raises(SystemExit) as exit_info:
-        main(["export", str(adapter), "-o", str(tmp_path / "onnx")])
+        main(["export", str(adapter), "-o", str(tmp_path / "onnx"), "--verify-steps", "2"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "verification failed" in err and "max logit difference" in err and "exceeds -1" in err

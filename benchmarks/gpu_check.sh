@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# GPU check for `softtool export` (not yet run: no GPU so far). Needs an NVIDIA GPU and onnxruntime-gpu
+# (pip install -c constraints.txt -e ".[gpu]"; then uninstall the CPU onnxruntime wheel if both are present).
+# Exports SmolLM2-135M with a 20-token prompt for the CUDA EP (fp32, then fp16), checks each export against
+# PyTorch on the GPU (the export's own verification: max logit diff and greedy agreement over 32 steps), and
+# times greedy generation torch-on-GPU vs ONNX Runtime CUDA EP. Under five minutes on an H100.
+# Results: benchmarks/results/export_smollm2_cuda.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+"$PY" - <<'PY'
+import onnxruntime as ort, sys
+providers = ort.get_available_providers()
+print("onnxruntime", ort.__version__, providers)
+if "CUDAExecutionProvider" not in providers:
+    sys.exit("onnxruntime has no CUDAExecutionProvider: install softtool[gpu] (onnxruntime-gpu)")
+PY
+# --strict-device semantics: the benchmark fails rather than silently measuring the CPU.
+timeout 280 "$PY" -c "
+import warnings, sys
+warnings.simplefilter('error', RuntimeWarning)  # a CPU fallback must not pass as a GPU result
+from softtool.export.benchmark import main
+sys.argv = ['softtool.export.benchmark'] + sys.argv[1:]
+main()
+" --device cuda --dtypes fp32,fp16 --batch 8 --max-new-tokens 64 --repeats 3 \
+  --out benchmarks/results/export_smollm2_cuda.json
+cat benchmarks/results/export_smollm2_cuda.json

@@ -1,0 +1,167 @@
+"""Measure an export end to end on SmolLM2: export time, parity with PyTorch, and greedy tokens/s onnx vs torch.
+
+    python -m softtool.export.benchmark --device cpu --out benchmarks/results/export_smollm2.json
+    python -m softtool.export.benchmark --device cuda --dtypes fp32,fp16 --out benchmarks/results/export_smollm2_cuda.json
+
+The prompt is vocabulary-initialised (rows of the embedding table, softtool's default init), so the numbers
+do not depend on a training run. Inputs are the first Multi30k validation sentences when ../shared/data is
+there, else fixed sentences.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+TEMPLATE = "[P:20]Translate English to German.\nEnglish: {source}\nGerman:"
+FALLBACK = [
+    "A man in an orange hat starring at something.",
+    "A Boston Terrier is running on lush green grass.",
+    "A girl in karate uniform breaking a stick with a front kick.",
+    "Five people in winter jackets and helmets.",
+]
+
+
+def _sentences(count: int) -> tuple[list[str], str]:
+    data = Path(os.environ.get("SOFTTOOL_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+    path = data / "multi30k" / "val.en.gz"
+    if path.is_file():
+        with gzip.open(path, "rt") as fh:
+            return [next(fh).strip() for _ in range(count)], str(path)
+    return (FALLBACK * count)[:count], "fixed sentences"
+
+
+def _machine() -> dict:
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    info = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "load_average_1m": os.getloadavg()[0]}
+    try:
+        info["gpu"] = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        info["gpu"] = None
+    return info
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def _timed_generate(gen, rows, options, repeats: int) -> tuple[list, float, int]:
+    gen.generate(rows[:1], None, options)  # warm-up (allocations, first-run kernels)
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = gen.generate(rows, None, options)
+        best = min(best, time.perf_counter() - start)
+    tokens = sum(len(seq) for item in out for seq in item)
+    return out, best, tokens
+
+
+@click.command()
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
+@click.option("--dtypes", default="fp32,int8", help="Comma-separated export dtypes to measure (fp32 first).")
+@click.option("--batch", type=int, default=4, help="Sentences generated together.")
+@click.option("--max-new-tokens", type=int, default=32)
+@click.option("--repeats", type=int, default=2, help="Timed runs per backend (the best is kept).")
+@click.option("--threads", type=int, default=None, help="torch and ONNX Runtime intra-op threads (default: cores).")
+@click.option("--out", type=click.Path(dir_okay=False), required=True)
+def main(device, dtypes, batch, max_new_tokens, repeats, threads, out) -> None:
+    import torch
+    from softtool.export.onnx import ExportOptions, export_adapters
+    from softtool.export.session import default_threads
+
+    from softtool.adapter import Adapter, AdapterMeta, save_adapter
+    from softtool.models import load_model
+    from softtool.runtime.base import SearchOptions
+    from softtool.runtime.onnx_backend import OnnxGenerator
+    from softtool.runtime.torch_backend import TorchGenerator
+
+    threads = threads or default_threads()
+    torch.set_num_threads(threads)
+    model = load_model("smollm2-135m", device=device)
+    rows_idx = torch.randint(0, model.config.vocab_size, (20,), generator=torch.Generator().manual_seed(0))
+    table = model.get_input_embeddings().weight[rows_idx.to(model.device)].detach().cpu().clone()
+    meta = AdapterMeta(
+        base_model="smollm2-135m",
+        num_virtual_tokens=20,
+        token_dim=model.config.hidden_size,
+        vocab_size=model.config.vocab_size,
+        template=TEMPLATE,
+    )
+    sentences, source = _sentences(batch)
+    options = SearchOptions(max_new_tokens=max_new_tokens, eos_token_ids=[2], pad_token_id=2)
+    result = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "commit": _commit(),
+        "machine": _machine(),
+        "threads": threads,
+        "device": device,
+        "model": "smollm2-135m",
+        "template": TEMPLATE,
+        "inputs": source,
+        "batch": batch,
+        "max_new_tokens": max_new_tokens,
+        "exports": {},
+        "generation": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = save_adapter(Path(tmp) / "adapter", Adapter(table, meta), model.config)
+        torch_gen = TorchGenerator.from_adapter(adapter, model=model, device=device)
+        rows = [torch_gen.encode({"source": s}) for s in sentences]
+        ref, seconds, tokens = _timed_generate(torch_gen, rows, options, repeats)
+        result["generation"]["torch"] = {"seconds": seconds, "new_tokens": tokens, "tokens_per_s": tokens / seconds}
+        for dtype in dtypes.split(","):
+            start = time.perf_counter()
+            export_meta = export_adapters([adapter], Path(tmp) / dtype, ExportOptions(device=device, dtype=dtype))
+            total = time.perf_counter() - start
+            size = sum(p.stat().st_size for p in (Path(tmp) / dtype).glob("model.onnx*"))
+            result["exports"][dtype] = {
+                "export_seconds": export_meta["export_seconds"],
+                "total_seconds_with_verify": total,
+                "model_bytes": size,
+                "verification": export_meta["verification"],
+            }
+            gen = OnnxGenerator.from_export_dir(Path(tmp) / dtype, device=device, threads=threads)
+            got, seconds, tokens = _timed_generate(gen, rows, options, repeats)
+            same = sum(a == b for a, b in zip(got, ref, strict=True))
+            result["generation"][f"onnx-{dtype}"] = {
+                "seconds": seconds,
+                "new_tokens": tokens,
+                "tokens_per_s": tokens / seconds,
+                "sequences_equal_to_torch": f"{same}/{len(ref)}",
+            }
+    result["machine"]["load_average_1m_after"] = os.getloadavg()[0]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    click.echo(json.dumps(result["generation"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
