@@ -25,20 +25,10 @@ void insert_sorted(std::vector<Scored>& out, int64_t k, float x, int64_t i) {
   out.insert(pos, Scored{x, i});
 }
 
-bool row_has_nan(const float* values, int64_t n) {
-  int nan = 0;
-  for (int64_t i = 0; i < n; ++i) nan |= values[i] != values[i];
-  return nan != 0;
-}
-
 // exp(x) for x <= 0 (Cephes expf polynomial); branch-free so it vectorizes.
 inline float fast_exp(float x) {
-  x = std::max(x, -87.0f);
-  // floor() via truncation (SSE2 has no vector floor): truncation rounds negatives up, so step
-  // down.
-  const float y = x * 1.44269504088896341f + 0.5f;
-  float fx = static_cast<float>(static_cast<int32_t>(y));
-  fx -= fx > y ? 1.0f : 0.0f;
+  x = x > -87.0f ? x : -87.0f;
+  const float fx = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x * log2(e))
   float r = x - fx * 0.693359375f;
   r = r - fx * -2.12194440e-4f;
   const float r2 = r * r;
@@ -55,29 +45,107 @@ inline float fast_exp(float x) {
   return p * scale;
 }
 
+// sum(exp(x[i] - m)) over kChunk values, in kBlock float lanes the compiler keeps in vector
+// registers.
+constexpr int64_t kChunk = 1024;
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
+    !defined(__SANITIZE_ADDRESS__)
+// The hottest loop of a beam step: built for AVX-512 / AVX2 too, picked at load time by the CPU.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+float chunk_exp_sum(const float* __restrict x, float m) {
+  // fast_exp written out here: a target clone cannot inline a function built for another target.
+  float lanes[kBlock] = {};
+  for (int64_t i = 0; i < kChunk; i += kBlock) {
+    for (int64_t j = 0; j < kBlock; ++j) {
+      float v = x[i + j] - m;
+      v = v > -87.0f ? v : -87.0f;
+      // round(v * log2(e)) by the 1.5 * 2^23 trick: no compare, no floor call.
+      const float fx = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+      float r = v - fx * 0.693359375f;
+      r = r - fx * -2.12194440e-4f;
+      const float r2 = r * r;
+      float p = 1.9875691500e-4f;
+      p = p * r + 1.3981999507e-3f;
+      p = p * r + 8.3334519073e-3f;
+      p = p * r + 4.1665795894e-2f;
+      p = p * r + 1.6666665459e-1f;
+      p = p * r + 5.0000001201e-1f;
+      p = p * r2 + r + 1.0f;
+      const int32_t e = (static_cast<int32_t>(fx) + 127) << 23;
+      float scale;
+      std::memcpy(&scale, &e, sizeof(scale));
+      lanes[j] += p * scale;
+    }
+  }
+  float sum = 0.0f;
+  for (int64_t j = 0; j < kBlock; ++j) sum += lanes[j];
+  return sum;
+}
+
+constexpr int64_t kScan = 256;
+
+// Whether any of kScan values is NaN (integer test on the bits: vectorizes).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
+    !defined(__SANITIZE_ADDRESS__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+int scan_has_nan(const float* __restrict x) {
+  int32_t bad[kBlock] = {};
+  for (int64_t i = 0; i < kScan; i += kBlock) {
+    for (int64_t j = 0; j < kBlock; ++j) {
+      int32_t bits;
+      std::memcpy(&bits, x + i + j, sizeof(bits));
+      bad[j] |= static_cast<int32_t>((bits & 0x7fffffff) > 0x7f800000);
+    }
+  }
+  int32_t any = 0;
+  for (int64_t j = 0; j < kBlock; ++j) any |= bad[j];
+  return any;
+}
+
+// max of kScan values that hold no NaN.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
+    !defined(__SANITIZE_ADDRESS__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+float scan_max(const float* __restrict x) {
+  float lanes[kBlock];
+  for (int64_t j = 0; j < kBlock; ++j) lanes[j] = x[j];
+  for (int64_t i = kBlock; i < kScan; i += kBlock) {
+    for (int64_t j = 0; j < kBlock; ++j) lanes[j] = x[i + j] > lanes[j] ? x[i + j] : lanes[j];
+  }
+  float m = lanes[0];
+  for (int64_t j = 1; j < kBlock; ++j) m = lanes[j] > m ? lanes[j] : m;
+  return m;
+}
+
+float block_max(const float* x, int* nan) {
+  *nan = scan_has_nan(x);
+  return *nan ? 0.0f : scan_max(x);
+}
+
 }  // namespace
 
 void top_k(const float* values, int64_t n, int64_t k, std::vector<Scored>& out) {
   out.clear();
   if (k <= 0) return;
   out.reserve(static_cast<size_t>(k) + 1);
-  if (row_has_nan(values, n)) {  // rare: the exact, element-wise path
-    for (int64_t i = 0; i < n; ++i) insert_sorted(out, k, values[i], i);
-    return;
-  }
   int64_t i = 0;
   for (; i < n && static_cast<int64_t>(out.size()) < k; ++i) insert_sorted(out, k, values[i], i);
-  for (; i + kBlock <= n; i += kBlock) {
-    float block_max = values[i];
-    for (int64_t j = 1; j < kBlock; ++j) block_max = std::max(block_max, values[i + j]);
-    if (!(block_max > out.back().value)) continue;  // ties lose to the earlier index already kept
-    for (int64_t j = 0; j < kBlock; ++j) {
-      if (values[i + j] > out.back().value) insert_sorted(out, k, values[i + j], i + j);
+  // Chunks whose maximum cannot enter the current top-k are skipped whole (ties lose: later index).
+  for (; i + kScan <= n; i += kScan) {
+    int nan = 0;
+    const float chunk = block_max(values + i, &nan);
+    if (nan) {  // rare: the exact, element-wise path for the rest of the row
+      break;
+    }
+    if (!(chunk > out.back().value) && !std::isnan(out.back().value)) continue;
+    for (int64_t j = i; j < i + kScan; ++j) {
+      if (values[j] > out.back().value) insert_sorted(out, k, values[j], j);
     }
   }
-  for (; i < n; ++i) {
-    if (values[i] > out.back().value) insert_sorted(out, k, values[i], i);
-  }
+  for (; i < n; ++i) insert_sorted(out, k, values[i], i);
 }
 
 int64_t arg_max(const float* values, int64_t n) {
@@ -98,34 +166,29 @@ int64_t arg_max(const float* values, int64_t n) {
 
 LogSumExp log_sum_exp(const float* values, int64_t n) {
   constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-  if (n <= 0 || row_has_nan(values, n)) return {kNaN, kNaN};
-  float lanes[kBlock];
-  std::fill(lanes, lanes + kBlock, -std::numeric_limits<float>::infinity());
-  int64_t i = 0;
-  for (; i + kBlock <= n; i += kBlock) {
-    for (int64_t j = 0; j < kBlock; ++j) lanes[j] = std::max(lanes[j], values[i + j]);
+  if (n <= 0) return {kNaN, kNaN};
+  const int64_t blocked = n / kScan * kScan;
+  int nan = 0;
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < blocked; i += kScan) {
+    int chunk_nan = 0;
+    m = std::max(m, block_max(values + i, &chunk_nan));
+    nan |= chunk_nan;
   }
-  float m = *std::max_element(lanes, lanes + kBlock);
-  for (; i < n; ++i) m = std::max(m, values[i]);
+  for (int64_t i = blocked; i < n; ++i) {
+    m = std::max(m, values[i]);
+    nan |= std::isnan(values[i]);
+  }
+  if (nan) return {kNaN, kNaN};
   if (std::isinf(m)) {
     // All -inf (every token banned) or some +inf: torch's log_softmax yields NaN/-inf alike; keep
     // it defined.
     return {m, m < 0 ? kNaN : 0.0f};
   }
-  float sums[kBlock] = {};
+  // Chunks of 1024 summed in float lanes (vectorized), chunk totals in double (accurate).
   double total = 0.0;
-  i = 0;
-  for (; i + kBlock <= n; i += kBlock) {
-    for (int64_t j = 0; j < kBlock; ++j) sums[j] += fast_exp(values[i + j] - m);
-    if ((i / kBlock) % 64 ==
-        63) {  // flush to double now and then: float partial sums stay accurate
-      for (int64_t j = 0; j < kBlock; ++j) {
-        total += sums[j];
-        sums[j] = 0.0f;
-      }
-    }
-  }
-  for (int64_t j = 0; j < kBlock; ++j) total += sums[j];
+  int64_t i = 0;
+  for (; i + kChunk <= n; i += kChunk) total += chunk_exp_sum(values + i, m);
   for (; i < n; ++i) total += fast_exp(values[i] - m);
   return {m, static_cast<float>(std::log(total))};
 }
