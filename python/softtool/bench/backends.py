@@ -184,7 +184,12 @@ def export_on_the_fly(options: BenchOptions, adapter_dir: Path, dtype: str, prog
         export_adapters(
             [str(adapter_dir)],
             out,
-            ExportOptions(dtype="int8" if dtype == "int8" else "fp32", model=options.model, overwrite=True),
+            ExportOptions(
+                dtype="int8" if dtype == "int8" else "fp32",
+                model=options.model,
+                overwrite=True,
+                verify_steps=options.export_verify_steps,
+            ),
             progress=progress,
         )
     except SofttoolError as exc:

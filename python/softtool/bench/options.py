@@ -44,6 +44,9 @@ class BenchOptions:
     )
     onnx_dir: str | None = field(default=None, metadata={"help": "Exported graph for `onnx`; default: export it."})
     onnx_int8_dir: str | None = field(default=None, metadata={"help": "Exported int8 graph; default: export it."})
+    export_verify_steps: int = field(
+        default=32, metadata={"help": "Greedy steps the on-the-fly export checks against PyTorch."}
+    )
     cache_dir: str | None = field(
         default=None, metadata={"help": "Where on-the-fly exports and the untrained prompt go (default: a cache)."}
     )
@@ -67,7 +70,16 @@ class BenchOptions:
         unknown = [b for b in self.backends if b not in ALL_BACKENDS]
         if unknown or not self.backends:
             raise ValueError(f"backends must be a non-empty subset of {ALL_BACKENDS}, got {self.backends}")
-        for name in ("limit", "batch_size", "max_new_tokens", "num_beams", "repeats", "threads", "num_virtual_tokens"):
+        for name in (
+            "limit",
+            "batch_size",
+            "max_new_tokens",
+            "num_beams",
+            "repeats",
+            "threads",
+            "num_virtual_tokens",
+            "export_verify_steps",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0:

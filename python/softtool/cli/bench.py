@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+import types
 import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -42,7 +43,8 @@ def _convert(name: str, hint: Any, raw: Any) -> Any:
     """A command-line string (or a bool flag) as the dataclass field's type."""
     if raw is None or isinstance(raw, bool):
         return raw
-    args = typing.get_args(hint)
+    # Unwrap Optional[X] (X | None); list[X] keeps its item type for the split below.
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else ()
     base = next((a for a in args if a is not type(None)), hint) if args else hint
     try:
         if typing.get_origin(base) is list:
@@ -100,6 +102,10 @@ def bench(config_path: str | None, train_mode: bool, **given: Any) -> None:
 
     config = load_config(config_path) if config_path else {}
     source = config_path or "command line"
+    known = {f.name for f in fields(BenchOptions)} | {"train"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise SofttoolError(f"{source}: unknown option(s) {unknown}; known: {sorted(known)}")
     command = "softtool bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else ""
     console = Console(stderr=True)
     if train_mode:
@@ -107,6 +113,9 @@ def bench(config_path: str | None, train_mode: bool, **given: Any) -> None:
 
         shared = {k: v for k, v in config.items() if k in ("task", "data", "model", "threads", "inputs", "references")}
         train_config = {**shared, **config.get("train", {})}
+        unknown = sorted(set(config.get("train", {})) - {f.name for f in fields(TrainBenchOptions)})
+        if unknown:
+            raise SofttoolError(f"{source}: unknown training option(s) {unknown} under 'train'")
         options = build_options(TrainBenchOptions, _values_for(TrainBenchOptions, train_config, given), source)
         with console.status("training benchmark") as status:
             result = run_train_bench(options, command=command, progress=lambda m: status.update(m))

@@ -1,0 +1,134 @@
+"""Regenerate the performance tables (Markdown) from the JSON results of `softtool bench`.
+
+    python benchmarks/make_table.py                       # print the tables for benchmarks/results/bench_*.json
+    python benchmarks/make_table.py --update docs/bench.md  # rewrite the part between the table markers
+
+Every number comes from a result file; the file and its commit are named in each row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _f(value, spec=".1f", suffix=""):
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def generate_rows(result: dict, name: str) -> list[str]:
+    opts, workload = result["options"], result["workload"]
+    search = "greedy" if opts["num_beams"] == 1 else f"beam {opts['num_beams']}"
+    metric = result.get("main_metric") or "metric"
+    rows = []
+    for r in result["backends"]:
+        where = f"`{name}` @ {result['machine']['git_commit']}"
+        if r["status"] != "ok":
+            rows.append(
+                f"| {opts['task']} | {opts['batch_size']} | {search} | {r['name']} | {r['status']}: "
+                f"{r.get('reason', '')} | | | | | | | {where} |"
+            )
+            continue
+        same = r.get("identical_share")
+        share = r.get("share_of_bandwidth_bound")
+        rows.append(
+            f"| {opts['task']} x{workload['examples']} | {opts['batch_size']} | {search} | {r['name']} "
+            f"| {_f(r['tokens_per_s'])} | {_f(r.get('speedup_vs_peft'), '.2f', 'x')} "
+            f"| {_f(r.get('speedup_vs_hf'), '.2f', 'x')} | {_f(r['ttft_s'], '.3f')} | {_f(r['peak_rss_mb'], '.0f')} "
+            f"| {metric} {_f(r.get('metric'), '.2f')} "
+            f"| {'-' if same is None else f'{same:.0%}'} | {'-' if share is None else f'{share:.0%}'} | {where} |"
+        )
+    return rows
+
+
+def train_rows(result: dict, name: str) -> list[str]:
+    opts = result["options"]
+    rows = []
+    for r in result["backends"]:
+        where = f"`{name}` @ {result['machine']['git_commit']}"
+        if r["status"] != "ok":
+            rows.append(
+                f"| {opts['task']} | {r.get('num_virtual_tokens')} | {r['name']} | {r['status']} | | | | {where} |"
+            )
+            continue
+        agree = {True: "yes", False: "**no**", None: "-"}[r.get("losses_agree")]
+        rows.append(
+            f"| {opts['task']}, batch {opts['batch_size']} | {r['num_virtual_tokens']} | {r['name']} "
+            f"| {_f(r['samples_per_s'], '.2f')} | {_f(r.get('speedup_vs_peft'), '.2f', 'x')} "
+            f"| {_f(r['final_loss'], '.4f')} | {agree} | {where} |"
+        )
+    return rows
+
+
+def make_tables(paths: list[Path]) -> str:
+    gen, train, limits = [], [], []
+    for path in sorted(paths):
+        result = json.loads(path.read_text())
+        name = path.name
+        if result.get("kind") == "train":
+            train += train_rows(result, name)
+            continue
+        gen += generate_rows(result, name)
+        lim = result.get("limits") or {}
+        if lim:
+            limits.append(
+                f"| `{name}` | {result['machine']['cpu_model']}, {result['machine']['threads']} threads "
+                f"| {_f(lim['memory_bandwidth_gbs'])} GB/s | {_f(lim['matmul_gflops'], '.0f')} GFLOP/s "
+                f"| {_f(lim.get('decode_bound_tokens_per_s_batch1'), '.0f')} tok/s |"
+            )
+    out = []
+    if gen:
+        out += [
+            "| workload | batch | search | backend | tokens/s | vs peft | vs hf | ttft s | peak MB | metric "
+            "| same as torch | of bandwidth bound | result |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            *gen,
+            "",
+        ]
+    if limits:
+        out += [
+            "| result | machine | copy bandwidth | matmul | batch-1 decode bound |",
+            "| --- | --- | --- | --- | --- |",
+            *limits,
+            "",
+        ]
+    if train:
+        out += [
+            "| training | virtual tokens | backend | samples/s | vs peft | loss after K | losses agree | result |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            *train,
+            "",
+        ]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="*", type=Path, help="result JSON files (default: results/bench_*.json)")
+    parser.add_argument("--update", type=Path, help=f"Markdown file whose text between {START} and {END} is replaced")
+    args = parser.parse_args(argv)
+    paths = args.results or sorted(RESULTS.glob("bench_*.json"))
+    if not paths:
+        print("no result files found", file=sys.stderr)
+        return 1
+    tables = make_tables(paths)
+    if not args.update:
+        print(tables)
+        return 0
+    text = args.update.read_text()
+    if START not in text or END not in text:
+        print(f"{args.update} has no {START} ... {END} markers", file=sys.stderr)
+        return 1
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    args.update.write_text(f"{head}{START}\n{tables}\n{END}{tail}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""`softtool bench` on the smoke workload and the tiny random model: the harness runs every backend,
+writes a result with the promised keys, and backends that compute the same thing give the same tokens.
+No timing is asserted (speed is only measured, in benchmarks/)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "benchmarks" / "configs" / "smoke.json"
+
+
+def _run_cli(args: list[str]) -> int:
+    from softtool.cli import main
+
+    try:
+        main(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+@pytest.fixture(scope="module")
+def smoke_result(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench_smoke.json"
+    cache = out.parent / "cache"
+    code = _run_cli(
+        [
+            "bench",
+            "--config",
+            str(SMOKE),
+            "--model",
+            str(tiny_model_dir),
+            "--cache-dir",
+            str(cache),
+            "--output",
+            str(out),
+        ]
+    )
+    assert code == 0
+    return out, json.loads(out.read_text())
+
+
+def test_smoke_bench_writes_json_with_machine_and_backend_keys(smoke_result):
+    path, result = smoke_result
+    machine = result["machine"]
+    for key in ("cpu_model", "logical_cores", "gpu", "versions", "git_commit", "threads"):
+        assert key in machine
+    assert machine["versions"]["torch"] and machine["versions"]["transformers"]
+    assert result["command"].startswith("softtool bench")
+    names = [b["name"] for b in result["backends"]]
+    assert names == json.loads(SMOKE.read_text())["backends"]
+    for b in result["backends"]:
+        for key in ("name", "status"):
+            assert key in b
+        if b["status"] == "ok":
+            for key in ("tokens_per_s", "speedup_vs_peft", "speedup_vs_hf", "latency_p50_s", "ttft_s", "peak_rss_mb"):
+                assert b[key] is not None and b[key] > 0, key
+            assert len(b["outputs"]) == result["workload"]["examples"] == 6
+        else:
+            assert b["reason"], f"{b['name']} was {b['status']} without a reason"
+    # The anchors must always run: they need only transformers and peft.
+    assert {b["name"] for b in result["backends"] if b["status"] == "ok"} >= {"peft", "hf"}
+    assert result["workload"]["untrained_prompt"] is True and any("untrained" in n for n in result["notes"])
+    assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_backends_with_the_same_prompt_generate_the_same_tokens(smoke_result):
+    _, result = smoke_result
+    ok = {b["name"]: b for b in result["backends"] if b["status"] == "ok"}
+    prompted = [name for name in ("peft", "torch", "onnx") if name in ok]
+    for name in prompted[1:]:
+        assert ok[name]["outputs"] == ok[prompted[0]]["outputs"], f"{name} differs from {prompted[0]}"
+        assert ok[name]["identical_share"] == 1.0
+    # The hf row runs the same texts without the soft prompt: 4 virtual tokens fewer per row.
+    assert ok["hf"]["input_tokens"] == ok["peft"]["input_tokens"] - 4 * 6
+
+
+def test_peft_backend_generates_what_the_prompt_prepended_by_hand_generates(tiny_model_dir, smoke_result):
+    """The anchor itself is wired right: PEFT's generate equals transformers' generate on [prompt; text] embeddings."""
+    import torch
+
+    from softtool.adapter import load_adapter
+    from softtool.models import load_model
+
+    _, result = smoke_result
+    peft_row = next(b for b in result["backends"] if b["name"] == "peft")
+    adapter = load_adapter(result["workload"]["adapter"])
+    model = load_model(str(tiny_model_dir))
+    from softtool.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    template = adapter.meta.template.split("]", 1)[1]
+    for text, expected in zip(json.loads(SMOKE.read_text())["inputs"][:2], peft_row["outputs"][:2], strict=True):
+        pieces = [tokenizer(template.format(source=text), add_special_tokens=False)["input_ids"]]
+        ids = torch.tensor([pieces[0]])
+        embeds = torch.cat([adapter.prompt_table.unsqueeze(0), model.get_input_embeddings()(ids)], dim=1)
+        out = model.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0].tolist()
+        got = out[: out.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in out else out
+        assert got == expected
+
+
+def test_each_backend_can_run_in_a_fresh_process_with_its_own_peak_memory(tiny_model_dir, tmp_path):
+    out = tmp_path / "bench_isolated.json"
+    args = ["bench", "--config", str(SMOKE), "--model", str(tiny_model_dir), "--cache-dir", str(tmp_path)]
+    assert _run_cli([*args, "--backends", "hf", "--no-limits", "--output", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["backends"]
+    assert row["status"] == "ok" and row["peak_rss_isolated"] is True and row["peak_rss_mb"] > 0
+
+
+def test_make_table_renders_a_row_per_backend(smoke_result, tmp_path):
+    path, result = smoke_result
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- bench-table:start -->\nold\n<!-- bench-table:end -->\nafter\n")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import make_table
+    finally:
+        sys.path.pop(0)
+    assert make_table.main([str(path), "--update", str(doc)]) == 0
+    text = doc.read_text()
+    assert "old" not in text and text.startswith("intro") and text.rstrip().endswith("after")
+    for b in result["backends"]:
+        assert f"| {b['name']} |" in text
+
+
+@pytest.mark.slow
+def test_train_bench_softtool_and_peft_losses_agree(tiny_model_dir, tmp_path):
+    out = tmp_path / "bench_train.json"
+    code = _run_cli(["bench", "--config", str(SMOKE), "--train", "--model", str(tiny_model_dir), "--output", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    rows = {b["name"]: b for b in result["backends"]}
+    assert set(rows) == {"peft", "softtool-naive", "softtool"}
+    for name in ("softtool-naive", "softtool"):
+        assert rows[name]["status"] == "ok"
+        assert rows[name]["losses_agree"] is True
+        assert rows[name]["max_loss_diff_vs_peft"] < 1e-3 * rows["peft"]["final_loss"]
+        assert rows[name]["samples_per_s"] > 0 and rows[name]["speedup_vs_peft"] > 0
+    # Training moved the prompt: the loss changed between the first and the last step.
+    assert rows["softtool"]["losses"][0] != rows["softtool"]["losses"][-1]
+
+
+def test_bad_bench_options_are_one_line_user_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"task": "translation", "inputs": ["x"], "batch_size": 0}))
+    assert _run_cli(["bench", "--config", str(bad)]) == 2
+    assert capsys.readouterr().err.strip().startswith("error:")
+    bad.write_text(json.dumps({"task": "translation", "inputs": ["x"], "no_such_option": 1}))
+    assert _run_cli(["bench", "--config", str(bad)]) == 2
+    assert "no_such_option" in capsys.readouterr().err
+    assert _run_cli(["bench", "--config", str(tmp_path / "missing.json")]) == 2
+    assert _run_cli(["bench", "--task", "translation", "--backends", "peft,tensorrt", "--data", "x"]) == 2
