@@ -94,11 +94,11 @@ def _train(tmp_path, model_dir, prompt=None, **opts):
 
 
 def test_loss_decreases_on_a_tiny_overfit_set(tmp_path, responsive_model_dir):
-    summary = _train(tmp_path, responsive_model_dir, lr=0.5)
+    summary = _train(tmp_path, responsive_model_dir, lr=0.5, max_steps=20)
     history = summary.result.state.history
     dev = [row["dev_loss"] for row in history if row["kind"] == "eval"]
     train = [row["loss"] for row in history if row["kind"] == "train"]
-    assert dev[-1] < dev[0] - 0.5
+    assert dev[-1] < dev[0] - 0.3
     assert sum(train[-5:]) / 5 < sum(train[:5]) / 5
     # The adapter keeps the best dev loss.
     meta = json.loads((tmp_path / "out" / "softtool.json").read_text())

@@ -278,6 +278,8 @@ class Trainer:
             total=self.steps, initial=st.step, desc="training", unit="step", disable=not progress, dynamic_ncols=True
         )
         with _StopRequest() as stop:
+            if st.step == 0 and self.dev_features:
+                self.evaluate()  # the starting point: the plot's first dev loss, and the prompt to beat
             while st.step < self.steps:
                 start = time.perf_counter()
                 try:
