@@ -194,7 +194,10 @@ def run_eval(
         if model is None:
             from softtool.models import load_model
 
-            model = load_model(model_name or meta.base_model, device=device)
+            base = model_name or (meta.base_model if meta is not None else None)
+            if not base:
+                raise SofttoolError(f"{path} does not name its base model; pass --model for --baseline")
+            model = load_model(base, device=device)
         for kind, tmpl in (("baseline", task.baseline_template()), ("zero_shot", task.zero_shot_template())):
             plain = TorchGenerator(model, generator.tokenizer, tmpl, None, meta)
             preds = predict(

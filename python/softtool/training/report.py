@@ -39,8 +39,9 @@ def plot_loss(output_dir: Path, history: list[dict[str, Any]], title: str = "") 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
         steps, losses = zip(*train, strict=True)
-        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train loss (per step)")
         window = max(1, len(losses) // 20)
+        if window > 1:  # with one point per window the smoothed line is the raw one
+            ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train loss (per step)")
         smooth = [
             sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
             for i in range(len(losses))
