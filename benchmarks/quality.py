@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+COMMIT, MACHINE = "", {}
 DATA_FOLDERS = {"squad": "squad", "squad-qg": "squad", "cnndm": "cnn_dailymail", "translation": "multi30k"}
 # Templates: prompt tuning puts every virtual token first; P-tuning also splits them around the input.
 PTUNING_TEMPLATES = {
@@ -132,7 +133,7 @@ def run_task(task: str, args, output: Path) -> dict:
 
 
 def write(output: Path, result: dict, args) -> None:
-    record = {"commit": commit(), "machine": machine(), "command": " ".join([sys.executable, *sys.argv]), **result}
+    record = {"commit": COMMIT, "machine": MACHINE, "command": " ".join([sys.executable, *sys.argv]), **result}
     path = output / f"quality_{result['task']}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}", file=sys.stderr)
@@ -161,6 +162,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 1)) if not torch.cuda.is_available() else None
+    global COMMIT, MACHINE
+    COMMIT, MACHINE = commit(), machine()  # at the start: the code that produced the numbers
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     for task in args.task or ["squad", "cnndm", "translation"]:

@@ -36,7 +36,9 @@ def _h(cls_name: str, field: str) -> str:
 @click.option("--epochs", type=float, default=None, help=_h("train", "epochs"))
 @click.option("--batch-size", type=int, default=8, help=_h("train", "batch_size"))
 @click.option("--grad-accumulation", type=int, default=1, help=_h("train", "grad_accumulation"))
-@click.option("--lr", type=float, default=0.03, help=_h("train", "lr"))
+@click.option(
+    "--lr", type=float, default=None, help="AdamW learning rate  [default: 0.03 for prompt, 0.001 for ptuning]"
+)
 @click.option("--warmup-steps", type=int, default=10, help=_h("train", "warmup_steps"))
 @click.option(
     "--schedule", type=click.Choice(["linear", "cosine", "constant"]), default="linear", help=_h("train", "schedule")
@@ -123,6 +125,9 @@ def train(
 
     if max_steps is None and epochs is None:
         max_steps = 300
+    if lr is None:
+        # A bare table needs large steps (Lester et al. use 0.3); the encoder's weights need small ones.
+        lr = 0.03 if method == "prompt" else 1e-3
     try:
         prompt = PromptConfig(
             method=method,
