@@ -41,7 +41,9 @@ struct SearchOptions {
   int64_t top_k = 0;
   double top_p = 1.0;
   uint64_t seed = 0;
-  int64_t num_threads = 0;  // threads for the per-row reductions; 0 = one per hardware core (max 8)
+  // Threads for the per-row reductions; 0 = one per hardware core (max 8). Default 1: on the shared
+  // 2-core machine we measured, a second thread made a [64, 49152] step slower (bench_search.py).
+  int64_t num_threads = 1;
 
   void validate() const;
   bool is_eos(int64_t token) const;
