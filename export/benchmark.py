@@ -86,7 +86,11 @@ def _timed_generate(gen, rows, options, repeats: int) -> tuple[list, float, int]
 
 @click.command()
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
-@click.option("--dtypes", default="fp32,int8", help="Comma-separated export dtypes to measure (fp32 first).")
+@click.option(
+    "--dtypes",
+    default="fp32,int8,int8:dynamic",
+    help="Comma-separated exports to measure: fp32, fp16, int8 (weight-only), int8:dynamic.",
+)
 @click.option("--batch", type=int, default=4, help="Sentences generated together.")
 @click.option("--max-new-tokens", type=int, default=32)
 @click.option("--repeats", type=int, default=2, help="Timed runs per backend (the best is kept).")
@@ -137,9 +141,12 @@ def main(device, dtypes, batch, max_new_tokens, repeats, threads, out) -> None:
         rows = [torch_gen.encode({"source": s}) for s in sentences]
         ref, seconds, tokens = _timed_generate(torch_gen, rows, options, repeats)
         result["generation"]["torch"] = {"seconds": seconds, "new_tokens": tokens, "tokens_per_s": tokens / seconds}
-        for dtype in dtypes.split(","):
+        for spec in dtypes.split(","):
+            dtype, _, method = spec.partition(":")
+            export_options = ExportOptions(device=device, dtype=dtype, int8_method=method or "weight-only")
+            dtype = spec.replace(":", "-")
             start = time.perf_counter()
-            export_meta = export_adapters([adapter], Path(tmp) / dtype, ExportOptions(device=device, dtype=dtype))
+            export_meta = export_adapters([adapter], Path(tmp) / dtype, export_options)
             total = time.perf_counter() - start
             size = sum(p.stat().st_size for p in (Path(tmp) / dtype).glob("model.onnx*"))
             result["exports"][dtype] = {

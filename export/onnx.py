@@ -45,6 +45,10 @@ class ExportOptions:
     top_k: int = field(
         default=0, metadata={"help": "Emit the top-k log-probs and ids instead of full logits (0: full logits)."}
     )
+    int8_method: str = field(
+        default="weight-only",
+        metadata={"help": "int8 scheme: weight-only (MatMulNBits, close to fp32) or dynamic (quantize_dynamic)."},
+    )
     strict_device: bool = field(
         default=False, metadata={"help": "Fail instead of falling back to CPU when CUDA is missing."}
     )
@@ -60,6 +64,8 @@ class ExportOptions:
             raise ValueError(f"dtype must be fp32, fp16 or int8, got {self.dtype!r}")
         if self.dtype == "int8" and self.device == "cuda":
             raise ValueError("int8 is dynamic quantization for the CPU; use fp16 for cuda")
+        if self.int8_method not in ("weight-only", "dynamic"):
+            raise ValueError(f"int8_method must be weight-only or dynamic, got {self.int8_method!r}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.verify_steps < 1:
@@ -169,7 +175,7 @@ def _is_large(path: Path) -> bool:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0) > EXTERNAL_DATA_BYTES
 
 
-def _convert(path: Path, dtype: str, keep_fp32: list[str]) -> None:
+def _convert(path: Path, dtype: str, keep_fp32: list[str], int8_method: str) -> None:
     """Rewrite the fp32 graph at `path` in place as fp16 or int8."""
     import onnx
 
@@ -183,7 +189,7 @@ def _convert(path: Path, dtype: str, keep_fp32: list[str]) -> None:
     elif dtype == "int8":
         from softtool.export.quantize import quantize_int8
 
-        quantize_int8(path)
+        quantize_int8(path, int8_method)
 
 
 def export_adapters(
@@ -238,7 +244,9 @@ def export_adapters(
         _save_onnx(onnx.load(str(model_path)), model_path, large=True)
     if options.dtype != "fp32":
         say(f"converting to {options.dtype}")
-        _convert(model_path, options.dtype, ["logits", "topk_values", "topk_indices", "prompt_table"])
+        _convert(
+            model_path, options.dtype, ["logits", "topk_values", "topk_indices", "prompt_table"], options.int8_method
+        )
     save_file({TABLE_KEY: table.contiguous()}, str(out / TABLE_FILE))
     tokenizer.save_pretrained(out)
     export_seconds = time.perf_counter() - start
@@ -264,6 +272,7 @@ def export_adapters(
         "task": adapters[0].meta.task,
         "task_options": adapters[0].meta.task_options,
         "dtype": options.dtype,
+        "int8_method": options.int8_method if options.dtype == "int8" else None,
         "device": device,
         "opset": OPSET,
         "prompt_table_input": options.prompt_table_input,

@@ -25,6 +25,9 @@ def _help(name: str) -> str:
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Folder to write the export to.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help=_help("device"))
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", help=_help("dtype"))
+@click.option(
+    "--int8-method", type=click.Choice(["weight-only", "dynamic"]), default="weight-only", help=_help("int8_method")
+)
 @click.option("--prompt-table-input", is_flag=True, help=_help("prompt_table_input"))
 @click.option("--top-k", type=int, default=0, help=_help("top_k"))
 @click.option("--strict-device", is_flag=True, help=_help("strict_device"))
