@@ -106,3 +106,10 @@ def test_train_eval_generate_from_the_command_line(tmp_path, data, tiny_model_di
     code, out, err = run_cli(["generate", str(adapter), "--max-new-tokens", "3", "A dog.", "A cat."], capsys)
     assert code == 0, err
     assert len(out.splitlines()) == 2
+
+
+def test_template_option_turns_a_typed_backslash_n_into_a_newline():
+    from softtool.cli.train import unescape_template
+
+    assert unescape_template(r"[P:4]English: {source}\nGerman:") == "[P:4]English: {source}\nGerman:"
+    assert unescape_template(None) is None

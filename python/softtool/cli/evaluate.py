@@ -72,7 +72,10 @@ def eval_command(
     Writes OUTPUT/predictions.jsonl and OUTPUT/metrics.json; with --baseline also OUTPUT/baseline/ and
     OUTPUT/zero_shot/, and prints the three scores side by side.
     """
+    from softtool.cli.train import unescape_template
     from softtool.evaluate import EvalOptions, run_eval
+
+    template = unescape_template(template)
 
     folder = Path(path)
     if not folder.exists():

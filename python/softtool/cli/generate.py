@@ -38,9 +38,12 @@ def generate(path, texts, backend, num_beams, max_new_tokens, fields, template, 
     Example:
       softtool generate runs/de "A man rides a bicycle down the street."
     """
+    from softtool.cli.train import unescape_template
     from softtool.data import get_task
     from softtool.evaluate import search_options
     from softtool.runtime import load_generator
+
+    template = unescape_template(template)
 
     folder = Path(path)
     if not folder.exists():

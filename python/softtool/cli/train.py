@@ -11,6 +11,11 @@ from softtool.errors import SofttoolError
 TASKS = ("squad", "squad-qg", "cnndm", "translation")
 
 
+def unescape_template(template: str | None) -> str | None:
+    """Shells pass "\\n" literally; templates need real newlines (the tasks' own templates have them)."""
+    return None if template is None else template.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def _h(cls_name: str, field: str) -> str:
     from softtool.prompts.encoder import PromptConfig
     from softtool.training.options import TrainOptions, help_of
