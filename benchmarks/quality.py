@@ -107,6 +107,8 @@ def run_task(task: str, args, output: Path) -> dict:
             overwrite=True,
         )
         train_seconds = time.perf_counter() - start
+        if summary.result.interrupted:
+            sys.exit(130)  # stopped by the user: no partial result is written as if it were complete
         baseline = args.baseline and method == args.methods[0]
         scores = run_eval(
             runs / method, data, runs / method / "eval", EvalOptions(**{**eval_options.__dict__, "baseline": baseline})
