@@ -61,8 +61,8 @@ StepResult BeamSearch::step(const float* logits, int64_t rows, int64_t vocab) {
                  std::vector<float>& buf = scratch_[t];
                  for (int64_t r = begin; r < end; ++r) {
                    const float* row = logits + r * vocab;
-                   const LogSumExp lse = log_sum_exp(row, vocab);
                    if (options_.has_processors()) {
+                     const LogSumExp lse = log_sum_exp(row, vocab);
                      buf.resize(static_cast<size_t>(vocab));
                      for (int64_t i = 0; i < vocab; ++i) buf[i] = lse.log_prob(row[i]);
                      const RowHistory h{history_[r].data(), history_[r].size(), step_,
@@ -71,7 +71,7 @@ StepResult BeamSearch::step(const float* logits, int64_t rows, int64_t vocab) {
                      top_k(buf.data(), vocab, kr, candidates[r]);
                    } else {
                      // log_softmax is monotone: rank the raw logits, convert only the winners.
-                     top_k(row, vocab, kr, candidates[r]);
+                     const LogSumExp lse = top_k_log_sum_exp(row, vocab, kr, candidates[r]);
                      for (Scored& c : candidates[r]) c.value = lse.log_prob(c.value);
                    }
                  }

@@ -61,8 +61,12 @@ StepResult GreedySearch::step(const float* logits, int64_t rows, int64_t vocab) 
                      chosen[r] = s.index;
                      log_probs[r] = s.log_prob;
                    } else {
-                     chosen[r] = arg_max(row, vocab);
-                     log_probs[r] = log_sum_exp(row, vocab).log_prob(row[chosen[r]]);
+                     // top-1 ranks like torch.argmax (first maximum, NaN first), with the
+                     // normalizer from the same two passes.
+                     std::vector<Scored> best;
+                     const LogSumExp lse = top_k_log_sum_exp(row, vocab, 1, best);
+                     chosen[r] = best[0].index;
+                     log_probs[r] = lse.log_prob(best[0].value);
                    }
                  }
                });

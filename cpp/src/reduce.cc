@@ -127,25 +127,54 @@ float block_max(const float* x, int* nan) {
 
 }  // namespace
 
-void top_k(const float* values, int64_t n, int64_t k, std::vector<Scored>& out) {
+LogSumExp top_k_log_sum_exp(const float* values, int64_t n, int64_t k, std::vector<Scored>& out) {
+  // One pass finds the row maximum, detects NaN and keeps the top k; a second sums exp(x - max).
+  constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
   out.clear();
-  if (k <= 0) return;
-  out.reserve(static_cast<size_t>(k) + 1);
+  out.reserve(static_cast<size_t>(std::max<int64_t>(k, 0)) + 1);
+  float m = -std::numeric_limits<float>::infinity();
+  bool nan = false;
   int64_t i = 0;
-  for (; i < n && static_cast<int64_t>(out.size()) < k; ++i) insert_sorted(out, k, values[i], i);
+  for (; i < n && (static_cast<int64_t>(out.size()) < k || (k <= 0 && i < 1)); ++i) {
+    if (k > 0) insert_sorted(out, k, values[i], i);
+    m = std::max(m, values[i]);
+    nan = nan || std::isnan(values[i]);
+  }
   // Chunks whose maximum cannot enter the current top-k are skipped whole (ties lose: later index).
-  for (; i + kScan <= n; i += kScan) {
-    int nan = 0;
-    const float chunk = block_max(values + i, &nan);
-    if (nan) {  // rare: the exact, element-wise path for the rest of the row
+  for (; !nan && i + kScan <= n; i += kScan) {
+    int chunk_nan = 0;
+    const float chunk = block_max(values + i, &chunk_nan);
+    if (chunk_nan) {
+      nan = true;  // rare: the exact, element-wise path for the rest of the row
       break;
     }
-    if (!(chunk > out.back().value) && !std::isnan(out.back().value)) continue;
+    m = std::max(m, chunk);
+    if (k <= 0 || (!(chunk > out.back().value) && !std::isnan(out.back().value))) continue;
     for (int64_t j = i; j < i + kScan; ++j) {
       if (values[j] > out.back().value) insert_sorted(out, k, values[j], j);
     }
   }
-  for (; i < n; ++i) insert_sorted(out, k, values[i], i);
+  for (; i < n; ++i) {
+    if (k > 0) insert_sorted(out, k, values[i], i);
+    m = std::max(m, values[i]);
+    nan = nan || std::isnan(values[i]);
+  }
+  if (n <= 0 || nan) return {kNaN, kNaN};
+  if (std::isinf(m)) {
+    // All -inf (every token banned) or some +inf: torch's log_softmax yields NaN/-inf alike; keep
+    // it defined.
+    return {m, m < 0 ? kNaN : 0.0f};
+  }
+  // Chunks of 1024 summed in float lanes (vectorized), chunk totals in double (accurate).
+  double total = 0.0;
+  int64_t j = 0;
+  for (; j + kChunk <= n; j += kChunk) total += chunk_exp_sum(values + j, m);
+  for (; j < n; ++j) total += fast_exp(values[j] - m);
+  return {m, static_cast<float>(std::log(total))};
+}
+
+void top_k(const float* values, int64_t n, int64_t k, std::vector<Scored>& out) {
+  top_k_log_sum_exp(values, n, k, out);
 }
 
 int64_t arg_max(const float* values, int64_t n) {
@@ -165,32 +194,8 @@ int64_t arg_max(const float* values, int64_t n) {
 }
 
 LogSumExp log_sum_exp(const float* values, int64_t n) {
-  constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-  if (n <= 0) return {kNaN, kNaN};
-  const int64_t blocked = n / kScan * kScan;
-  int nan = 0;
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < blocked; i += kScan) {
-    int chunk_nan = 0;
-    m = std::max(m, block_max(values + i, &chunk_nan));
-    nan |= chunk_nan;
-  }
-  for (int64_t i = blocked; i < n; ++i) {
-    m = std::max(m, values[i]);
-    nan |= std::isnan(values[i]);
-  }
-  if (nan) return {kNaN, kNaN};
-  if (std::isinf(m)) {
-    // All -inf (every token banned) or some +inf: torch's log_softmax yields NaN/-inf alike; keep
-    // it defined.
-    return {m, m < 0 ? kNaN : 0.0f};
-  }
-  // Chunks of 1024 summed in float lanes (vectorized), chunk totals in double (accurate).
-  double total = 0.0;
-  int64_t i = 0;
-  for (; i + kChunk <= n; i += kChunk) total += chunk_exp_sum(values + i, m);
-  for (; i < n; ++i) total += fast_exp(values[i] - m);
-  return {m, static_cast<float>(std::log(total))};
+  std::vector<Scored> none;
+  return top_k_log_sum_exp(values, n, 0, none);
 }
 
 }  // namespace softtool

@@ -36,4 +36,7 @@ struct LogSumExp {
 };
 LogSumExp log_sum_exp(const float* values, int64_t n);
 
+// top_k and log_sum_exp of the same row in two passes instead of four (what a beam step needs).
+LogSumExp top_k_log_sum_exp(const float* values, int64_t n, int64_t k, std::vector<Scored>& out);
+
 }  // namespace softtool
