@@ -1,0 +1,50 @@
+"""The full benchmark run behind docs/bench.md, as one command (run it on a quiet machine):
+
+    python benchmarks/run_all.py            # every generation config, the training comparison, then the tables
+    python benchmarks/run_all.py --quick    # fewer examples and steps (minutes instead of an hour on 2 cores)
+
+Each run writes benchmarks/results/bench_<config>.json (+ .png); make_table.py then rewrites the
+table in docs/bench.md. Extra arguments after `--` go to every `softtool bench` call (e.g. `-- --adapter runs/de`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = ["translation", "translation_b1", "translation_beam4", "squad", "cnndm"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="16 examples per config, 5 training steps")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated config names")
+    parser.add_argument("extra", nargs="*", help="arguments passed to every softtool bench call")
+    args = parser.parse_args(argv)
+    bench = [sys.executable, "-m", "softtool", "bench"]
+    failed = []
+    for name in args.configs.split(","):
+        cmd = [*bench, "--config", str(HERE / "configs" / f"{name}.json"), *args.extra]
+        if args.quick:
+            cmd += ["--limit", "16" if name != "translation_b1" else "8"]
+        print("+", " ".join(cmd), flush=True)
+        if subprocess.run(cmd, cwd=HERE.parent).returncode != 0:
+            failed.append(name)
+    train = [*bench, "--config", str(HERE / "configs" / "translation.json"), "--train"]
+    train += ["--output", str(HERE / "results" / "bench_train_translation.json"), *args.extra]
+    if args.quick:
+        train += ["--steps", "5", "--warmup", "1"]
+    print("+", " ".join(train), flush=True)
+    if subprocess.run(train, cwd=HERE.parent).returncode != 0:
+        failed.append("train")
+    subprocess.run([sys.executable, str(HERE / "make_table.py"), "--update", str(HERE.parent / "docs" / "bench.md")])
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
