@@ -201,7 +201,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _softtool(args: list[str], nproc: int = 0, timeout: float = 120) -> subprocess.CompletedProcess:
+def _softtool(args: list[str], nproc: int = 0, timeout: float = 120) -> tuple[str, str]:
     if nproc:
         launcher = [
             sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
@@ -209,19 +209,54 @@ def _softtool(args: list[str], nproc: int = 0, timeout: float = 120) -> subproce
         ]  # fmt: skip
     else:
         launcher = [sys.executable, "-m", "softtool"]
-    proc = subprocess.run(launcher + args, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
+    proc = subprocess.Popen(launcher + args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        _kill_tree(proc)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{stdout[-3000:]}\n{stderr[-5000:]}"
+    return stdout, stderr
 
 
-def _train_args(data: Path, model: Path, output: Path, extra: tuple[str, ...] = ()) -> list[str]:
-    return [
-        "train", "--task", "translation", "--data", str(data), "--model", str(model),
-        "--num-virtual-tokens", "4", "--init", "random", "--max-steps", "5", "--batch-size", "5",
-        "--grad-accumulation", "2", "--warmup-steps", "1", "--lr", "0.3", "--eval-every", "0",
-        "--eval-limit", "7", "--checkpoint-every", "0", "--max-length", "48", "--device", "cpu",
-        "--output", str(output), "--quiet", *extra,
-    ]  # fmt: skip
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """torchrun starts each worker in its own session, so a hung run's workers outlive torchrun: end them too."""
+    import psutil
+
+    if proc.poll() is not None:
+        return
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        child.kill()
+    proc.kill()
+    proc.wait()
+
+
+# One run's options, as CLI flags for the torchrun runs and as API objects for the in-process reference.
+PROMPT = {"num_virtual_tokens": 4, "init": "random"}
+TRAIN = {
+    "max_steps": 5, "batch_size": 5, "grad_accumulation": 2, "warmup_steps": 1, "lr": 0.3, "eval_every": 0,
+    "eval_limit": 7, "checkpoint_every": 0, "max_length": 48, "device": "cpu",
+}  # fmt: skip
+
+
+def _train_args(data: Path, model: Path, output: Path, *extra: str, **overrides) -> list[str]:
+    flags = [(f"--{k.replace('_', '-')}", str(v)) for k, v in {**PROMPT, **TRAIN, **overrides}.items()]
+    args = ["train", "--task", "translation", "--data", str(data), "--model", str(model), "--output", str(output)]
+    return args + [x for flag in flags for x in flag] + ["--quiet", *extra]
+
+
+def _train_here(data: Path, model: Path, output: Path, resume: bool = False, **overrides):
+    from softtool.prompts.encoder import PromptConfig
+    from softtool.training import DataOptions, TrainOptions, train_prompt
+
+    return train_prompt(
+        DataOptions(task="translation", data=str(data), task_options={"src": "en", "tgt": "de"}),
+        PromptConfig(**PROMPT),
+        TrainOptions(**{**TRAIN, **overrides}),
+        output,
+        model_name=str(model),
+        resume=resume,
+        progress=False,
+    )
 
 
 def _curve(run: Path) -> list[tuple]:
@@ -242,17 +277,19 @@ def _assert_same_run(run: Path, reference: Path) -> None:
     ref_table = load_file(reference / "adapter_model.safetensors")["prompt_embeddings"]
     torch.testing.assert_close(table, ref_table, rtol=RTOL, atol=RTOL * float(ref_table.abs().max()))
     # The prompt moved: equal tables are not just two untrained initialisations.
-    assert ours[-1][2] != ours[0][2]
+    losses = [row[2] for row in ours if row[0] == "train"]
+    assert len(losses) == TRAIN["max_steps"] and losses[-1] != losses[0]
 
 
 @pytest.fixture(scope="module")
 def reference_run(parallel_data, tiny_model_dir, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("runs") / "one-process"
-    _softtool(_train_args(parallel_data, tiny_model_dir, output))
+    _train_here(parallel_data, tiny_model_dir, output)
     return output
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @needs_two_cores
 def test_two_ranks_train_the_same_loss_curve_and_prompt_as_one_process(
     reference_run, parallel_data, tiny_model_dir, tmp_path
@@ -265,24 +302,30 @@ def test_two_ranks_train_the_same_loss_curve_and_prompt_as_one_process(
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @needs_two_cores
 def test_two_ranks_with_the_base_sharded_by_fsdp_train_the_same_prompt(
     reference_run, parallel_data, tiny_model_dir, tmp_path
 ):
     output = tmp_path / "fsdp"
-    _softtool(_train_args(parallel_data, tiny_model_dir, output, ("--fsdp",)), nproc=2)
+    _softtool(_train_args(parallel_data, tiny_model_dir, output, "--fsdp"), nproc=2)
     _assert_same_run(output, reference_run)
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @needs_two_cores
 def test_distributed_eval_gives_the_single_process_predictions_and_metrics(
     reference_run, parallel_data, tiny_model_dir, tmp_path
 ):
+    from softtool.evaluate import EvalOptions, run_eval
+
+    run_eval(
+        reference_run, parallel_data, tmp_path / "one", EvalOptions(batch_size=2, max_new_tokens=6),
+        model_name=str(tiny_model_dir), progress=False,
+    )  # fmt: skip
     args = ["eval", str(reference_run), "--data", str(parallel_data), "--model", str(tiny_model_dir)]
-    args += ["--batch-size", "2", "--max-new-tokens", "6", "--quiet"]
-    _softtool([*args, "--output", str(tmp_path / "one")])
-    _softtool([*args, "--output", str(tmp_path / "two")], nproc=2)
+    _softtool([*args, "--batch-size", "2", "--max-new-tokens", "6", "--quiet", "--output", str(tmp_path / "two")], 2)
     one = (tmp_path / "one" / "predictions.jsonl").read_text()
     assert (tmp_path / "two" / "predictions.jsonl").read_text() == one
     assert len(one.splitlines()) == 7
@@ -293,14 +336,13 @@ def test_distributed_eval_gives_the_single_process_predictions_and_metrics(
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @needs_two_cores
 def test_interrupting_one_rank_stops_all_ranks_with_a_resumable_checkpoint(parallel_data, tiny_model_dir, tmp_path):
     import psutil
 
     output = tmp_path / "interrupted"
-    args = _train_args(parallel_data, tiny_model_dir, output)
-    args[args.index("--max-steps") + 1] = "100000"
-    args[args.index("--checkpoint-every") + 1] = "3"
+    args = _train_args(parallel_data, tiny_model_dir, output, max_steps=100000, checkpoint_every=3)
     launcher = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
         f"--master_port={free_port()}", "-m", "softtool",
@@ -318,14 +360,12 @@ def test_interrupting_one_rank_stops_all_ranks_with_a_resumable_checkpoint(paral
         rank1[0].send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _kill_tree(proc)
     assert "interrupted: checkpoint saved" in stderr
     saved = torch.load(output / "checkpoints" / "last.pt", weights_only=False)
     step = saved["state"]["step"]
     assert 3 <= step < 100000
     # Both ranks stopped after the same step and rank 0 saved it: one process continues from there.
-    args = _train_args(parallel_data, tiny_model_dir, output, ("--resume",))
-    args[args.index("--max-steps") + 1] = str(step + 2)
-    _softtool(args)
-    assert _curve(output)[-2][:2] == ("train", step + 2)
+    resumed = _train_here(parallel_data, tiny_model_dir, output, resume=True, max_steps=step + 2, checkpoint_every=3)
+    assert resumed.result.state.step == step + 2
+    assert [row["step"] for row in resumed.result.state.history if row["kind"] == "train"] == list(range(1, step + 3))
