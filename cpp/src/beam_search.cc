@@ -18,6 +18,8 @@
 namespace softtool {
 namespace {
 constexpr float kMask = -1.0e9f;
+// Above this many candidates per row, the dense path (copy, process, rank all) is cheaper.
+constexpr int64_t kMaxSparseCandidates = 256;
 }  // namespace
 
 BeamSearch::BeamSearch(const SearchOptions& options) : SearchStrategy(options) {
@@ -61,12 +63,37 @@ StepResult BeamSearch::step(const float* logits, int64_t rows, int64_t vocab) {
                  std::vector<float>& buf = scratch_[t];
                  for (int64_t r = begin; r < end; ++r) {
                    const float* row = logits + r * vocab;
-                   if (options_.has_processors()) {
+                   const RowHistory h{history_[r].data(), history_[r].size(), step_,
+                                      padding_[r / options_.num_beams]};
+                   const std::vector<int64_t> affected = options_.has_processors()
+                                                             ? affected_tokens(h, options_, vocab)
+                                                             : std::vector<int64_t>{};
+                   const int64_t wide = kr + static_cast<int64_t>(affected.size());
+                   if (!affected.empty() && wide <= kMaxSparseCandidates && wide <= vocab) {
+                     // Processors only lower scores: of the raw top (k + #affected), at least k
+                     // unaffected tokens outrank every token outside it, so re-ranking this list
+                     // after the processors gives exactly the dense result.
+                     std::vector<Scored> raw;
+                     const LogSumExp lse = top_k_log_sum_exp(row, vocab, wide, raw);
+                     std::vector<float> values(raw.size());
+                     std::vector<int64_t> ids(raw.size());
+                     for (size_t i = 0; i < raw.size(); ++i) {
+                       values[i] = lse.log_prob(raw[i].value);
+                       ids[i] = raw[i].index;
+                     }
+                     apply_processors_sparse(values.data(), ids.data(), wide, h, options_);
+                     std::vector<Scored>& out = candidates[r];
+                     out.clear();
+                     for (size_t i = 0; i < raw.size(); ++i)
+                       out.push_back(Scored{values[i], ids[i]});
+                     std::stable_sort(out.begin(), out.end(), [](const Scored& a, const Scored& b) {
+                       return ranks_before(a.value, a.index, b.value, b.index);
+                     });
+                     out.resize(static_cast<size_t>(kr));
+                   } else if (!affected.empty()) {
                      const LogSumExp lse = log_sum_exp(row, vocab);
                      buf.resize(static_cast<size_t>(vocab));
                      for (int64_t i = 0; i < vocab; ++i) buf[i] = lse.log_prob(row[i]);
-                     const RowHistory h{history_[r].data(), history_[r].size(), step_,
-                                        padding_[r / options_.num_beams]};
                      apply_processors(buf.data(), vocab, h, options_);
                      top_k(buf.data(), vocab, kr, candidates[r]);
                    } else {

@@ -76,4 +76,19 @@ void apply_processors_sparse(float* values, const int64_t* indices, int64_t k, c
   }
 }
 
+std::vector<int64_t> affected_tokens(const RowHistory& h, const SearchOptions& o, int64_t vocab) {
+  std::vector<int64_t> out;
+  if (o.repetition_penalty != 1.0) out.insert(out.end(), h.ids + h.padding, h.ids + h.size);
+  if (o.no_repeat_ngram_size > 0) {
+    for_each_banned_ngram_token(h, o.no_repeat_ngram_size, [&](int64_t t) { out.push_back(t); });
+  }
+  if (h.generated < o.min_new_tokens)
+    out.insert(out.end(), o.eos_token_ids.begin(), o.eos_token_ids.end());
+  out.erase(std::remove_if(out.begin(), out.end(), [&](int64_t t) { return t < 0 || t >= vocab; }),
+            out.end());
+  std::sort(out.begin(), out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  return out;
+}
+
 }  // namespace softtool

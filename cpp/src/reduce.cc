@@ -127,7 +127,9 @@ float block_max(const float* x, int* nan) {
 
 }  // namespace
 
-LogSumExp top_k_log_sum_exp(const float* values, int64_t n, int64_t k, std::vector<Scored>& out) {
+namespace {
+LogSumExp scan_row(const float* values, int64_t n, int64_t k, std::vector<Scored>& out,
+                   bool want_lse) {
   // One pass finds the row maximum, detects NaN and keeps the top k; a second sums exp(x - max).
   constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
   out.clear();
@@ -160,6 +162,7 @@ LogSumExp top_k_log_sum_exp(const float* values, int64_t n, int64_t k, std::vect
     nan = nan || std::isnan(values[i]);
   }
   if (n <= 0 || nan) return {kNaN, kNaN};
+  if (!want_lse) return {m, kNaN};
   if (std::isinf(m)) {
     // All -inf (every token banned) or some +inf: torch's log_softmax yields NaN/-inf alike; keep
     // it defined.
@@ -173,8 +176,14 @@ LogSumExp top_k_log_sum_exp(const float* values, int64_t n, int64_t k, std::vect
   return {m, static_cast<float>(std::log(total))};
 }
 
+}  // namespace
+
+LogSumExp top_k_log_sum_exp(const float* values, int64_t n, int64_t k, std::vector<Scored>& out) {
+  return scan_row(values, n, k, out, true);
+}
+
 void top_k(const float* values, int64_t n, int64_t k, std::vector<Scored>& out) {
-  top_k_log_sum_exp(values, n, k, out);
+  scan_row(values, n, k, out, false);
 }
 
 int64_t arg_max(const float* values, int64_t n) {

@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "softtool/options.h"
 
@@ -26,5 +27,10 @@ void apply_processors(float* scores, int64_t vocab, const RowHistory& history,
 // already ranked below every listed one (the caller passes a row's top-k).
 void apply_processors_sparse(float* values, const int64_t* indices, int64_t k,
                              const RowHistory& history, const SearchOptions& options);
+
+// The tokens in [0, vocab) whose score the processors may change for this row (sorted, unique).
+// Processors only ever lower a log-probability, which lets beam search rank a short candidate list.
+std::vector<int64_t> affected_tokens(const RowHistory& history, const SearchOptions& options,
+                                     int64_t vocab);
 
 }  // namespace softtool
