@@ -15,7 +15,7 @@ PYTHON=${PYTHON:-python}
 MODEL=${MODEL:-smollm2-135m}
 DATA=${DATA:-../shared/data/multi30k}
 STEPS=${STEPS:-20}
-DEVICE=${DEVICE:-cuda}  # DEVICE=cpu dry-runs the script itself with gloo
+export DEVICE=${DEVICE:-cuda}  # DEVICE=cpu dry-runs the script itself with gloo
 OUT=${OUT:-benchmarks/results}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -51,15 +51,15 @@ TRAIN=(train --task translation --data "$DATA" --model "$MODEL" --num-virtual-to
 EVAL=(--data "$DATA" --model "$MODEL" --limit 32 --batch-size 8 --max-new-tokens 32 --device "$DEVICE" --quiet)
 TORCHRUN=("$PYTHON" -m torch.distributed.run --nproc_per_node 1 --master_addr 127.0.0.1 --master_port 29533)
 
-step env 60 "$PYTHON" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.nccl.version(), torch.cuda.get_device_name(0))"
-step train_plain 100 "$PYTHON" -m softtool "${TRAIN[@]}" --output "$WORK/plain"
-step train_nccl 100 "${TORCHRUN[@]}" -m softtool "${TRAIN[@]}" --output "$WORK/nccl"
+step env 30 "$PYTHON" -c "import softtool, torch; print(softtool.__file__, torch.__version__, torch.version.cuda, torch.cuda.nccl.version() if torch.cuda.is_available() else None, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
+step train_plain 75 "$PYTHON" -m softtool "${TRAIN[@]}" --output "$WORK/plain"
+step train_nccl 75 "${TORCHRUN[@]}" -m softtool "${TRAIN[@]}" --output "$WORK/nccl"
 step eval_plain 60 "$PYTHON" -m softtool eval "$WORK/plain" "${EVAL[@]}" --output "$WORK/eval_plain"
 step eval_nccl 60 "${TORCHRUN[@]}" -m softtool eval "$WORK/plain" "${EVAL[@]}" --output "$WORK/eval_nccl"
 
 "$PYTHON" - "$WORK" "$OUT/gpu_distributed_check.json" <<'EOF'
 """Compare the NCCL run with the plain run and write the record."""
-import json, os, platform, subprocess, sys
+import json, os, platform, shutil, subprocess, sys
 from pathlib import Path
 
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -72,8 +72,9 @@ record = {
     "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
     "machine": {"host": platform.node(), "cores": os.cpu_count(),
                 "gpu": subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                                      capture_output=True, text=True).stdout.strip()},
+                                      capture_output=True, text=True).stdout.strip() if shutil.which("nvidia-smi") else None},
     "command": "bash benchmarks/gpu_distributed_check.sh",
+    "device": os.environ.get("DEVICE", "cuda"),
     "steps": steps,
 }
 
