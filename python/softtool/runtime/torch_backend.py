@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from softtool.adapter import Adapter, AdapterMeta, check_compatible, load_adapter
@@ -159,14 +160,18 @@ class TorchGenerator(Generator):
             logits_to_keep=1,
         )
         last = positions[:, -1]
+        identity = np.arange(len(rows))
         for _ in range(options.max_new_tokens):
             result = searcher.step(out.logits[:, -1].float().cpu().numpy())
             if searcher.is_done():
                 break
-            beams = torch.as_tensor(result.beam_indices, dtype=torch.long, device=self.device)
-            cache.reorder_cache(beams)
-            mask = torch.cat([mask[beams], mask.new_ones(len(rows), 1)], dim=1)
-            last = last[beams] + 1
+            order_np = np.asarray(result.beam_indices)
+            if not np.array_equal(order_np, identity):  # greedy never reorders: skip copying the whole cache
+                beams = torch.as_tensor(order_np, dtype=torch.long, device=self.device)
+                cache.reorder_cache(beams)
+                mask, last = mask[beams], last[beams]
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+            last = last + 1
             tokens = torch.as_tensor(result.next_tokens, dtype=torch.long, device=self.device).unsqueeze(1)
             out = self.model(
                 input_ids=tokens, attention_mask=mask, position_ids=last.unsqueeze(1), cache=cache, use_cache=True
