@@ -46,10 +46,17 @@ def plot_loss(output_dir: Path, history: list[dict[str, Any]], title: str = "") 
             sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
             for i in range(len(losses))
         ]
-        ax.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"train loss (mean of {window})")
+        ax.plot(
+            steps,
+            smooth,
+            color="tab:blue",
+            linewidth=2,
+            label=f"train loss (mean of {window} steps)" if window > 1 else "train loss",
+        )
     if dev:
         steps, losses = zip(*dev, strict=True)
         ax.plot(steps, losses, "o-", color="tab:orange", linewidth=2, label="dev loss")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy per target token")
     ax.set_title(title or "soft prompt training")
