@@ -244,7 +244,7 @@ def _train_args(data: Path, model: Path, output: Path, *extra: str, **overrides)
     return args + [x for flag in flags for x in flag] + ["--quiet", *extra]
 
 
-def _train_here(data: Path, model: Path, output: Path, resume: bool = False, **overrides):
+def _train_here(data: Path, model: Path, output: Path, resume: bool = False, dist_options=None, **overrides):
     from softtool.prompts.encoder import PromptConfig
     from softtool.training import DataOptions, TrainOptions, train_prompt
 
@@ -256,6 +256,7 @@ def _train_here(data: Path, model: Path, output: Path, resume: bool = False, **o
         model_name=str(model),
         resume=resume,
         progress=False,
+        dist_options=dist_options,
     )
 
 
@@ -310,6 +311,31 @@ def test_two_ranks_with_the_base_sharded_by_fsdp_train_the_same_prompt(
     output = tmp_path / "fsdp"
     _softtool(_train_args(parallel_data, tiny_model_dir, output, "--fsdp"), nproc=2)
     _assert_same_run(output, reference_run)
+
+
+@pytest.mark.slow
+def test_device_map_loads_the_base_through_accelerate_and_trains_the_same_prompt(
+    reference_run, parallel_data, tiny_model_dir, tmp_path
+):
+    from softtool.distributed import DistributedOptions
+
+    # No GPU here: accelerate's "auto" map puts every layer on the CPU, which checks the option's plumbing.
+    output = tmp_path / "device-map"
+    _train_here(parallel_data, tiny_model_dir, output, dist_options=DistributedOptions(device_map="auto"))
+    _assert_same_run(output, reference_run)
+
+
+def test_fsdp_with_generation_during_training_is_refused(parallel_data, tiny_model_dir, tmp_path):
+    from softtool.distributed import DistributedOptions
+
+    with pytest.raises(SofttoolError, match="--fsdp cannot be combined with --eval-generate"):
+        _train_here(
+            parallel_data,
+            tiny_model_dir,
+            tmp_path / "x",
+            eval_generate=True,
+            dist_options=DistributedOptions(fsdp=True),
+        )
 
 
 @pytest.mark.distributed
