@@ -331,7 +331,18 @@ def shard_base_fsdp(model, ctx: DistributedContext) -> nn.Module:
     blocks = _transformer_blocks(model)
     mesh = torch.distributed.device_mesh.init_device_mesh(ctx.device.type, (ctx.world_size,))
     for block in blocks:
+        # fully_shard also moves the block's shard to the mesh device (the model was loaded on the host).
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    inside = {id(m) for block in blocks for m in block.modules()}
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        for param in module._parameters.values():
+            if param is not None and param.device != ctx.device:
+                param.data = param.data.to(ctx.device)  # in place, so tied weights stay one tensor
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.device != ctx.device:
+                module._buffers[name] = buf.to(ctx.device)
     return model
 
 
