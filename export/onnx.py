@@ -36,7 +36,7 @@ class ExportOptions:
 
     device: str = field(default="cpu", metadata={"help": "Device the graph is built and verified for: cpu or cuda."})
     dtype: str = field(
-        default="fp32", metadata={"help": "Weights: fp32, fp16 (CUDA) or int8 (dynamic quantization, CPU)."}
+        default="fp32", metadata={"help": "Weights: fp32, fp16 (for CUDA) or int8 (8-bit weights, for the CPU)."}
     )
     prompt_table_input: bool = field(
         default=False,

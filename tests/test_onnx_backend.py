@@ -182,6 +182,18 @@ def test_topk_graph_decodes_like_the_full_logits_graph(exports):
     assert topk.generate(rows, None, _options()) == full.generate(rows, None, _options())
 
 
+def test_generate_cli_on_an_export_folder_uses_the_onnx_backend(exports, capsys):
+    from softtool.cli import main
+    from softtool.runtime.onnx_backend import OnnxGenerator
+
+    gen = OnnxGenerator.from_export_dir(exports / "prefix")
+    main(["generate", str(exports / "prefix"), SENTENCES[0], "--max-new-tokens", "6"])
+    printed = capsys.readouterr().out.strip()
+    tokens = gen.generate([gen.encode({"source": SENTENCES[0]})], None, _options(max_new_tokens=6))[0][0]
+    assert printed == gen.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    assert printed
+
+
 def test_task_id_outside_the_table_is_refused(exports):
     from softtool.runtime.onnx_backend import OnnxGenerator
 
