@@ -162,17 +162,15 @@ class OnnxGenerator(Generator):
         return presents
 
     # -- one graph call -----------------------------------------------------------------------------
-    def _empty_past(self, rows: int) -> list[Any]:
-        import onnxruntime as ort
-
+    def _empty_past(self, rows: int) -> list[np.ndarray]:
+        # Host arrays: zero-size device allocations are not needed, ORT copies the (empty) input where it runs.
         m = self.export_meta
-        past = []
-        for i in range(self.num_layers):
-            for kind in ("key", "value"):
-                dtype = self._dtypes[f"past_key_values.{i}.{kind}"]
-                empty = np.zeros((rows, m["num_kv_heads"], 0, m["head_dim"]), dtype=dtype)
-                past.append(ort.OrtValue.ortvalue_from_numpy(empty, self._ort_device, 0))
-        return past
+        shape = (rows, m["num_kv_heads"], 0, m["head_dim"])
+        return [
+            np.zeros(shape, dtype=self._dtypes[f"past_key_values.{i}.{kind}"])
+            for i in range(self.num_layers)
+            for kind in ("key", "value")
+        ]
 
     def _run(self, ids, mask, positions, beam_idx, past, past_rows: int):
         """Run the graph once; returns (host outputs: logits or (values, indices), device presents)."""
@@ -187,9 +185,12 @@ class OnnxGenerator(Generator):
         if self._table_value is not None:
             binding.bind_ortvalue_input("prompt_table", self._table_value)
         past = past if past is not None else self._empty_past(past_rows)
-        for i in range(self.num_layers):
-            binding.bind_ortvalue_input(f"past_key_values.{i}.key", past[2 * i])
-            binding.bind_ortvalue_input(f"past_key_values.{i}.value", past[2 * i + 1])
+        names = [f"past_key_values.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
+        for name, value in zip(names, past, strict=True):
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
         for name in self._outputs:
             # Logits go to the host for the search; the cache stays where the session runs.
             binding.bind_output(name, self._ort_device if name.startswith("present") else "cpu")
