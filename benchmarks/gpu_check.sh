@@ -3,7 +3,7 @@
 # (pip install -c constraints.txt -e ".[gpu]"; then uninstall the CPU onnxruntime wheel if both are present).
 # Exports SmolLM2-135M with a 20-token prompt for the CUDA EP (fp32, then fp16), checks each export against
 # PyTorch on the GPU (the export's own verification: max logit diff and greedy agreement over 32 steps), and
-# times greedy generation torch-on-GPU vs ONNX Runtime CUDA EP. Under five minutes on an H100.
+# times greedy generation torch-on-GPU vs ONNX Runtime CUDA EP. The benchmark step is capped at 280 s.
 # Results: benchmarks/results/export_smollm2_cuda.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
