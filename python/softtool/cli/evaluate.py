@@ -125,7 +125,10 @@ def _print_table(results: dict, output: Path) -> None:
     from rich.table import Table
 
     first = next(iter(results.values()))
-    names = list(first["metrics"])
+    # Only scores: metrics.json also holds sacrebleu signatures and counts.
+    names = [
+        k for k, v in first["metrics"].items() if isinstance(v, int | float) and not isinstance(v, bool) and k != "n"
+    ]
     table = Table(title=f"{first['task']} on {first['split']} ({first['n']} examples)")
     table.add_column("prompt")
     for name in names:
