@@ -162,3 +162,40 @@ def test_bad_bench_options_are_one_line_user_errors(tmp_path, capsys):
     assert "no_such_option" in capsys.readouterr().err
     assert _run_cli(["bench", "--config", str(tmp_path / "missing.json")]) == 2
     assert _run_cli(["bench", "--task", "translation", "--backends", "peft,tensorrt", "--data", "x"]) == 2
+
+
+@pytest.mark.slow
+def test_peft_anchor_on_smollm2_generates_what_the_prompt_prepended_by_hand_generates(smollm2, tmp_path):
+    """On the real model (where a tiny random one only repeats a token): PEFT's uncached generate, the
+    `peft` row, equals transformers' generate on [prompt; text] embeddings, token for token."""
+    import torch
+
+    from softtool.bench.backends import PeftBackend
+    from softtool.bench.options import BenchOptions
+    from softtool.bench.workload import build_workload
+    from softtool.models import DEFAULT_MODEL, load_tokenizer
+
+    options = BenchOptions(
+        inputs=["Two young guys with shaggy hair look at their hands."], max_new_tokens=10, cache_dir=str(tmp_path)
+    )
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    workload = build_workload(options, smollm2, tokenizer)
+    backend = PeftBackend(options, workload)
+    backend.model = __import__("peft").PeftModel.from_pretrained(smollm2, str(workload.adapter_dir))
+    (got,) = backend.generate(range(1), 10)
+    from softtool.adapter import load_adapter
+
+    table = load_adapter(workload.adapter_dir).prompt_table
+    ids = torch.tensor([workload.text_rows[0]])
+    embeds = torch.cat([table.unsqueeze(0), smollm2.get_input_embeddings()(ids)], dim=1)
+    with torch.inference_mode():
+        out = smollm2.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+            max_new_tokens=10,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0].tolist()
+    expected = out[: out.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in out else out
+    assert got == expected and len(set(got)) > 1

@@ -1,6 +1,7 @@
 """The generation backends `softtool bench` compares, behind one small interface.
 
-    peft       the PEFT library's prompt tuning (PeftModelForCausalLM.generate), same prompt weights
+    peft       the PEFT library's prompt tuning (PeftModelForCausalLM.generate), same prompt weights, no KV cache
+    peft-cache the same with PEFT's default KV cache (wrong tokens with peft 0.21.2 + transformers 5.24)
     hf         plain transformers generate on the same model, without any soft prompt (a reference row)
     torch      softtool's PyTorch backend (softtool.runtime, "torch")
     onnx       the exported ONNX graph on ONNX Runtime with the C++ search (softtool.runtime, "onnx")
@@ -52,6 +53,7 @@ class _HfBackend(Backend):
     """transformers generate on text-only rows, left-padded; PEFT adds its prompt in front."""
 
     use_prompt = False
+    use_cache = True
 
     def load(self) -> None:
         from softtool.models import load_model
@@ -82,6 +84,7 @@ class _HfBackend(Backend):
                 num_beams=self.options.num_beams,
                 eos_token_id=self.workload.eos_token_id,
                 pad_token_id=pad,
+                use_cache=self.use_cache,
                 temperature=None,
                 top_p=None,
                 top_k=None,
@@ -95,8 +98,20 @@ class HfBackend(_HfBackend):
 
 
 class PeftBackend(_HfBackend):
+    """PEFT's generate without a KV cache: with peft 0.21.2 and transformers 5.24 the cached path goes wrong
+    after the first new token (the prompt's positions are lost), while the uncached one equals transformers'
+    generate on [prompt; text] embeddings (tests/test_bench.py). The cached path is `peft-cache`."""
+
     name = "peft"
     use_prompt = True
+    use_cache = False
+
+
+class PeftCacheBackend(PeftBackend):
+    """PEFT's default generate (KV cache on): faster, but its tokens diverge; shown for its speed only."""
+
+    name = "peft-cache"
+    use_cache = True
 
 
 class SofttoolBackend(Backend):
@@ -160,7 +175,7 @@ class OnnxInt8Backend(OnnxBackend):
 
 
 BACKENDS: dict[str, type[Backend]] = {
-    b.name: b for b in (PeftBackend, HfBackend, TorchBackend, OnnxBackend, OnnxInt8Backend)
+    b.name: b for b in (PeftBackend, PeftCacheBackend, HfBackend, TorchBackend, OnnxBackend, OnnxInt8Backend)
 }
 
 

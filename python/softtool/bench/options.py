@@ -14,7 +14,8 @@ from typing import Any
 
 from softtool.errors import SofttoolError
 
-ALL_BACKENDS = ("peft", "hf", "torch", "onnx", "onnx-int8")
+ALL_BACKENDS = ("peft", "peft-cache", "hf", "torch", "onnx", "onnx-int8")
+DEFAULT_BACKENDS = ("peft", "hf", "torch", "onnx", "onnx-int8")
 TASKS = ("translation", "squad", "cnndm")
 
 
@@ -32,7 +33,8 @@ class BenchOptions:
     max_new_tokens: int = field(default=64, metadata={"help": "Generated tokens per row at most."})
     num_beams: int = field(default=1, metadata={"help": "1 for greedy search, N for beam search with N beams."})
     backends: list[str] = field(
-        default_factory=lambda: list(ALL_BACKENDS), metadata={"help": f"Backends to run, of {', '.join(ALL_BACKENDS)}."}
+        default_factory=lambda: list(DEFAULT_BACKENDS),
+        metadata={"help": f"Backends to run, of {', '.join(ALL_BACKENDS)}."},
     )
     model: str = field(default="smollm2-135m", metadata={"help": "Base model (name, folder or .gguf)."})
     adapter: str | None = field(
@@ -108,7 +110,9 @@ class TrainBenchOptions:
     steps: int = field(default=10, metadata={"help": "Timed training steps per side (K)."})
     warmup: int = field(default=2, metadata={"help": "Untimed steps first (not counted, but losses are compared)."})
     lr: float = field(default=3e-2, metadata={"help": "Learning rate (AdamW) of both sides."})
-    max_length: int = field(default=128, metadata={"help": "Token budget per example."})
+    max_length: int = field(
+        default=128, metadata={"help": "Token budget per example (text and target; virtual tokens on top)."}
+    )
     threads: int = field(default=2, metadata={"help": "CPU threads."})
     seed: int = field(default=0, metadata={"help": "Seed of the shared prompt init and data order."})
     inputs: list[str] | None = field(default=None, metadata={"help": "Inline source texts (configs only)."})

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from softtool.bench.limits import machine_info, measure_limits
+from softtool.bench.limits import best_of, machine_info, measure_limits, model_costs
 from softtool.bench.measure import run_backend, set_threads, workload_to_json
 from softtool.bench.options import BenchOptions
 from softtool.bench.workload import Workload, build_workload, get_task, main_metric, score
@@ -51,7 +51,8 @@ def run_bench(options: BenchOptions, command: str = "", progress=None) -> dict[s
     tokenizer = load_tokenizer(options.model)
     model = load_model(options.model)
     workload = build_workload(options, model, tokenizer)
-    limits = measure_limits(options.threads, model) if options.limits else {}
+    costs = model_costs(model)
+    limits = measure_limits(options.threads, costs) if options.limits else {}
     del model  # the workers load their own; keep this process small beside them
 
     results = []
@@ -65,6 +66,10 @@ def run_bench(options: BenchOptions, command: str = "", progress=None) -> dict[s
             results.append(_run_isolated(name, options, workload))
         else:
             results.append(run_backend(name, options, workload, isolated=False))
+
+    if options.limits:
+        # A second reading after the backends: on a shared machine either one may have been disturbed.
+        limits = best_of(limits, measure_limits(options.threads, costs))
 
     task = get_task(options.task, _adapter_task_options(workload))
     metric = main_metric(options, task)

@@ -43,7 +43,9 @@ def _features(options, tokenizer, task, template, examples, vocab):
 
     out = []
     for ex in examples:
-        enc = encode_example(tokenizer, template, task, ex, max_length=options.max_length, with_target=True)
+        # The budget is for text and target; the virtual tokens come on top, so every N sees the same text.
+        budget = options.max_length + template.num_virtual_tokens
+        enc = encode_example(tokenizer, template, task, ex, max_length=budget, with_target=True)
         out.append(make_feature(template, enc.pieces, enc.target_ids, vocab))
     return out
 

@@ -156,7 +156,7 @@ def build_workload(options: BenchOptions, model, tokenizer) -> Workload:
     adapter_dir, untrained, task = prepare_adapter(options, model, tokenizer)
     adapter = load_adapter(adapter_dir)
     template = Template.parse(adapter.meta.template)
-    if not template.is_prefix and any(b in options.backends for b in ("peft",)):
+    if not template.is_prefix and any(b.startswith("peft") for b in options.backends):
         raise SofttoolError(
             f"adapter template {template} is not a prefix template; PEFT only prepends prompts: drop the peft backend"
         )
