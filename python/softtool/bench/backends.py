@@ -99,7 +99,7 @@ class HfBackend(_HfBackend):
 
 class PeftBackend(_HfBackend):
     """PEFT's generate without a KV cache: with peft 0.21.2 and transformers 5.24 the cached path goes wrong
-    after the first new token (the prompt's positions are lost), while the uncached one equals transformers'
+    after the first new token, while the uncached one equals transformers'
     generate on [prompt; text] embeddings (tests/test_bench.py). The cached path is `peft-cache`."""
 
     name = "peft"

@@ -131,7 +131,7 @@ def write_chart(result: dict[str, Any], path: str | Path) -> Path | None:
     labels = [r["name"] + (f"\nN={r['num_virtual_tokens']}" if "num_virtual_tokens" in r else "") for r in ok]
     values = [r[key] for r in ok]
     fig, ax = plt.subplots(figsize=(1.4 * len(ok) + 2.5, 4))
-    colors = ["#999999" if r["name"] in ("peft", "hf") else "#2a7ab0" for r in ok]
+    colors = ["#999999" if r["name"].startswith(("peft", "hf")) else "#2a7ab0" for r in ok]
     bars = ax.bar(labels, values, color=colors)
     for bar, r in zip(bars, ok, strict=True):
         speedup = r.get("speedup_vs_peft")
