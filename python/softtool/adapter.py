@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +103,10 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter, model_config: Any | 
     out.mkdir(parents=True, exist_ok=True)
     table = adapter.prompt_table.detach().to("cpu", torch.float32).contiguous()
     if table.shape != (adapter.meta.num_virtual_tokens, adapter.meta.token_dim):
-        raise ValueError(f"prompt table shape {tuple(table.shape)} does not match meta "
-                         f"({adapter.meta.num_virtual_tokens}, {adapter.meta.token_dim})")
+        raise ValueError(
+            f"prompt table shape {tuple(table.shape)} does not match meta "
+            f"({adapter.meta.num_virtual_tokens}, {adapter.meta.token_dim})"
+        )
     _atomic_write_bytes(out / WEIGHTS_FILE, save({PROMPT_KEY: table}))
     atomic_write_json(out / CONFIG_FILE, peft_config(adapter.meta, model_config))
     atomic_write_json(out / META_FILE, asdict(adapter.meta))
@@ -132,12 +134,11 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
     if table.ndim != 2:
         raise SofttoolError(f"{weights}: '{PROMPT_KEY}' must be 2-D [tokens, hidden], got shape {tuple(table.shape)}")
     meta_path = folder / META_FILE
-    if meta_path.is_file():
-        meta = AdapterMeta(**_read_json(meta_path))
-    else:
-        meta = _meta_from_peft(folder, table)
+    meta = _meta_from_file(meta_path) if meta_path.is_file() else _meta_from_peft(folder, table)
     if table.shape[0] != meta.num_virtual_tokens:
-        raise SofttoolError(f"{weights} holds {table.shape[0]} virtual tokens but the config says {meta.num_virtual_tokens}")
+        raise SofttoolError(
+            f"{weights} holds {table.shape[0]} virtual tokens but the config says {meta.num_virtual_tokens}"
+        )
     return Adapter(table, meta)
 
 
@@ -146,6 +147,20 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise SofttoolError(f"{path} is not valid JSON ({exc}); restore it or retrain") from exc
+
+
+def _meta_from_file(path: Path) -> AdapterMeta:
+    # Ignore keys a newer softtool may have added, so old installs still load new adapters.
+    data = _read_json(path)
+    known = {f.name for f in fields(AdapterMeta)}
+    missing = [
+        f.name
+        for f in fields(AdapterMeta)
+        if f.default is MISSING and f.default_factory is MISSING and f.name not in data
+    ]
+    if missing:
+        raise SofttoolError(f"{path} lacks {missing}; restore the file or retrain")
+    return AdapterMeta(**{k: v for k, v in data.items() if k in known})
 
 
 def _meta_from_peft(folder: Path, table: Any) -> AdapterMeta:

@@ -3,6 +3,9 @@
 Examples are encoded without their target, sorted by length so batches carry little padding,
 generated, restored to file order, post-processed by the task and scored. A run writes
 DIR/predictions.jsonl (one line per example) and DIR/metrics.json (scores, counts, options, speed).
+
+Under torchrun the length-sorted batches are dealt out to the ranks whole, so each batch is generated
+exactly as in one process, and the predictions are gathered back in file order: same texts, same scores.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from softtool.adapter import _atomic_write_bytes, atomic_write_json
+from softtool.distributed import DistributedContext, distributed_context
 from softtool.errors import SofttoolError
 from softtool.runtime.base import Generator, SearchOptions
 
@@ -75,6 +79,7 @@ def predict(
     max_length: int,
     progress: bool = True,
     desc: str = "generating",
+    dist: DistributedContext | None = None,
 ) -> Predictions:
     """Generate for `examples` with the generator's template; returns post-processed predictions in order."""
     from softtool.data import encode_example
@@ -85,18 +90,24 @@ def predict(
         for ex in examples
     ]
     order = sorted(range(len(encoded)), key=lambda i: encoded[i].input_length)
-    texts: list[str] = [""] * len(encoded)
-    generated = 0
+    dist = dist or DistributedContext()
+    batches = [order[lo : lo + batch_size] for lo in range(0, len(order), batch_size)]
+    mine = [batches[k] for k in dist.strided(len(batches))]
+    done: list[tuple[int, tuple[str, int]]] = []
     start = time.perf_counter()
-    with tqdm(total=len(order), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True) as bar:
-        for lo in range(0, len(order), batch_size):
-            idx = order[lo : lo + batch_size]
+    total = sum(map(len, mine))
+    with tqdm(total=total, desc=desc, unit="ex", disable=not progress, dynamic_ncols=True) as bar:
+        for idx in mine:
             outputs = generator.generate([encoded[i].pieces for i in idx], None, options)
             for i, hyps in zip(idx, outputs, strict=True):
-                generated += len(hyps[0])
-                texts[i] = task.postprocess(generator.tokenizer.decode(hyps[0], skip_special_tokens=True))
+                text = task.postprocess(generator.tokenizer.decode(hyps[0], skip_special_tokens=True))
+                done.append((i, (text, len(hyps[0]))))
             bar.update(len(idx))
-    return Predictions(texts, sum(e.truncated for e in encoded), generated, time.perf_counter() - start)
+    seconds = max(dist.gather_objects(time.perf_counter() - start))  # the slowest rank's wall time
+    results = dist.gather_in_order(done, len(encoded))
+    texts = [text for text, _ in results]
+    generated = sum(n for _, n in results)
+    return Predictions(texts, sum(e.truncated for e in encoded), generated, seconds)
 
 
 def write_eval(output: Path, task, examples: Sequence, preds: Predictions, info: dict[str, Any]) -> dict[str, Any]:
@@ -140,15 +151,26 @@ def run_eval(
     model_name: str | None = None,
     device: str = "cpu",
     progress: bool = True,
+    dist: DistributedContext | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate the adapter/export at `path` (and, with options.baseline, the discrete prompts).
 
     Returns {"soft_prompt": record, "baseline": record, "zero_shot": record} (baselines only when asked).
+    Under torchrun the examples are shared out over the ranks (or `dist`'s); rank 0 writes the files and
+    every rank returns the same records.
     """
     from softtool.data import default_dev_split, get_task, load_split
     from softtool.runtime import load_generator
     from softtool.runtime.torch_backend import TorchGenerator
 
+    if dist is None:
+        with distributed_context(device) as ctx:
+            return run_eval(
+                path, data, output, options, task_name=task_name, task_options=task_options, template=template,
+                model_name=model_name, device=device, progress=progress, dist=ctx,
+            )  # fmt: skip
+    device = str(dist.device)
+    progress = progress and dist.is_main
     output = Path(output)
     kw: dict[str, Any] = {}
     if options.backend == "torch":
@@ -184,9 +206,15 @@ def run_eval(
         max_length=options.max_length,
         progress=progress,
         desc="soft prompt",
+        dist=dist,
     )
-    results["soft_prompt"] = write_eval(
-        output, task, split.examples, preds, {**common, "adapter": str(path), "template": str(generator.template)}
+    results["soft_prompt"] = dist.on_main(
+        write_eval,
+        output,
+        task,
+        split.examples,
+        preds,
+        {**common, "adapter": str(path), "template": str(generator.template)},
     )
     if options.baseline:
         # The discrete prompts run on the PyTorch model; an ONNX export carries only the soft-prompt graph.
@@ -209,8 +237,10 @@ def run_eval(
                 max_length=options.max_length,
                 progress=progress,
                 desc=kind.replace("_", "-"),
+                dist=dist,
             )
-            results[kind] = write_eval(
+            results[kind] = dist.on_main(
+                write_eval,
                 output / kind,
                 task,
                 split.examples,

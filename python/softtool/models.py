@@ -64,7 +64,9 @@ def resolve_model(name_or_path: str) -> ModelSource:
         return ModelSource(str(path.parent), path.name)
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
-            raise SofttoolError(f"{path} is not a model folder (no config.json); pass a folder, a .gguf file or a hub id")
+            raise SofttoolError(
+                f"{path} is not a model folder (no config.json); pass a folder, a .gguf file or a hub id"
+            )
         return ModelSource(str(path))
     if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
         return ModelSource(name_or_path)  # a hub id; loading fails clearly when offline
@@ -135,8 +137,14 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     source = resolve_model(name_or_path)
-    torch_dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-                   "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}.get(dtype)
+    torch_dtype = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }.get(dtype)
     if torch_dtype is None:
         raise SofttoolError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None)

@@ -70,9 +70,11 @@ def eval_command(
       softtool eval runs/de --data ../shared/data/multi30k --limit 200 --baseline --output runs/de/eval
 
     Writes OUTPUT/predictions.jsonl and OUTPUT/metrics.json; with --baseline also OUTPUT/baseline/ and
-    OUTPUT/zero_shot/, and prints the three scores side by side.
+    OUTPUT/zero_shot/, and prints the three scores side by side. Under `torchrun --nproc_per_node K -m
+    softtool eval ...` the examples are shared out over K processes with the same results.
     """
     from softtool.cli.train import unescape_template
+    from softtool.distributed import distributed_context
     from softtool.evaluate import EvalOptions, run_eval
 
     template = unescape_template(template)
@@ -105,19 +107,23 @@ def eval_command(
 
         meta = load_adapter(folder).meta if not is_export else None
         task_options = {**(meta.task_options if meta else {}), **task_options}
-    results = run_eval(
-        folder,
-        data,
-        output,
-        options,
-        task_name=task_name,
-        task_options=task_options,
-        template=template,
-        model_name=model_name,
-        device=device,
-        progress=not quiet,
-    )
-    _print_table(results, Path(output))
+    # Under torchrun each rank generates for its share of the examples; rank 0 writes and prints.
+    with distributed_context(device) as dist:
+        results = run_eval(
+            folder,
+            data,
+            output,
+            options,
+            task_name=task_name,
+            task_options=task_options,
+            template=template,
+            model_name=model_name,
+            device=device,
+            progress=not quiet,
+            dist=dist,
+        )
+        if dist.is_main:
+            _print_table(results, Path(output))
 
 
 def _print_table(results: dict, output: Path) -> None:

@@ -17,11 +17,13 @@ def unescape_template(template: str | None) -> str | None:
 
 
 def _h(cls_name: str, field: str) -> str:
+    from softtool.distributed import DistributedOptions
     from softtool.prompts.encoder import PromptConfig
     from softtool.training.options import TrainOptions, help_of
     from softtool.training.run import DataOptions
 
-    return help_of({"prompt": PromptConfig, "train": TrainOptions, "data": DataOptions}[cls_name], field)
+    classes = {"prompt": PromptConfig, "train": TrainOptions, "data": DataOptions, "dist": DistributedOptions}
+    return help_of(classes[cls_name], field)
 
 
 @click.command(name="train", context_settings={"show_default": True})
@@ -66,6 +68,9 @@ def _h(cls_name: str, field: str) -> str:
     "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", help=_h("train", "dtype")
 )
 @click.option("--autocast/--no-autocast", default=False, help=_h("train", "autocast"))
+@click.option("--device-map", default=None, help=_h("dist", "device_map"))
+@click.option("--fsdp", is_flag=True, help=_h("dist", "fsdp"))
+@click.option("--dist-backend", type=click.Choice(["auto", "nccl", "gloo"]), default="auto", help=_h("dist", "backend"))
 @click.option(
     "--trust-remote-code", is_flag=True, help="allow the model folder's own Python code (only if you trust it)"
 )
@@ -107,6 +112,9 @@ def train(
     device,
     dtype,
     autocast,
+    device_map,
+    fsdp,
+    dist_backend,
     trust_remote_code,
     output,
     resume,
@@ -122,9 +130,16 @@ def train(
 
     The output folder holds the adapter (PEFT-compatible), metrics.jsonl/.csv, loss.png and
     checkpoints/; Ctrl-C saves a checkpoint and --resume continues from it.
+
+    \b
+    Several GPUs or processes (--batch-size stays the global batch; see docs/distributed.md):
+      torchrun --nproc_per_node 4 -m softtool train ...        # DDP, one GPU per process
+      torchrun --nproc_per_node 4 -m softtool train --fsdp ... # base model sharded over the GPUs
+      softtool train --device-map auto ...                     # one process over all GPUs
     """
     import torch
 
+    from softtool.distributed import DistributedOptions
     from softtool.prompts.encoder import PromptConfig
     from softtool.training import DataOptions, TrainOptions, train_prompt
 
@@ -171,6 +186,7 @@ def train(
             train_limit=train_limit,
             task_options={"src": src, "tgt": tgt} if task == "translation" else {},
         )
+        dist_options = DistributedOptions(backend=dist_backend, device_map=device_map, fsdp=fsdp)
     except ValueError as exc:
         raise SofttoolError(f"bad option: {exc}") from exc
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
@@ -184,6 +200,7 @@ def train(
         resume=resume,
         overwrite=overwrite,
         progress=not quiet,
+        dist_options=dist_options,
     )
     if summary.result.interrupted:
         click.echo(f"interrupted: checkpoint saved in {summary.output}/checkpoints; continue with --resume", err=True)

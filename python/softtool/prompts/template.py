@@ -123,9 +123,7 @@ def virtual_token_id(vocab_size: int, num_virtual_tokens: int, task_id: int, ind
     return vocab_size + task_id * num_virtual_tokens + index
 
 
-def assemble_ids(
-    template: Template, pieces: Sequence[Sequence[int]], vocab_size: int, task_id: int = 0
-) -> list[int]:
+def assemble_ids(template: Template, pieces: Sequence[Sequence[int]], vocab_size: int, task_id: int = 0) -> list[int]:
     """One row's token ids: virtual ids where the template has blocks, the pieces' ids between.
 
     The reference for the C++ batch builder (which adds batching and padding).

@@ -50,10 +50,11 @@ def prefix_cache(model, prompt_table: torch.Tensor, batch_size: int):
 
 def _target_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy of the next-token predictions at labelled positions, and their count."""
-    shifted = labels[:, 1:]
+    # With --device-map the last layers (and the head) may sit on another GPU than the labels.
+    shifted = labels[:, 1:].to(hidden.device)
     keep = shifted != IGNORE
     logits = model.get_output_embeddings()(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), shifted[keep], reduction="sum"), int(keep.sum())
+    return F.cross_entropy(logits.float(), shifted[keep].to(logits.device), reduction="sum"), int(keep.sum())
 
 
 def loss_naive(model, batch: Batch, prompt_table: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, int]:

@@ -4,6 +4,9 @@ stop on a non-finite loss.
 
 Data order is a seeded permutation per epoch, and the checkpoint stores the position in it plus all
 RNG states, so a resumed run takes exactly the steps an uninterrupted one would.
+
+Under torchrun (softtool.distributed) every rank walks the same global order, trains on its shard of
+each global batch, and DDP sums the prompt gradients; only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from softtool.distributed import DistributedContext
 from softtool.errors import SofttoolError
 from softtool.training.batching import Feature, collate
 from softtool.training.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
@@ -124,6 +128,7 @@ class Trainer:
         device: torch.device,
         generate_metrics: Callable[[torch.Tensor], dict[str, float]] | None = None,
         main_metric: str | None = None,
+        dist: DistributedContext | None = None,
     ):
         if not train_features:
             raise SofttoolError("no training examples left after reading the data; check --data")
@@ -144,6 +149,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(options, self.steps))
         self.scaler = torch.amp.GradScaler("cuda") if options.autocast and options.dtype == "float16" else None
         self.state = TrainState()
+        self.dist = dist or DistributedContext(device=device)
+        # Training steps go through the DDP wrapper; evaluation and checkpoints use the plain module.
+        self.train_prompt = self.dist.wrap_prompt(self.prompt)
 
     # -- data order ---------------------------------------------------------------------------------
     def _order(self, epoch: int) -> list[int]:
@@ -171,12 +179,10 @@ class Trainer:
         table = self.prompt()
         total, count = 0.0, 0
         for start in range(0, len(self.dev_features), self.options.batch_size):
-            batch = collate(
-                self.dev_features[start : start + self.options.batch_size], self.pad_id, self.prefix_tokens
-            ).to(self.device)
             with self._autocast():
-                loss, n = batch_loss(self.model, batch, table, self.vocab_size)
+                loss, n = self._shard_loss(self.dev_features[start : start + self.options.batch_size], table)
             total, count = total + float(loss), count + n
+        total, count = self.dist.all_reduce_sum(total), self.dist.all_reduce_sum(count)
         return total / max(1, count)
 
     def evaluate(self) -> None:
@@ -197,10 +203,14 @@ class Trainer:
         if score > st.best_score:
             st.best_score, st.best_step, st.best_table = score, st.step, table.clone()
             st.best_metrics = {k: v for k, v in row.items() if k not in ("kind",)}
-        tqdm.write("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if self.dist.is_main:
+            tqdm.write("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
-    def checkpoint(self) -> Path:
+    def checkpoint(self) -> Path | None:
+        """Save the resumable checkpoint (rank 0 only; other ranks return None)."""
         st = self.state
+        if not self.dist.is_main:
+            return None
         return save_checkpoint(
             self.output_dir,
             {
@@ -223,27 +233,44 @@ class Trainer:
         self.state = TrainState(**ckpt["state"])
         set_rng_state(ckpt["rng"])
 
+    def _shard_loss(self, global_batch: list[Feature], table: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Summed loss and target tokens of this rank's shard of a global batch."""
+        feats = self.dist.shard_indices(global_batch)
+        # A short last batch can leave a rank nothing. It still runs a row, weighted 0, so that every rank
+        # makes the same model calls (FSDP gathers weights collectively) and joins DDP's all-reduce.
+        weight = 1.0 if feats else 0.0
+        batch = collate(feats or global_batch[:1], self.pad_id, self.prefix_tokens).to(self.device)
+        loss, n = batch_loss(self.model, batch, table, self.vocab_size)
+        return loss * weight, n if feats else 0
+
+    def _save(self) -> None:
+        if self.dist.is_main:
+            self.checkpoint()
+            write_metrics(self.output_dir, self.state.history)
+
     def _train_step(self, order: list[int]) -> tuple[dict[str, Any], list[int]]:
         micro = []
         for _ in range(self.options.grad_accumulation):
             feats, order = self._next_features(order)
             micro.append(feats)
-        # Normalize by the target tokens of the whole step, so accumulation equals one big batch.
+        # Normalize by the target tokens of the whole global step, so accumulation and K ranks equal one big batch.
         tokens = sum(len(f.target_ids) for feats in micro for f in feats)
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for feats in micro:
-            batch = collate(feats, self.pad_id, self.prefix_tokens).to(self.device)
-            with self._autocast():
-                loss, _ = batch_loss(self.model, batch, self.prompt(), self.vocab_size)
-            loss = loss / tokens
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(
-                    f"loss became {float(loss.detach())} at step {self.state.step + 1}; training stopped, the last good "
-                    f"checkpoint is in {self.output_dir / 'checkpoints'} (lower --lr, or use float32)"
-                )
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+        for i, feats in enumerate(micro):
+            # DDP sums the gradients over ranks once, on the step's last backward.
+            with self.dist.no_sync(self.train_prompt, skip=i < len(micro) - 1):
+                with self._autocast():
+                    loss = self._shard_loss(feats, self.train_prompt())[0] / tokens
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += float(loss.detach())
+        # Checked after the backward passes, on the sum over ranks, so all ranks stop at the same step.
+        total = self.dist.all_reduce_sum(total)
+        if not math.isfinite(total):
+            raise NonFiniteLoss(
+                f"loss became {total} at step {self.state.step + 1}; training stopped, the last good "
+                f"checkpoint is in {self.output_dir / 'checkpoints'} (lower --lr, or use float32)"
+            )
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = 0.0
@@ -275,7 +302,12 @@ class Trainer:
         order = self._order(st.epoch)
         interrupted = False
         bar = tqdm(
-            total=self.steps, initial=st.step, desc="training", unit="step", disable=not progress, dynamic_ncols=True
+            total=self.steps,
+            initial=st.step,
+            desc="training",
+            unit="step",
+            disable=not (progress and self.dist.is_main),
+            dynamic_ncols=True,
         )
         with _StopRequest() as stop:
             if st.step == 0 and self.dev_features:
@@ -286,7 +318,9 @@ class Trainer:
                     row, order = self._train_step(order)
                 except NonFiniteLoss:
                     bar.close()
-                    write_metrics(self.output_dir, st.history)
+                    if self.dist.is_main:
+                        write_metrics(self.output_dir, st.history)
+                    self.dist.barrier()
                     raise
                 elapsed = time.perf_counter() - start
                 st.seconds += elapsed
@@ -298,14 +332,15 @@ class Trainer:
                 if (every and st.step % every == 0) or st.step == self.steps:
                     self.evaluate()
                 if self.options.checkpoint_every and st.step % self.options.checkpoint_every == 0:
-                    self.checkpoint()
-                    write_metrics(self.output_dir, st.history)
-                if stop.requested and st.step < self.steps:
+                    self._save()
+                # A signal may reach one rank only, or each at a different step: all stop after the same one.
+                if self.dist.any(stop.requested) and st.step < self.steps:
                     interrupted = True
                     break
             bar.close()
             # Saved inside the handler's scope so a signal during the save is deferred, not fatal.
-            self.checkpoint()
-            write_metrics(self.output_dir, st.history)
+            self._save()
+            # No rank exits (which makes torchrun stop the others) before rank 0 has written.
+            self.dist.barrier()
         best = st.best_table if st.best_table is not None else self.prompt().detach().float().cpu()
         return TrainResult(st, self.steps, interrupted, best)

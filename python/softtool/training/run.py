@@ -4,6 +4,8 @@ output folder (adapter, metrics.jsonl/.csv, loss.png, checkpoints/, run.json).
 run.json records what defines the run (task, data, model, prompt and optimization options), so a
 folder holding a different run is refused unless --overwrite, and --resume checks it continues the
 same one.
+
+Under torchrun every rank runs train_prompt; rank 0 alone prepares and writes the output folder.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from softtool.adapter import CONFIG_FILE, META_FILE, WEIGHTS_FILE, Adapter, AdapterMeta, atomic_write_json, save_adapter
+from softtool.distributed import DistributedContext, DistributedOptions, distributed_context, shard_base_fsdp
 from softtool.errors import SofttoolError
 from softtool.prompts.encoder import PromptConfig, build_prompt_module
 from softtool.prompts.template import Template
@@ -49,17 +52,6 @@ class DataOptions:
             raise ValueError("data is required")
         if self.train_limit is not None and self.train_limit < 1:
             raise ValueError(f"train_limit must be positive, got {self.train_limit}")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SofttoolError(f"--device {device}: CUDA is not available here; use --device cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise SofttoolError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or auto") from exc
 
 
 def _run_identity(data: DataOptions, model_name: str, prompt: PromptConfig, options: TrainOptions) -> dict[str, Any]:
@@ -135,11 +127,28 @@ def train_prompt(
     progress: bool = True,
     model=None,
     tokenizer=None,
+    dist_options: DistributedOptions | None = None,
+    dist: DistributedContext | None = None,
 ) -> TrainSummary:
-    """Train a soft prompt and write the output folder. `model`/`tokenizer` skip loading (tests, scripts)."""
+    """Train a soft prompt and write the output folder. `model`/`tokenizer` skip loading (tests, scripts).
+
+    Under torchrun / accelerate launch it joins the process group (or uses `dist`) and trains on its shard.
+    """
     from softtool.data import default_dev_split, get_task, load_split
     from softtool.models import load_model, load_tokenizer
 
+    dist_options = dist_options or DistributedOptions()
+    if dist_options.fsdp and options.eval_generate:
+        # Ranks stop generating at different lengths, but FSDP needs every rank in every model call.
+        raise SofttoolError("--fsdp cannot be combined with --eval-generate; evaluate the adapter with softtool eval")
+    if dist is None:
+        with distributed_context(options.device, dist_options) as ctx:
+            return train_prompt(
+                data, prompt, options, output, model_name=model_name, trust_remote_code=trust_remote_code,
+                resume=resume, overwrite=overwrite, progress=progress, model=model, tokenizer=tokenizer,
+                dist_options=dist_options, dist=ctx,
+            )  # fmt: skip
+    progress = progress and dist.is_main
     started = time.perf_counter()
     output = Path(output)
     task = get_task(data.task, **data.task_options)
@@ -149,8 +158,9 @@ def train_prompt(
         raise SofttoolError(
             f"--template {template}: field(s) {missing} are not fields of task {task.name} (it has {list(task.fields)})"
         )
-    prepare_output(output, _run_identity(data, model_name, prompt, options), resume=resume, overwrite=overwrite)
-    device = resolve_device(options.device)
+    identity = _run_identity(data, model_name, prompt, options)
+    dist.on_main(prepare_output, output, identity, resume=resume, overwrite=overwrite)
+    device = dist.device
     torch.manual_seed(options.seed)
 
     train_split = load_split(data.data, data.train_split, task=task, limit=data.train_limit)
@@ -160,7 +170,18 @@ def train_prompt(
         tokenizer = load_tokenizer(model_name)
     if model is None:
         tqdm.write(f"loading {model_name} ...") if progress else None
-        model = load_model(model_name, dtype=options.dtype, device=str(device), trust_remote_code=trust_remote_code)
+        # FSDP shards from host memory, so a base larger than one GPU never lands whole on one.
+        model = load_model(
+            model_name,
+            dtype=options.dtype,
+            device="cpu" if dist_options.fsdp else str(device),
+            trust_remote_code=trust_remote_code,
+            device_map=dist_options.device_map,
+        )
+    if dist_options.fsdp:
+        model = shard_base_fsdp(model, dist)
+    if dist_options.device_map:
+        device = model.get_input_embeddings().weight.device
     vocab_size = model.get_input_embeddings().weight.shape[0]
     train_feats, train_trunc = encode_features(
         tokenizer, template, task, train_split.examples, options.max_length, vocab_size, "encoding train", progress
@@ -180,7 +201,7 @@ def train_prompt(
     module = build_prompt_module(prompt, model, tokenizer, seed=options.seed)
     generate_metrics = None
     if options.eval_generate and dev_split.examples:
-        generate_metrics = _dev_metrics(model, tokenizer, template, task, dev_split.examples, options)
+        generate_metrics = _dev_metrics(model, tokenizer, template, task, dev_split.examples, options, dist)
     trainer = Trainer(
         model,
         module,
@@ -189,13 +210,26 @@ def train_prompt(
         dev_feats,
         pad_id=tokenizer.pad_token_id,
         vocab_size=vocab_size,
-        prefix_tokens=template.num_virtual_tokens if template.is_prefix else 0,
+        # Under FSDP a block's weights are freed after its forward; the prefix cache's keys/values would
+        # need them again in a backward FSDP does not expect, so the full rows go through the model instead.
+        prefix_tokens=template.num_virtual_tokens if template.is_prefix and not dist_options.fsdp else 0,
         output_dir=output,
         device=device,
         generate_metrics=generate_metrics,
         main_metric=task.main_metric,
+        dist=dist,
     )
     result = trainer.run(resume=resume, progress=progress)
+    summary = TrainSummary(output, result, counts, time.perf_counter() - started)
+    if dist.is_main:
+        _write_outputs(summary, model, model_name, template, task, prompt, options, vocab_size, progress)
+    dist.barrier()  # no rank exits before rank 0 has written
+    return summary
+
+
+def _write_outputs(summary: TrainSummary, model, model_name, template, task, prompt, options, vocab_size, progress):
+    """The adapter, the loss plot and the summary table (rank 0)."""
+    result, output, counts = summary.result, summary.output, summary.counts
 
     meta = AdapterMeta(
         base_model=model_name,
@@ -216,13 +250,11 @@ def train_prompt(
         result.state.history,
         title=f"{task.name}: {prompt.method}, {template.num_virtual_tokens} virtual tokens, {model_name}",
     )
-    summary = TrainSummary(output, result, counts, time.perf_counter() - started)
     if progress:
         _print(summary)
-    return summary
 
 
-def _dev_metrics(model, tokenizer, template, task, examples, options: TrainOptions):
+def _dev_metrics(model, tokenizer, template, task, examples, options: TrainOptions, dist=None):
     from softtool.evaluate import predict, search_options
     from softtool.runtime.torch_backend import TorchGenerator
 
@@ -241,6 +273,7 @@ def _dev_metrics(model, tokenizer, template, task, examples, options: TrainOptio
             batch_size=options.batch_size,
             max_length=options.max_length + task.max_target_tokens,
             progress=False,
+            dist=dist,
         )
         scores = task.score(preds.texts, [ex.references for ex in examples])
         return {k: float(v) for k, v in scores.items() if isinstance(v, int | float)}
