@@ -25,8 +25,9 @@ void insert_sorted(std::vector<Scored>& out, int64_t k, float x, int64_t i) {
   out.insert(pos, Scored{x, i});
 }
 
-// exp(x) for x <= 0 (Cephes expf polynomial); branch-free so it vectorizes.
-inline float fast_exp(float x) {
+// exp(x) for x <= 0 (Cephes expf polynomial); branch-free so it vectorizes. always_inline: the
+// default-target body inlines into the AVX target clones below, which vectorize it there.
+__attribute__((always_inline)) inline float fast_exp(float x) {
   x = x > -87.0f ? x : -87.0f;
   const float fx = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x * log2(e))
   float r = x - fx * 0.693359375f;
@@ -54,28 +55,10 @@ constexpr int64_t kChunk = 1024;
 __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
 float chunk_exp_sum(const float* __restrict x, float m) {
-  // fast_exp written out here: a target clone cannot inline a function built for another target.
   float lanes[kBlock] = {};
   for (int64_t i = 0; i < kChunk; i += kBlock) {
     for (int64_t j = 0; j < kBlock; ++j) {
-      float v = x[i + j] - m;
-      v = v > -87.0f ? v : -87.0f;
-      // round(v * log2(e)) by the 1.5 * 2^23 trick: no compare, no floor call.
-      const float fx = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-      float r = v - fx * 0.693359375f;
-      r = r - fx * -2.12194440e-4f;
-      const float r2 = r * r;
-      float p = 1.9875691500e-4f;
-      p = p * r + 1.3981999507e-3f;
-      p = p * r + 8.3334519073e-3f;
-      p = p * r + 4.1665795894e-2f;
-      p = p * r + 1.6666665459e-1f;
-      p = p * r + 5.0000001201e-1f;
-      p = p * r2 + r + 1.0f;
-      const int32_t e = (static_cast<int32_t>(fx) + 127) << 23;
-      float scale;
-      std::memcpy(&scale, &e, sizeof(scale));
-      lanes[j] += p * scale;
+      lanes[j] += fast_exp(x[i + j] - m);
     }
   }
   float sum = 0.0f;
