@@ -57,13 +57,13 @@ format: setup
 	$(BIN)/ruff check --fix python export tests benchmarks
 	find cpp tests/cpp -name '*.cc' -o -name '*.h' | xargs $(BIN)/clang-format -i
 
-# Train a soft prompt for En->De translation on SmolLM2-135M, evaluate it against the instruction
-# baseline, and write adapter, predictions, metrics and loss plot under $(DEMO).
+# Train a soft prompt for En->De translation on SmolLM2-135M (about 5 minutes on 2 CPU cores), then
+# evaluate it next to the instruction-prompt and zero-shot baselines on 100 val sentences. Writes the
+# adapter, loss.png, predictions and metrics under $(DEMO).
 demo: setup
 	$(BIN)/softtool train --task translation --data $(DATA)/multi30k --method prompt \
-	  --num-virtual-tokens 20 --max-steps 300 --output $(DEMO)/adapter --overwrite
-	$(BIN)/softtool eval $(DEMO)/adapter --data $(DATA)/multi30k --limit 200 --output $(DEMO)/eval
-	$(BIN)/softtool eval $(DEMO)/adapter --data $(DATA)/multi30k --limit 200 --baseline --output $(DEMO)/baseline
+	  --num-virtual-tokens 20 --max-steps 200 --output $(DEMO)/adapter --overwrite
+	$(BIN)/softtool eval $(DEMO)/adapter --data $(DATA)/multi30k --limit 100 --baseline --output $(DEMO)/eval
 
 clean:
 	rm -rf build $(VENV) .pytest_cache .ruff_cache

@@ -28,7 +28,11 @@ def _h(cls_name: str, field: str) -> str:
 
 @click.command(name="train", context_settings={"show_default": True})
 @click.option("--task", type=click.Choice(TASKS), required=True, help="the task to learn")
-@click.option("--data", required=True, help="data folder or file (train split + dev split)")
+@click.option(
+    "--data",
+    required=True,
+    help="data folder holding the train and dev splits (e.g. train.json + dev.json, train.en.gz + train.de.gz)",
+)
 @click.option(
     "--model", "model_name", default="smollm2-135m", help="base model: embedded name, folder, .gguf or hub id"
 )
@@ -126,7 +130,7 @@ def train(
     \b
     Example:
       softtool train --task translation --data ../shared/data/multi30k \\
-        --method prompt --num-virtual-tokens 20 --max-steps 300 --output runs/de
+        --method prompt --num-virtual-tokens 20 --max-steps 200 --output runs/de
 
     The output folder holds the adapter (PEFT-compatible), metrics.jsonl/.csv, loss.png and
     checkpoints/; Ctrl-C saves a checkpoint and --resume continues from it.
