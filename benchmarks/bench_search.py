@@ -25,9 +25,7 @@ import argparse
 import gzip
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,14 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from softtool.bench.limits import cpu_model, git_commit
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def record_logits(data: Path, batch: int, beams: int, steps: int, opts_kwargs: dict) -> tuple[list, list, int]:
@@ -304,9 +297,7 @@ def main() -> None:
 
     import transformers
 
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
-    ).stdout.strip()
+    commit = git_commit(REPO)
     report = {
         "benchmark": "one beam-search step, post-forward work only (see benchmarks/bench_search.py docstring)",
         "shape": {"batch": args.batch, "num_beams": args.beams, "rows": args.batch * args.beams, "vocab": 49152},

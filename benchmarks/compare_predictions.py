@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 from pathlib import Path
+
+from softtool.bench.limits import git_commit
 
 
 def _read(folder: Path) -> tuple[list[dict], dict]:
@@ -40,7 +41,7 @@ def main() -> None:
         for k, v in ref_metrics["metrics"].items()
         if isinstance(v, float) and isinstance(cand_metrics["metrics"].get(k), float)
     }
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit(Path(__file__).resolve().parents[1])
     result = {
         "reference": str(args.reference),
         "candidate": str(args.candidate),

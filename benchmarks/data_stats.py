@@ -11,11 +11,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import click
+
+from softtool.bench.limits import cpu_model, git_commit
 
 # (task, options, data folder, splits)
 DATASETS = [
@@ -27,19 +28,11 @@ DATASETS = [
 
 
 def _machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 def _commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return git_commit(Path(__file__).resolve().parents[1]) or "unknown"
 
 
 def _summary(values: list[int]) -> dict:

@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
 import click
+
+from softtool.bench.limits import cpu_model, git_commit
 
 # Llama-2-7B's shapes (6.74e9 parameters, untied embeddings).
 LLAMA_7B = dict(
@@ -97,15 +98,7 @@ def layouts(params: int, block_params: int, act: dict[int, int], global_batch: i
 
 
 def _machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 @click.command()
@@ -129,7 +122,7 @@ def main(seq, virtual, targets, batches, gpus, output):
             rows.append({"global_batch": batch, **row, "prompt_and_adam": prompt_state, "total": total,
                          "total_gib": round(total / GIB, 2), "weights_gib": round(row["weights"] / GIB, 2),
                          "activations_gib": round(row["activations"] / GIB, 2)})  # fmt: skip
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit(Path(__file__).resolve().parents[1]) or "unknown"
     record = {
         "benchmark": "distributed_memory",
         "computed_not_measured": True,

@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from softtool.bench.limits import cpu_model, git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT, MACHINE = "", {}
@@ -33,18 +33,10 @@ PTUNING_TEMPLATES = {
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
 
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -53,9 +45,7 @@ def machine() -> dict:
 
 
 def commit() -> str:
-    return subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
+    return git_commit(ROOT) or "unknown"
 
 
 def run_task(task: str, args, output: Path) -> dict:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 import click
+
+from softtool.bench.limits import cpu_model, git_commit
 
 TEMPLATE = "[P:20]Translate English to German.\nEnglish: {source}\nGerman:"
 FALLBACK = [
@@ -41,14 +42,7 @@ def _sentences(count: int) -> tuple[list[str], str]:
 
 
 def _machine() -> dict:
-    cpu = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [
-            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
-    info = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "load_average_1m": os.getloadavg()[0]}
+    info = {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "load_average_1m": os.getloadavg()[0]}
     try:
         info["gpu"] = (
             subprocess.run(
@@ -62,15 +56,7 @@ def _machine() -> dict:
 
 
 def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parents[1],
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
+    return git_commit(Path(__file__).resolve().parents[1]) or "unknown"
 
 
 def _timed_generate(gen, rows, options, repeats: int) -> tuple[list, float, int]:
