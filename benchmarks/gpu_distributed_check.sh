@@ -22,8 +22,11 @@ trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
 LOG="$OUT/gpu_distributed_check.log"
 : >"$LOG"
-# Works from a plain checkout too: the Python package is importable from python/ without installing.
-export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+# Works from a plain checkout too: the Python package is importable from python/ without installing
+# (an installed build, with the compiled search core, is used when there is one).
+if ! "$PYTHON" -c "import softtool" 2>/dev/null; then
+  export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 if [ ! -d "$DATA" ]; then
   # No real data here: a few line-aligned sentence pairs are enough to exercise the path.

@@ -162,6 +162,38 @@ def test_bad_bench_options_are_one_line_user_errors(tmp_path, capsys):
     assert "no_such_option" in capsys.readouterr().err
     assert _run_cli(["bench", "--config", str(tmp_path / "missing.json")]) == 2
     assert _run_cli(["bench", "--task", "translation", "--backends", "peft,tensorrt", "--data", "x"]) == 2
+    assert _run_cli(["bench", "--config", str(SMOKE), "--device", "gpu"]) == 2
+    assert "device must be cpu, cuda or cuda:N" in capsys.readouterr().err
+    assert _run_cli(["bench", "--config", str(SMOKE), "--dtype", "float16"]) == 2
+    assert "float16 on the CPU" in capsys.readouterr().err
+
+
+def test_bfloat16_bench_runs_the_torch_backends_in_bfloat16(tiny_model_dir, tmp_path):
+    out = tmp_path / "bench_bf16.json"
+    args = ["bench", "--config", str(SMOKE), "--model", str(tiny_model_dir), "--cache-dir", str(tmp_path)]
+    assert _run_cli([*args, "--backends", "hf,torch", "--dtype", "bfloat16", "--no-isolate", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["options"]["dtype"] == "bfloat16"
+    assert [b["status"] for b in result["backends"]] == ["ok", "ok"]
+    # The bandwidth bound reads the weights as loaded: 2 bytes per parameter in bfloat16.
+    assert result["limits"]["weight_bytes"] == 2 * result["limits"]["params"]
+
+
+def test_cuda_bench_refuses_to_time_onnx_on_the_cpu(tiny_model_dir, tmp_path):
+    """Without ONNX Runtime's CUDA provider a --device cuda bench skips the onnx rows with the reason,
+    instead of quietly measuring the CPU provider as if it were the GPU."""
+    import onnxruntime as ort
+
+    from softtool.bench.backends import BackendUnavailable, export_on_the_fly
+    from softtool.bench.options import BenchOptions
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    options = BenchOptions(task="translation", inputs=["x"], device="cuda", model=str(tiny_model_dir))
+    with pytest.raises(BackendUnavailable, match="no CUDAExecutionProvider"):
+        export_on_the_fly(options, tmp_path, "fp32")
+    with pytest.raises(BackendUnavailable, match="for the CPU provider"):
+        export_on_the_fly(options, tmp_path, "int8")
 
 
 @pytest.mark.slow

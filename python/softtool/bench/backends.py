@@ -58,13 +58,16 @@ class _HfBackend(Backend):
     def load(self) -> None:
         from softtool.models import load_model
 
-        self.model = load_model(self.options.model)
+        device, dtype = self.options.device, self.options.dtype
+        self.model = load_model(self.options.model, dtype=dtype, device=device)
         if self.use_prompt:
             try:
                 from peft import PeftModel
             except ImportError as exc:
                 raise BackendUnavailable("peft is not installed (pip install 'softtool[bench]')") from exc
             self.model = PeftModel.from_pretrained(self.model, str(self.workload.adapter_dir))
+            # The prompt encoder is made in float32 on the CPU; put it beside the base weights.
+            self.model.to(device=device, dtype=self.model.get_base_model().dtype)
             self.model.eval()
 
     def generate(self, indices: range, max_new_tokens: int) -> list[list[int]]:
@@ -73,8 +76,8 @@ class _HfBackend(Backend):
         rows = [self.workload.text_rows[i] for i in indices]
         width = max(len(r) for r in rows)
         pad = self.workload.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.options.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.options.device)
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids,
@@ -122,13 +125,16 @@ class SofttoolBackend(Backend):
     def source_dir(self) -> Path:
         return self.workload.adapter_dir
 
+    def runtime_kwargs(self) -> dict:
+        return {"device": self.options.device, "dtype": self.options.dtype}
+
     def load(self) -> None:
         try:
             from softtool.runtime import load_generator
         except ImportError as exc:
             raise BackendUnavailable(f"softtool.runtime is not in this build yet ({exc})") from exc
         try:
-            self.generator = load_generator(str(self.source_dir()), self.runtime)
+            self.generator = load_generator(str(self.source_dir()), self.runtime, **self.runtime_kwargs())
         except (ImportError, NotImplementedError, SofttoolError) as exc:
             raise BackendUnavailable(f"softtool.runtime cannot load the {self.runtime} backend: {exc}") from exc
 
@@ -161,6 +167,11 @@ class OnnxBackend(SofttoolBackend):
             return Path(given)
         return export_on_the_fly(self.options, self.workload.adapter_dir, self.dtype)
 
+    def runtime_kwargs(self) -> dict:
+        # strict: a CUDA bench must not quietly time ONNX Runtime on the CPU.
+        device = "cpu" if self.options.device == "cpu" else "cuda"
+        return {"device": device, "strict_device": device != "cpu"}
+
     def load(self) -> None:
         super().load()
         # Same thread count as every other backend, when the ONNX generator lets us set it.
@@ -187,6 +198,18 @@ def export_on_the_fly(options: BenchOptions, adapter_dir: Path, dtype: str, prog
         from softtool.export.onnx import ExportOptions, export_adapters, read_export_meta
     except ImportError as exc:
         raise BackendUnavailable(f"softtool.export is not in this build yet ({exc})") from exc
+    if options.device != "cpu":
+        if dtype == "int8":
+            raise BackendUnavailable("the int8 graph (MatMulNBits weights) is for the CPU provider; not run on cuda")
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendUnavailable(
+                f"--device {options.device}: onnxruntime {ort.__version__} has no CUDAExecutionProvider "
+                "(install softtool[gpu], onnxruntime-gpu)"
+            )
+        if dtype != "int8" and options.dtype == "float16":
+            dtype = "fp16"  # the GPU graph in the torch backends' precision
     weights = (adapter_dir / "adapter_model.safetensors").read_bytes()
     key = hashlib.sha1(weights + options.model.encode()).hexdigest()[:12]
     out = default_cache_dir(options) / f"export-{key}-{dtype}"
@@ -200,7 +223,8 @@ def export_on_the_fly(options: BenchOptions, adapter_dir: Path, dtype: str, prog
             [str(adapter_dir)],
             out,
             ExportOptions(
-                dtype="int8" if dtype == "int8" else "fp32",
+                dtype=dtype if dtype in ("int8", "fp16") else "fp32",
+                device="cpu" if options.device == "cpu" else "cuda",
                 model=options.model,
                 overwrite=True,
                 verify_steps=options.export_verify_steps,

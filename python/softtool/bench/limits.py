@@ -4,6 +4,7 @@ Two probes bound what any backend can reach:
   memory bandwidth  a large float32 tensor copy; bytes read + written per second (batch-1 decoding reads
                     every weight once per token, so bandwidth / weight bytes is its tokens/s ceiling)
   matmul FLOP/s     a square float32 matrix multiply (prefill of a large batch is matmul-bound)
+On cuda both run on the GPU (timed with CUDA events), the matmul in the bench's dtype.
 """
 
 from __future__ import annotations
@@ -52,12 +53,20 @@ def machine_info(threads: int) -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             versions[pkg] = None
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    try:
+        import onnxruntime
+
+        providers = onnxruntime.get_available_providers()
+    except ImportError:
+        providers = None
     return {
         "cpu_model": cpu_model(),
         "logical_cores": os.cpu_count(),
         "physical_cores": psutil.cpu_count(logical=False),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "gpu": gpu,
+        "cuda": torch.version.cuda,
+        "onnxruntime_providers": providers,
         "threads": threads,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "platform": platform.platform(),
@@ -101,14 +110,48 @@ def matmul_flops(threads: int, size: int = 1024, repeats: int = 5) -> float:
     return 2 * size**3 / seconds
 
 
-def model_costs(model) -> dict[str, float]:
-    """Bytes read per decoded token (all weights, tied ones once) and prefill FLOPs per input token."""
+def _cuda_time(fn, repeats: int) -> float:
+    """Best seconds of `fn` on the GPU by CUDA events (host timers would time the launch only)."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return best
+
+
+def cuda_limits(device: str, dtype: str, quick: bool = False) -> dict[str, float]:
+    """GPU memory bandwidth (a 1 GiB float32 copy) and `dtype` matmul FLOP/s (8192^3)."""
+    import torch
+
+    n = (256 if quick else 1024) * 2**20 // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    bandwidth = 2 * n * 4 / _cuda_time(lambda: dst.copy_(src), 10)
+    size = 2048 if quick else 8192
+    torch_dtype = getattr(torch, dtype)
+    a = torch.randn(size, size, device=device, dtype=torch_dtype)
+    b = torch.randn(size, size, device=device, dtype=torch_dtype)
+    flops = 2 * size**3 / _cuda_time(lambda: a @ b, 10)
+    return {"memory_bandwidth_gbs": bandwidth / 1e9, "matmul_gflops": flops / 1e9}
+
+
+def model_costs(model, bytes_per_param: int | None = None) -> dict[str, float]:
+    """Bytes read per decoded token (all weights, tied ones once) and prefill FLOPs per input token;
+    `bytes_per_param` counts the weights as they will be loaded (2 for float16) instead of as they are."""
     seen, weight_bytes, params = set(), 0, 0
     for p in model.parameters():
         if p.data_ptr() in seen:
             continue
         seen.add(p.data_ptr())
-        weight_bytes += p.numel() * p.element_size()
+        weight_bytes += p.numel() * (bytes_per_param or p.element_size())
         params += p.numel()
     embed = model.get_input_embeddings().weight.numel()
     # Prefill runs every layer matmul on every input token; the LM head only on the last one, and the
@@ -116,8 +159,16 @@ def model_costs(model) -> dict[str, float]:
     return {"weight_bytes": weight_bytes, "params": params, "prefill_flops_per_token": 2 * (params - embed)}
 
 
-def measure_limits(threads: int, costs: dict[str, float] | None = None, quick: bool = False) -> dict[str, Any]:
+def measure_limits(
+    threads: int,
+    costs: dict[str, float] | None = None,
+    quick: bool = False,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> dict[str, Any]:
     """The machine's bounds now; with the model's `costs` (model_costs), its tokens/s ceilings too."""
+    if device != "cpu":
+        return bounds(cuda_limits(device, dtype, quick), costs, device=device, dtype=dtype)
     return bounds(
         {
             "memory_bandwidth_gbs": memory_bandwidth(threads, 64 if quick else 256) / 1e9,
@@ -131,14 +182,28 @@ def best_of(*probes: dict[str, Any]) -> dict[str, Any]:
     """The higher reading of each probe: other work on the machine only ever lowers them."""
     costs = {k: probes[0][k] for k in ("weight_bytes", "params", "prefill_flops_per_token") if k in probes[0]}
     merged = {key: max(p[key] for p in probes) for key in ("memory_bandwidth_gbs", "matmul_gflops")}
-    return bounds(merged, costs or None, readings=len(probes))
+    where = {k: probes[0][k] for k in ("device", "dtype") if k in probes[0]}
+    return bounds(merged, costs or None, readings=len(probes), **where)
 
 
-def bounds(probe: dict[str, Any], costs: dict[str, float] | None, readings: int = 1) -> dict[str, Any]:
+def bounds(
+    probe: dict[str, Any],
+    costs: dict[str, float] | None,
+    readings: int = 1,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    if device == "cpu":
+        method = "bandwidth: 256 MiB float32 tensor copy, read+write bytes, best of 5; compute: 1024^3 float32 torch.mm"
+    else:
+        method = (
+            f"on {device}, CUDA events: bandwidth: 1 GiB float32 copy, read+write bytes; compute: 8192^3 {dtype} matmul"
+        )
     limits: dict[str, Any] = {
         **probe,
-        "method": "bandwidth: 256 MiB float32 tensor copy, read+write bytes, best of 5; compute: 1024^3 float32 "
-        f"torch.mm, best of 10; the best of {readings} reading(s) (before and after the backends)",
+        "device": device,
+        "dtype": dtype,
+        "method": f"{method}, best of 10; the best of {readings} reading(s) (before and after the backends)",
     }
     if costs:
         limits.update(costs)

@@ -8,6 +8,9 @@ Definitions (the same for every backend):
   prefill_tokens_per_s  input tokens (virtual ones included) / the summed ttft
   peak_rss_mb     the process's resident-memory high-water mark (getrusage), a clean number only when the
                   backend ran in its own process
+  peak_gpu_mb     on cuda, PyTorch's peak allocated GPU memory (torch backends only)
+
+On cuda every `generate` returns token lists on the host, so each timed call ends synchronized.
 """
 
 from __future__ import annotations
@@ -63,6 +66,10 @@ def peak_rss_mb() -> float:
 def run_backend(name: str, options: BenchOptions, workload: Workload, isolated: bool) -> dict[str, Any]:
     """Measure one backend in this process; a skipped backend comes back with its reason."""
     set_threads(options.threads)
+    if options.device != "cpu":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()  # in one process (--no-isolate), each backend's own peak
     backend = BACKENDS[name](options, workload)
     start = time.perf_counter()
     try:
@@ -94,6 +101,11 @@ def run_backend(name: str, options: BenchOptions, workload: Workload, isolated: 
             if repeat == 0:
                 outputs += out
     total = sum(latencies)
+    gpu_peak = None
+    if options.device != "cpu" and name not in ("onnx", "onnx-int8"):
+        import torch
+
+        gpu_peak = torch.cuda.max_memory_allocated() / 2**20
     return {
         "name": name,
         "status": "ok",
@@ -109,6 +121,7 @@ def run_backend(name: str, options: BenchOptions, workload: Workload, isolated: 
         "timed_s": total,
         "peak_rss_mb": peak_rss_mb(),
         "peak_rss_isolated": isolated,
+        "peak_gpu_mb": gpu_peak,
         "outputs": outputs,
     }
 

@@ -17,6 +17,12 @@ from softtool.errors import SofttoolError
 ALL_BACKENDS = ("peft", "peft-cache", "hf", "torch", "onnx", "onnx-int8")
 DEFAULT_BACKENDS = ("peft", "hf", "torch", "onnx", "onnx-int8")
 TASKS = ("translation", "squad", "cnndm")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _check_device(device: str) -> None:
+    if device != "cpu" and device != "cuda" and not device.startswith("cuda:"):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}")
 
 
 @dataclass
@@ -55,6 +61,14 @@ class BenchOptions:
     warmup: int = field(default=1, metadata={"help": "Untimed batches run first on each backend."})
     repeats: int = field(default=1, metadata={"help": "Timed passes over the workload per backend."})
     threads: int = field(default=2, metadata={"help": "CPU threads every backend and the limit probes use."})
+    device: str = field(
+        default="cpu",
+        metadata={"help": "cpu or cuda: where the torch backends run; onnx backends then need the CUDA provider."},
+    )
+    dtype: str = field(
+        default="float32",
+        metadata={"help": f"Weights of the torch backends ({', '.join(DTYPES)}); float16 exports fp16 graphs."},
+    )
     isolate: bool = field(
         default=True, metadata={"help": "Run each backend in a fresh process (a clean peak-memory number)."}
     )
@@ -86,6 +100,11 @@ class BenchOptions:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        _check_device(self.device)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device == "cpu" and self.dtype == "float16":
+            raise ValueError("float16 on the CPU is emulated and slow; use float32 or bfloat16 there")
         if (self.data is None) == (self.inputs is None):
             raise ValueError("give exactly one of `data` (a data folder) and `inputs` (inline texts)")
         if self.references is not None and (self.inputs is None or len(self.references) != len(self.inputs)):
@@ -114,6 +133,7 @@ class TrainBenchOptions:
         default=128, metadata={"help": "Token budget per example (text and target; virtual tokens on top)."}
     )
     threads: int = field(default=2, metadata={"help": "CPU threads."})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda: where both sides train (float32 weights)."})
     seed: int = field(default=0, metadata={"help": "Seed of the shared prompt init and data order."})
     inputs: list[str] | None = field(default=None, metadata={"help": "Inline source texts (configs only)."})
     references: list[str] | None = field(default=None, metadata={"help": "Inline targets for `inputs`."})
@@ -128,6 +148,7 @@ class TrainBenchOptions:
         for name in ("batch_size", "steps", "threads", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        _check_device(self.device)
         if (self.data is None) == (self.inputs is None):
             raise ValueError("give exactly one of `data` (a data folder) and `inputs` (inline texts)")
         if self.inputs is not None and (self.references is None or len(self.references) != len(self.inputs)):

@@ -18,6 +18,8 @@ from softtool.bench.measure import run_backend, set_threads, workload_to_json
 from softtool.bench.options import BenchOptions
 from softtool.bench.workload import Workload, build_workload, get_task, main_metric, score
 
+BYTES_PER_PARAM = {"float32": 4, "float16": 2, "bfloat16": 2}
+
 
 def _run_isolated(name: str, options: BenchOptions, workload: Workload) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="softtool-bench-") as tmp:
@@ -51,8 +53,9 @@ def run_bench(options: BenchOptions, command: str = "", progress=None) -> dict[s
     tokenizer = load_tokenizer(options.model)
     model = load_model(options.model)
     workload = build_workload(options, model, tokenizer)
-    costs = model_costs(model)
-    limits = measure_limits(options.threads, costs) if options.limits else {}
+    costs = model_costs(model, bytes_per_param=BYTES_PER_PARAM[options.dtype])
+    probe = dict(device=options.device, dtype=options.dtype)
+    limits = measure_limits(options.threads, costs, **probe) if options.limits else {}
     del model  # the workers load their own; keep this process small beside them
 
     results = []
@@ -69,7 +72,7 @@ def run_bench(options: BenchOptions, command: str = "", progress=None) -> dict[s
 
     if options.limits:
         # A second reading after the backends: on a shared machine either one may have been disturbed.
-        limits = best_of(limits, measure_limits(options.threads, costs))
+        limits = best_of(limits, measure_limits(options.threads, costs, **probe))
 
     task = get_task(options.task, _adapter_task_options(workload))
     metric = main_metric(options, task)

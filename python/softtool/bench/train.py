@@ -62,7 +62,7 @@ def _softtool_side(model, table, batches, options, vocab, pad, shared_prefix: bo
 
     def step(features):
         batch = collate(features, pad, prefix_tokens=n if shared_prefix else 0)
-        loss_sum, count = batch_loss(model, batch, prompt, vocab)
+        loss_sum, count = batch_loss(model, batch.to(prompt.device), prompt, vocab)
         loss = loss_sum / count
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -79,6 +79,7 @@ def _peft_side(model, table, batches, options, pad):
     n, hidden = table.shape
     config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n, token_dim=hidden)
     peft_model = get_peft_model(model, config)
+    peft_model.prompt_encoder.to(table.device)
     with torch.no_grad():
         peft_model.prompt_encoder["default"].embedding.weight.copy_(table)
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -95,7 +96,8 @@ def _peft_side(model, table, batches, options, pad):
             ids[i, : len(row)] = torch.tensor(row)
             mask[i, : len(row)] = 1
             labels[i, len(row) - len(f.target_ids) : len(row)] = torch.tensor(f.target_ids)
-        loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        device = table.device
+        loss = peft_model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -124,7 +126,7 @@ def run_train_bench(options: TrainBenchOptions, command: str = "", progress=None
     set_threads(options.threads)
     say = progress or (lambda msg: None)
     tokenizer = load_tokenizer(options.model)
-    model = load_model(options.model)
+    model = load_model(options.model, device=options.device)
     task = get_task(options.task, **({"src": "en", "tgt": "de"} if options.task == "translation" else {}))
     embed = model.get_input_embeddings().weight
     vocab, pad = embed.shape[0], tokenizer.pad_token_id
