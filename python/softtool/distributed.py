@@ -298,8 +298,10 @@ class DistributedContext:
             return module
         from torch.nn.parallel import DistributedDataParallel
 
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        ddp = DistributedDataParallel(module, device_ids=device_ids)
+        # No device_ids, also on CUDA: with them DDP moves the forward's inputs to the device and takes the
+        # first of them, and the prompt module's forward has none (IndexError, seen with NCCL on an H200).
+        # The module already sits on this rank's device, which is all DDP needs then.
+        ddp = DistributedDataParallel(module, device_ids=None)
         ddp.register_comm_hook(None, _sum_allreduce_hook)
         return ddp
 
