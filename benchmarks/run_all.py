@@ -2,6 +2,7 @@
 
     python benchmarks/run_all.py            # every generation config, the training comparison, then the tables
     python benchmarks/run_all.py --quick    # fewer examples and steps (minutes instead of an hour on 2 cores)
+    python benchmarks/run_all.py --adapter translation=runs/de   # a trained prompt for one task's configs
 
 Each run writes benchmarks/results/bench_<config>.json (+ .png); make_table.py then rewrites the
 table in docs/bench.md. Extra arguments after `--` go to every `softtool bench` call (e.g. `-- --adapter runs/de`).
@@ -10,6 +11,7 @@ table in docs/bench.md. Extra arguments after `--` go to every `softtool bench` 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -22,12 +24,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="16 examples per config, 5 training steps")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated config names")
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="TASK=PATH",
+        help="trained prompt for the configs of TASK (then their metric means something); repeatable",
+    )
     parser.add_argument("extra", nargs="*", help="arguments passed to every softtool bench call")
     args = parser.parse_args(argv)
+    adapters = dict(a.split("=", 1) for a in args.adapter)
     bench = [sys.executable, "-m", "softtool", "bench"]
     failed = []
     for name in args.configs.split(","):
-        cmd = [*bench, "--config", str(HERE / "configs" / f"{name}.json"), *args.extra]
+        config = HERE / "configs" / f"{name}.json"
+        cmd = [*bench, "--config", str(config), *args.extra]
+        task = json.loads(config.read_text()).get("task")
+        if task in adapters:
+            cmd += ["--adapter", adapters[task]]
         if args.quick:
             cmd += ["--limit", "16" if name != "translation_b1" else "8"]
         print("+", " ".join(cmd), flush=True)

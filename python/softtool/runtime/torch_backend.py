@@ -98,7 +98,7 @@ class TorchGenerator(Generator):
                 raise ValueError(f"row {i} has {len(row)} text pieces but the template {self.template} has {slots}")
         return [assemble_ids(self.template, row, self.vocab_size, t) for row, t in zip(rows, task_ids, strict=True)]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _task_prefix(self, task_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if task_id not in self._prefix_kv:
             from softtool.training.forward import prefix_cache
@@ -118,7 +118,7 @@ class TorchGenerator(Generator):
             return self._generate_search(ids, task_ids, options)
         return self._generate_hf(ids, options)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _generate_search(self, ids: list[list[int]], task_ids: list[int], options: SearchOptions):
         from transformers import DynamicCache
 
@@ -178,7 +178,7 @@ class TorchGenerator(Generator):
             )
         return [[[int(t) for t in hyp.tokens] for hyp in item] for item in searcher.finalize()]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _generate_hf(self, ids: list[list[int]], options: SearchOptions):
         width = max(len(r) for r in ids)
         pad = options.pad_token_id
