@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from softtool.bench.report import where as hardware
+
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -36,10 +38,11 @@ def generate_rows(result: dict, name: str) -> list[str]:
             continue
         same = r.get("identical_share")
         share = r.get("share_of_bandwidth_bound")
+        peak = _f(r["peak_rss_mb"], ".0f") + (f" (GPU {r['peak_gpu_mb']:.0f})" if r.get("peak_gpu_mb") else "")
         rows.append(
             f"| {opts['task']} x{workload['examples']} | {opts['batch_size']} | {search} | {r['name']} "
             f"| {_f(r['tokens_per_s'])} | {_f(r.get('speedup_vs_peft'), '.2f', 'x')} "
-            f"| {_f(r.get('speedup_vs_hf'), '.2f', 'x')} | {_f(r['ttft_s'], '.3f')} | {_f(r['peak_rss_mb'], '.0f')} "
+            f"| {_f(r.get('speedup_vs_hf'), '.2f', 'x')} | {_f(r['ttft_s'], '.3f')} | {peak} "
             f"| {metric} {_f(r.get('metric'), '.2f')} "
             f"| {'-' if same is None else f'{same:.0%}'} | {'-' if share is None else f'{share:.0%}'} | {where} |"
         )
@@ -48,6 +51,7 @@ def generate_rows(result: dict, name: str) -> list[str]:
 
 def train_rows(result: dict, name: str) -> list[str]:
     opts = result["options"]
+    on = f", {result['machine'].get('gpu') or opts['device']}" if opts.get("device", "cpu") != "cpu" else ""
     rows = []
     for r in result["backends"]:
         where = f"`{name}` @ {result['machine']['git_commit']}"
@@ -58,7 +62,7 @@ def train_rows(result: dict, name: str) -> list[str]:
             continue
         agree = {True: "yes", False: "**no**", None: "-"}[r.get("losses_agree")]
         rows.append(
-            f"| {opts['task']}, batch {opts['batch_size']} | {r['num_virtual_tokens']} | {r['name']} "
+            f"| {opts['task']}, batch {opts['batch_size']}{on} | {r['num_virtual_tokens']} | {r['name']} "
             f"| {_f(r['samples_per_s'], '.2f')} | {_f(r.get('speedup_vs_peft'), '.2f', 'x')} "
             f"| {_f(r['final_loss'], '.4f')} | {agree} | {where} |"
         )
@@ -77,7 +81,7 @@ def make_tables(paths: list[Path]) -> str:
         lim = result.get("limits") or {}
         if lim:
             limits.append(
-                f"| `{name}` | {result['machine']['cpu_model']}, {result['machine']['threads']} threads "
+                f"| `{name}` | {hardware(result)} "
                 f"| {_f(lim['memory_bandwidth_gbs'])} GB/s | {_f(lim['matmul_gflops'], '.0f')} GFLOP/s "
                 f"| {_f(lim.get('decode_bound_tokens_per_s_batch1'), '.0f')} tok/s |"
             )

@@ -11,6 +11,7 @@ The embedding Gather and the prompt-table lookup stay float either way, so soft 
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -25,6 +26,10 @@ def quantize_int8(path: str | os.PathLike, method: str = "weight-only") -> None:
         target = Path(tmp) / path.name
         if method == "weight-only":
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+            # It logs two INFO lines per graph node ("skip to quantize ..."): hundreds of lines a user
+            # never needs; warnings still come through.
+            logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
 
             quantizer = MatMulNBitsQuantizer(str(path), bits=8, block_size=32, is_symmetric=True, accuracy_level=4)
             quantizer.process()

@@ -16,6 +16,14 @@ def _fmt(value: Any, spec: str = ".1f", suffix: str = "") -> str:
     return f"{value:{spec}}{suffix}"
 
 
+def where(result: dict[str, Any]) -> str:
+    """The hardware a result ran on, in words: the CPU and its threads, or the GPU and the dtype."""
+    opts, machine = result["options"], result["machine"]
+    if opts.get("device", "cpu") != "cpu":
+        return f"{machine.get('gpu') or opts['device']}, {opts.get('dtype', 'float32')}"
+    return f"{opts['threads']} threads on {machine['cpu_model']}"
+
+
 def print_table(result: dict[str, Any], console=None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -28,8 +36,7 @@ def print_table(result: dict[str, Any], console=None) -> None:
     search = "greedy" if opts["num_beams"] == 1 else f"beam {opts['num_beams']}"
     title = (
         f"{opts['task']} x{result['workload']['examples']}, batch {opts['batch_size']}, "
-        f"{opts['max_new_tokens']} new tokens, {search}, "
-        f"{opts['threads']} threads on {result['machine']['cpu_model']}"
+        f"{opts['max_new_tokens']} new tokens, {search}, {where(result)}"
     )
     table = Table(title=title)
     for col in (
@@ -71,7 +78,7 @@ def print_table(result: dict[str, Any], console=None) -> None:
     limits = result.get("limits") or {}
     if limits:
         console.print(
-            f"machine limits ({opts['threads']} threads): {limits['memory_bandwidth_gbs']:.1f} GB/s copy bandwidth, "
+            f"machine limits ({where(result)}): {limits['memory_bandwidth_gbs']:.1f} GB/s copy bandwidth, "
             f"{limits['matmul_gflops']:.0f} GFLOP/s matmul; batch-1 decode bound "
             f"{limits.get('decode_bound_tokens_per_s_batch1', 0):.0f} tok/s, prefill bound "
             f"{limits.get('prefill_bound_tokens_per_s', 0):.0f} tok/s"
@@ -148,7 +155,7 @@ def write_chart(result: dict[str, Any], path: str | Path) -> Path | None:
     ax.text(
         1.0,
         -0.18,
-        f"{result['machine']['cpu_model']}, {opts['threads']} threads, {result['machine']['git_commit']}",
+        f"{where(result)}, commit {result['machine']['git_commit']}",
         transform=ax.transAxes,
         ha="right",
         fontsize=7,
