@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from softtool.bench.measure import row_steps_per_s
 from softtool.bench.report import where as hardware
 
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
@@ -28,21 +29,24 @@ def generate_rows(result: dict, name: str) -> list[str]:
     search = "greedy" if opts["num_beams"] == 1 else f"beam {opts['num_beams']}"
     metric = result.get("main_metric") or "metric"
     rows = []
+    # Older results lack the row-step rate; it derives from the stored outputs, so fill it in.
+    steps = {r["name"]: r.get("row_steps_per_s") or row_steps_per_s(r, opts) for r in result["backends"]}
     for r in result["backends"]:
         where = f"`{name}` @ {result['machine']['git_commit']}"
         if r["status"] != "ok":
             rows.append(
                 f"| {opts['task']} | {opts['batch_size']} | {search} | {r['name']} | {r['status']}: "
-                f"{r.get('reason', '')} | | | | | | | {where} |"
+                f"{r.get('reason', '')} | | | | | | | | {where} |"
             )
             continue
+        step_ratio = steps[r["name"]] / steps["hf"] if steps[r["name"]] and steps.get("hf") else None
         same = r.get("identical_share")
         share = r.get("share_of_bandwidth_bound")
         peak = _f(r["peak_rss_mb"], ".0f") + (f" (GPU {r['peak_gpu_mb']:.0f})" if r.get("peak_gpu_mb") else "")
         rows.append(
             f"| {opts['task']} x{workload['examples']} | {opts['batch_size']} | {search} | {r['name']} "
             f"| {_f(r['tokens_per_s'])} | {_f(r.get('speedup_vs_peft'), '.2f', 'x')} "
-            f"| {_f(r.get('speedup_vs_hf'), '.2f', 'x')} | {_f(r['ttft_s'], '.3f')} | {peak} "
+            f"| {_f(r.get('speedup_vs_hf'), '.2f', 'x')} | {_f(step_ratio, '.2f', 'x')} | {_f(r['ttft_s'], '.3f')} | {peak} "
             f"| {metric} {_f(r.get('metric'), '.2f')} "
             f"| {'-' if same is None else f'{same:.0%}'} | {'-' if share is None else f'{share:.0%}'} | {where} |"
         )
@@ -88,9 +92,9 @@ def make_tables(paths: list[Path]) -> str:
     out = []
     if gen:
         out += [
-            "| workload | batch | search | backend | tokens/s | vs peft | vs hf | ttft s | peak MB | metric "
-            "| same as torch | of bandwidth bound | result |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| workload | batch | search | backend | tokens/s | vs peft | vs hf | row-steps vs hf | ttft s | peak MB "
+            "| metric | same as torch | of bandwidth bound | result |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             *gen,
             "",
         ]

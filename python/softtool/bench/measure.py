@@ -9,6 +9,8 @@ Definitions (the same for every backend):
   peak_rss_mb     the process's resident-memory high-water mark (getrusage), a clean number only when the
                   backend ran in its own process
   peak_gpu_mb     on cuda, PyTorch's peak allocated GPU memory (torch backends only)
+  row_steps_per_s greedy only: rows x decode steps each batch ran (finished rows included) / timed wall time,
+                  the engine's speed whatever the outputs' lengths (see row_steps_per_s below)
 
 On cuda every `generate` returns token lists on the host, so each timed call ends synchronized.
 """
@@ -124,6 +126,23 @@ def run_backend(name: str, options: BenchOptions, workload: Workload, isolated: 
         "peak_gpu_mb": gpu_peak,
         "outputs": outputs,
     }
+
+
+def row_steps_per_s(result: dict[str, Any], options: dict[str, Any]) -> float | None:
+    """Decode row-steps per second of a greedy backend: every batch runs until its longest row ends, and its
+    finished rows ride along, so rows x steps is the work done whatever the outputs say. tokens/s instead
+    counts only the tokens before each row's EOS, which favours backends whose outputs are longer (`hf`,
+    without the prompt, rarely stops). None for beam search, whose step count the outputs do not show."""
+    if result.get("status") != "ok" or options["num_beams"] != 1:
+        return None
+    outputs, size, limit = result["outputs"], options["batch_size"], options["max_new_tokens"]
+    work = 0
+    for start in range(0, len(outputs), size):
+        batch = outputs[start : start + size]
+        # A row that stopped early spent one more step on its EOS.
+        steps = max(min(len(o) + 1, limit) for o in batch)
+        work += len(batch) * steps
+    return work * options["repeats"] / result["timed_s"]
 
 
 def workload_to_json(workload: Workload) -> dict[str, Any]:

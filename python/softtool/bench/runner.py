@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from softtool.bench.limits import best_of, machine_info, measure_limits, model_costs
-from softtool.bench.measure import run_backend, set_threads, workload_to_json
+from softtool.bench.measure import row_steps_per_s, run_backend, set_threads, workload_to_json
 from softtool.bench.options import BenchOptions
 from softtool.bench.workload import Workload, build_workload, get_task, main_metric, score
 
@@ -93,6 +93,9 @@ def run_bench(options: BenchOptions, command: str = "", progress=None) -> dict[s
             r["identical_share"] = identical_share(r["outputs"], by_name[reference]["outputs"])
         for base in ("peft", "hf"):
             r[f"speedup_vs_{base}"] = r["tokens_per_s"] / by_name[base]["tokens_per_s"] if base in by_name else None
+        r["row_steps_per_s"] = row_steps_per_s(r, options.to_dict())
+        hf_steps = row_steps_per_s(by_name["hf"], options.to_dict()) if "hf" in by_name else None
+        r["row_steps_speedup_vs_hf"] = r["row_steps_per_s"] / hf_steps if r["row_steps_per_s"] and hf_steps else None
         _roofline(r, options, limits, len(workload.rows))
     return {
         "kind": "generate",
