@@ -37,6 +37,10 @@ def create_session(
     so.intra_op_num_threads = threads or default_threads()
     so.inter_op_num_threads = 1
     so.log_severity_level = 3  # warnings about unused initializers etc. are noise for users
+    profile = os.environ.get("SOFTTOOL_ORT_PROFILE")
+    if profile:  # ONNX Runtime's own per-node trace; benchmarks/ort_profile.py sums it by op type
+        so.enable_profiling = True
+        so.profile_file_prefix = profile
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     try:
         return ort.InferenceSession(str(path), sess_options=so, providers=providers)
