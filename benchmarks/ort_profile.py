@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         for op in s["ops"][: args.top]:
             print(f"  {op['op']:<28} {op['ms']:9.1f} ms  {op['share']:6.1%}")
     if args.json:
-        args.json.write_text(json.dumps(summaries, indent=2) + "\n")
+        from softtool.bench.limits import cpu_model, git_commit
+
+        record = {"machine": {"cpu_model": cpu_model(), "git_commit": git_commit()}, "profiles": summaries}
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
 
