@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check for `softtool export` (not yet run: no GPU so far). Needs an NVIDIA GPU and onnxruntime-gpu
+# GPU check for `softtool export` (not yet run: the one GPU lent so far had no onnxruntime-gpu). Needs an
+# NVIDIA GPU and onnxruntime-gpu
 # (pip install -c constraints.txt -e ".[gpu]"; then uninstall the CPU onnxruntime wheel if both are present).
 # Exports SmolLM2-135M with a 20-token prompt for the CUDA EP (fp32, then fp16), checks each export against
 # PyTorch on the GPU (the export's own verification: max logit diff and greedy agreement over 32 steps), and

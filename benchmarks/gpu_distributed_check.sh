@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The NCCL path of `softtool train` / `softtool eval` on one GPU, checked against the plain one-process
-# path (no launcher), in under five minutes. Not yet run on a GPU: the development machine has none.
+# path (no launcher), in under five minutes. Ran once on an H200: benchmarks/results/gpu_distributed_check.json.
 #
 #   bash benchmarks/gpu_distributed_check.sh            # from the repository root, on a CUDA machine
 #   MODEL=path/to/model DATA=path/to/multi30k STEPS=20 bash benchmarks/gpu_distributed_check.sh
