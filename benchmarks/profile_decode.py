@@ -6,8 +6,9 @@
 For each of `hf` (transformers, text only) and `torch` (softtool, with the soft prompt), on the same
 batch of the bench workload: the wall time of one `generate`; the time inside the model's forward (a
 device sync around each call) and, for softtool, inside the C++ search step; and torch.profiler's
-operator totals (self CPU time, and self CUDA time on a GPU). The H200 numbers in docs/bench.md and the
-CPU comparison of `torch` and `hf` come from this script.
+operator totals (self CPU time, and self CUDA time on a GPU). The CPU comparison of `torch` and `hf` in
+docs/bench.md comes from this script; results/gpu_profile_h200.txt came from an uncommitted earlier
+form of it (the same measurements) run on the lent H200.
 """
 
 from __future__ import annotations

@@ -231,3 +231,17 @@ def test_peft_anchor_on_smollm2_generates_what_the_prompt_prepended_by_hand_gene
         )[0].tolist()
     expected = out[: out.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in out else out
     assert got == expected and len(set(got)) > 1
+
+
+def test_row_steps_count_every_row_until_its_batch_ends():
+    """A batch steps until its longest row is done, so a row that stopped early still costs those steps."""
+    from softtool.bench.measure import row_steps_per_s
+
+    options = {"num_beams": 1, "batch_size": 2, "max_new_tokens": 8, "repeats": 1}
+    # Batch 1: rows of 3 and 7 tokens (both stopped: 8 steps with the EOS, capped at 8). Batch 2: one row
+    # that ran to the limit (8 tokens, no EOS step).
+    result = {"status": "ok", "outputs": [[1] * 3, [1] * 7, [1] * 8], "timed_s": 2.0}
+    assert row_steps_per_s(result, options) == (2 * 8 + 1 * 8) / 2.0
+    result["outputs"] = [[1] * 3, [1] * 4, [1] * 1]
+    assert row_steps_per_s(result, options) == (2 * 5 + 1 * 2) / 2.0
+    assert row_steps_per_s(result, {**options, "num_beams": 4}) is None
