@@ -169,7 +169,7 @@ class OnnxBackend(SofttoolBackend):
 
     def runtime_kwargs(self) -> dict:
         # strict: a CUDA bench must not quietly time ONNX Runtime on the CPU.
-        device = "cpu" if self.options.device == "cpu" else "cuda"
+        device = self.options.onnx_device
         return {"device": device, "strict_device": device != "cpu"}
 
     def load(self) -> None:
@@ -208,7 +208,7 @@ def export_on_the_fly(options: BenchOptions, adapter_dir: Path, dtype: str, prog
                 f"--device {options.device}: onnxruntime {ort.__version__} has no CUDAExecutionProvider "
                 "(install softtool[gpu], onnxruntime-gpu)"
             )
-        if dtype != "int8" and options.dtype == "float16":
+        if options.dtype == "float16":
             dtype = "fp16"  # the GPU graph in the torch backends' precision
     weights = (adapter_dir / "adapter_model.safetensors").read_bytes()
     key = hashlib.sha1(weights + options.model.encode()).hexdigest()[:12]
@@ -224,7 +224,7 @@ def export_on_the_fly(options: BenchOptions, adapter_dir: Path, dtype: str, prog
             out,
             ExportOptions(
                 dtype=dtype if dtype in ("int8", "fp16") else "fp32",
-                device="cpu" if options.device == "cpu" else "cuda",
+                device=options.onnx_device,
                 model=options.model,
                 overwrite=True,
                 verify_steps=options.export_verify_steps,

@@ -110,6 +110,11 @@ class BenchOptions:
         if self.references is not None and (self.inputs is None or len(self.references) != len(self.inputs)):
             raise ValueError("`references` needs `inputs` of the same length")
 
+    @property
+    def onnx_device(self) -> str:
+        """ONNX Runtime's device for this bench: it knows cpu and cuda, not cuda:N."""
+        return "cpu" if self.device == "cpu" else "cuda"
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -18,8 +18,6 @@ from softtool.bench.measure import row_steps_per_s, run_backend, set_threads, wo
 from softtool.bench.options import BenchOptions
 from softtool.bench.workload import Workload, build_workload, get_task, main_metric, score
 
-BYTES_PER_PARAM = {"float32": 4, "float16": 2, "bfloat16": 2}
-
 
 def _run_isolated(name: str, options: BenchOptions, workload: Workload) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="softtool-bench-") as tmp:
@@ -53,7 +51,9 @@ def run_bench(options: BenchOptions, command: str = "", progress=None) -> dict[s
     tokenizer = load_tokenizer(options.model)
     model = load_model(options.model)
     workload = build_workload(options, model, tokenizer)
-    costs = model_costs(model, bytes_per_param=BYTES_PER_PARAM[options.dtype])
+    import torch
+
+    costs = model_costs(model, bytes_per_param=getattr(torch, options.dtype).itemsize)
     probe = dict(device=options.device, dtype=options.dtype)
     limits = measure_limits(options.threads, costs, **probe) if options.limits else {}
     del model  # the workers load their own; keep this process small beside them
@@ -79,6 +79,8 @@ def run_bench(options: BenchOptions, command: str = "", progress=None) -> dict[s
     results.sort(key=lambda r: options.backends.index(r["name"]))
     by_name = {r["name"]: r for r in results if r["status"] == "ok"}
     reference = "torch" if "torch" in by_name else ("peft" if "peft" in by_name else None)
+    option_values = options.to_dict()
+    hf_steps = row_steps_per_s(by_name["hf"], option_values) if "hf" in by_name else None
     for r in results:
         if r["status"] != "ok":
             continue
@@ -93,8 +95,7 @@ def run_bench(options: BenchOptions, command: str = "", progress=None) -> dict[s
             r["identical_share"] = identical_share(r["outputs"], by_name[reference]["outputs"])
         for base in ("peft", "hf"):
             r[f"speedup_vs_{base}"] = r["tokens_per_s"] / by_name[base]["tokens_per_s"] if base in by_name else None
-        r["row_steps_per_s"] = row_steps_per_s(r, options.to_dict())
-        hf_steps = row_steps_per_s(by_name["hf"], options.to_dict()) if "hf" in by_name else None
+        r["row_steps_per_s"] = row_steps_per_s(r, option_values)
         r["row_steps_speedup_vs_hf"] = r["row_steps_per_s"] / hf_steps if r["row_steps_per_s"] and hf_steps else None
         _roofline(r, options, limits, len(workload.rows))
     return {

@@ -84,6 +84,7 @@ def _peft_side(model, table, batches, options, pad):
         peft_model.prompt_encoder["default"].embedding.weight.copy_(table)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=options.lr)
+    device = table.device
 
     def step(features):
         # PEFT takes text ids only and prepends the prompt itself; rows right-padded like softtool's.
@@ -96,7 +97,6 @@ def _peft_side(model, table, batches, options, pad):
             ids[i, : len(row)] = torch.tensor(row)
             mask[i, : len(row)] = 1
             labels[i, len(row) - len(f.target_ids) : len(row)] = torch.tensor(f.target_ids)
-        device = table.device
         loss = peft_model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
