@@ -84,10 +84,10 @@ def _timed_generate(gen, rows, options, repeats: int) -> tuple[list, float, int]
 @click.option("--out", type=click.Path(dir_okay=False), required=True)
 def main(device, dtypes, batch, max_new_tokens, repeats, threads, out) -> None:
     import torch
-    from softtool.export.onnx import ExportOptions, export_adapters
-    from softtool.export.session import default_threads
 
     from softtool.adapter import Adapter, AdapterMeta, save_adapter
+    from softtool.export.onnx import ExportOptions, export_adapters
+    from softtool.export.session import default_threads
     from softtool.models import load_model
     from softtool.runtime.base import SearchOptions
     from softtool.runtime.onnx_backend import OnnxGenerator

@@ -111,6 +111,7 @@ def _model_facts(model, tokenizer) -> dict[str, Any]:
 def _trace(wrapper, facts: dict[str, Any], path: Path, table_as_input: bool, top_k: int, table) -> None:
     """Trace the wrapper with the TorchScript exporter (fast, exact on Llama-style eager attention)."""
     import torch
+
     from softtool.export.graph import io_names
 
     batch, seq, past_len = 2, 5, 3
@@ -202,11 +203,11 @@ def export_adapters(
     """
     import torch
     from safetensors.torch import save_file
-    from softtool.export.graph import PromptedLM
-    from softtool.export.verify import verify_export
 
     from softtool import __version__
     from softtool.adapter import atomic_write_json, check_compatible
+    from softtool.export.graph import PromptedLM
+    from softtool.export.verify import verify_export
     from softtool.models import load_model, load_tokenizer
 
     options = options or ExportOptions()

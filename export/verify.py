@@ -129,8 +129,9 @@ class OrtStepper:
 def verify_export(folder: Path, model, table, meta: dict[str, Any], *, device: str, steps: int) -> dict[str, Any]:
     """Run both sides on the sample batch for `steps` greedy steps; returns the report (passed, diffs, agreement)."""
     import torch
-    from softtool.export.session import create_session
     from transformers import AutoTokenizer
+
+    from softtool.export.session import create_session
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     rows, _ = sample_rows(tokenizer, meta)

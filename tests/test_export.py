@@ -77,7 +77,6 @@ def test_export_writes_a_self_contained_folder(tiny_export):
 def test_graph_logits_equal_transformers_at_prefill_and_each_cached_decode_step(tiny_export, tiny_model):
     from softtool.export.session import create_session
     from softtool.export.verify import left_pad
-
     from softtool.runtime.onnx_backend import OnnxGenerator
 
     folder, _, meta = tiny_export
@@ -162,9 +161,8 @@ def test_topk_output_gives_the_same_greedy_tokens(tmp_path, tiny_model_dir):
 
 
 def test_failed_verification_exits_nonzero_saying_by_how_much(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    from softtool.export import verify
-
     from softtool.cli import main
+    from softtool.export import verify
 
     adapter = make_adapter(tmp_path / "ad", tiny_model_dir)
     monkeypatch.setitem(verify.THRESHOLDS, "fp32", (-1.0, 1.0))  # no real difference can pass this

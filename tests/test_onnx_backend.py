@@ -222,9 +222,8 @@ def test_token_ids_outside_the_id_range_are_refused(exports):
 @pytest.mark.slow
 def test_smollm2_export_greedy_tokens_equal_pytorch(tmp_path, smollm2):
     """The real model: export (measured in benchmarks/results/export_smollm2.json) and greedy parity."""
-    from softtool.export.onnx import ExportOptions, export_adapters
-
     from softtool.adapter import Adapter, AdapterMeta, save_adapter
+    from softtool.export.onnx import ExportOptions, export_adapters
     from softtool.runtime.onnx_backend import OnnxGenerator
 
     # A vocabulary-initialised prompt (the default init), so the model produces sensible text.

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from softtool import __version__
 from softtool.errors import SofttoolError
+from softtool.fileio import atomic_write_bytes, atomic_write_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -52,23 +52,6 @@ class AdapterMeta:
 class Adapter:
     prompt_table: Any  # torch.Tensor [num_virtual_tokens, token_dim]
     meta: AdapterMeta
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def peft_config(meta: AdapterMeta, model_config: Any | None = None) -> dict[str, Any]:
@@ -107,7 +90,7 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter, model_config: Any | 
             f"prompt table shape {tuple(table.shape)} does not match meta "
             f"({adapter.meta.num_virtual_tokens}, {adapter.meta.token_dim})"
         )
-    _atomic_write_bytes(out / WEIGHTS_FILE, save({PROMPT_KEY: table}))
+    atomic_write_bytes(out / WEIGHTS_FILE, save({PROMPT_KEY: table}))
     atomic_write_json(out / CONFIG_FILE, peft_config(adapter.meta, model_config))
     atomic_write_json(out / META_FILE, asdict(adapter.meta))
     return out

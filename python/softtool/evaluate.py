@@ -19,9 +19,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from softtool.adapter import _atomic_write_bytes, atomic_write_json
 from softtool.distributed import DistributedContext, distributed_context
 from softtool.errors import SofttoolError
+from softtool.fileio import atomic_write_bytes, atomic_write_json
 from softtool.runtime.base import Generator, SearchOptions
 
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -125,7 +125,7 @@ def write_eval(output: Path, task, examples: Sequence, preds: Predictions, info:
             "sentence_bleu": task.sentence_score(pred, ex.references),
         }
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-    _atomic_write_bytes(output / PREDICTIONS_FILE, "".join(lines).encode())
+    atomic_write_bytes(output / PREDICTIONS_FILE, "".join(lines).encode())
     record = {
         "metrics": scores,
         "n": len(examples),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from softtool.adapter import atomic_write_json
+from softtool.fileio import atomic_write_json
 
 REQUIRED_BACKEND_KEYS = ("name", "status", "tokens_per_s", "speedup_vs_peft", "speedup_vs_hf")
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from softtool.adapter import _atomic_write_bytes
+from softtool.fileio import atomic_write_bytes
 
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
@@ -17,7 +17,7 @@ LOSS_PLOT = "loss.png"
 def write_metrics(output_dir: Path, history: list[dict[str, Any]]) -> None:
     """Rewrite metrics.jsonl and metrics.csv from the full history (one row per logged step or evaluation)."""
     lines = "".join(json.dumps(row, sort_keys=True) + "\n" for row in history)
-    _atomic_write_bytes(output_dir / METRICS_JSONL, lines.encode())
+    atomic_write_bytes(output_dir / METRICS_JSONL, lines.encode())
     columns = sorted({key for row in history for key in row}, key=lambda k: (k != "step", k != "kind", k))
     tmp = output_dir / f".{METRICS_CSV}.tmp"
     with tmp.open("w", newline="") as fh:

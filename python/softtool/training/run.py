@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from softtool.adapter import CONFIG_FILE, META_FILE, WEIGHTS_FILE, Adapter, AdapterMeta, atomic_write_json, save_adapter
+from softtool.adapter import CONFIG_FILE, META_FILE, WEIGHTS_FILE, Adapter, AdapterMeta, save_adapter
 from softtool.distributed import DistributedContext, DistributedOptions, distributed_context, shard_base_fsdp
 from softtool.errors import SofttoolError
+from softtool.fileio import atomic_write_json
 from softtool.prompts.encoder import PromptConfig, build_prompt_module
 from softtool.prompts.template import Template
 from softtool.training.batching import Feature, make_feature

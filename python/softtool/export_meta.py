@@ -1,0 +1,174 @@
+"""The export contract: what an export folder holds and what its graph expects, in one typed record.
+
+`softtool export` writes an `ExportMeta` as `softtool_export.json` (last, after verification passed) and
+every reader (the ONNX runtime, verification, `eval`/`generate` deciding whether a folder is an export)
+reads it back through `ExportMeta.read`. No other module names the file. A folder written by another
+format version is refused with a one-line error that says to re-export.
+
+Virtual tokens are ids: token j of task t is `vocab_size + t * num_virtual_tokens + j`, and reads row
+`t * num_virtual_tokens + j` of the prompt table. Ids below `vocab_size` are ordinary tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+from softtool.errors import SofttoolError
+from softtool.fileio import atomic_write_json
+
+# Version 2: typed record (ExportMeta), task table as a list of ExportTask, graph I/O and KV layout recorded.
+FORMAT_VERSION = 2
+
+
+@dataclass(frozen=True)
+class ExportTask:
+    """One task of the export, in prompt-table order."""
+
+    name: str  # what the user calls it (the adapter folder's name); the server's `model`
+    task: str  # softtool's task kind: squad, squad-qg, cnndm, translation or generic
+    template: str  # e.g. "[P:20]English: {source}\nGerman:"
+    method: str = "prompt"  # prompt or ptuning
+    task_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExportMeta:
+    """Everything a runtime needs to run an export folder, and how it was made."""
+
+    MODEL_FILE: ClassVar[str] = "model.onnx"
+    TABLE_FILE: ClassVar[str] = "prompt_table.safetensors"
+    TABLE_KEY: ClassVar[str] = "prompt_table"
+    FILE: ClassVar[str] = "softtool_export.json"
+
+    base_model: str
+    vocab_size: int  # V: the first virtual id
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    num_virtual_tokens: int  # N, shared by every task
+    tasks: tuple[ExportTask, ...]
+    dtype: str  # fp32, fp16 or int8
+    device: str  # cpu or cuda: what it was verified on
+    opset: int
+    inputs: tuple[str, ...]  # graph input names, in order
+    outputs: tuple[str, ...]  # graph output names, in order
+    # How the KV cache moves: "concat" = past [B, kv_heads, P, head_dim] in, present [B, kv_heads, P+S, head_dim]
+    # out; the graph's beam_idx input picks which past row each row continues.
+    kv_layout: str = "concat"
+    prompt_table_input: bool = False  # the table is a graph input (tasks can be added without re-export)
+    top_k: int = 0  # >0: the graph emits top-k log-probs and ids instead of full logits
+    int8_method: str | None = None
+    export_seconds: float = 0.0
+    verification: dict[str, Any] = field(default_factory=dict)
+    softtool_version: str = ""
+    format: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        # JSON gives lists; the record is frozen, so store tuples (hashable, comparable).
+        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        object.__setattr__(self, "outputs", tuple(self.outputs))
+        tasks = tuple(t if isinstance(t, ExportTask) else ExportTask(**t) for t in self.tasks)
+        object.__setattr__(self, "tasks", tasks)
+        if not tasks:
+            raise ValueError("an export holds at least one task")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_virtual_tokens < 0 or self.top_k < 0:
+            raise ValueError("num_virtual_tokens and top_k must be >= 0")
+
+    # -- derived ------------------------------------------------------------------------------------
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def template(self) -> str:
+        """The first task's template (the one `generate`/`eval` use unless told otherwise)."""
+        return self.tasks[0].template
+
+    @property
+    def task(self) -> str:
+        return self.tasks[0].task
+
+    @property
+    def task_options(self) -> dict[str, Any]:
+        return dict(self.tasks[0].task_options)
+
+    @property
+    def method(self) -> str:
+        return self.tasks[0].method
+
+    def virtual_id(self, task: int, j: int) -> int:
+        """The id of virtual token j of task `task` (what the graph's input_ids carry)."""
+        if not (0 <= task < self.num_tasks and 0 <= j < self.num_virtual_tokens):
+            raise ValueError(f"no virtual token {j} of task {task} in this export")
+        return self.vocab_size + task * self.num_virtual_tokens + j
+
+    def task_index(self, name: str) -> int:
+        for i, t in enumerate(self.tasks):
+            if t.name == name:
+                return i
+        raise SofttoolError(f"no task named {name!r} in this export (has {[t.name for t in self.tasks]})")
+
+    # -- (de)serialisation --------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["tasks"] = [asdict(t) for t in self.tasks]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str = "export metadata") -> ExportMeta:
+        if not isinstance(data, dict):
+            raise SofttoolError(f"{source} must hold a JSON object; re-run softtool export")
+        version = data.get("format")
+        if version != FORMAT_VERSION:
+            raise SofttoolError(
+                f"{source} has export format {version}; this softtool reads format {FORMAT_VERSION}: "
+                "re-run softtool export"
+            )
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (TypeError, ValueError) as exc:
+            raise SofttoolError(f"{source} is malformed ({exc}); re-run softtool export") from exc
+
+    def write(self, folder: str | os.PathLike) -> Path:
+        path = Path(folder) / self.FILE
+        atomic_write_json(path, self.to_json())
+        return path
+
+    @classmethod
+    def is_export(cls, folder: str | os.PathLike) -> bool:
+        """Whether `folder` looks like an export folder (holds the metadata file)."""
+        return (Path(folder) / cls.FILE).is_file()
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike) -> ExportMeta:
+        """The metadata of an export folder, refusing folders with missing files or another format."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise SofttoolError(f"export folder not found: {folder}")
+        if not (folder / cls.FILE).is_file():
+            raise SofttoolError(
+                f"{folder} is not an export folder: {cls.FILE} is missing (an unfinished export, or one that "
+                "failed verification); run softtool export"
+            )
+        for name in (cls.MODEL_FILE, cls.TABLE_FILE):
+            if not (folder / name).is_file():
+                raise SofttoolError(f"{folder} is not a complete export: {name} is missing; re-run softtool export")
+        try:
+            data = json.loads((folder / cls.FILE).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SofttoolError(f"{folder / cls.FILE} is not valid JSON ({exc}); re-run softtool export") from exc
+        return cls.from_json(data, str(folder / cls.FILE))
+
