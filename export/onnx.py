@@ -34,27 +34,40 @@ EXTERNAL_DATA_BYTES = 1 << 30
 class ExportOptions:
     """How to export a soft prompt (the fields are `softtool export` options)."""
 
-    device: str = field(default="cpu", metadata={"help": "Device the graph is built and verified for: cpu or cuda."})
+    device: str = field(
+        default="cpu",
+        metadata={"help": "Device the graph is built and verified for: cpu or cuda.", "choices": ("cpu", "cuda")},
+    )
     dtype: str = field(
-        default="fp32", metadata={"help": "Weights: fp32, fp16 (for CUDA) or int8 (8-bit weights, for the CPU)."}
+        default="fp32",
+        metadata={
+            "help": "Weights: fp32, fp16 (for CUDA) or int8 (8-bit weights, for the CPU).",
+            "choices": ("fp32", "fp16", "int8"),
+        },
     )
     prompt_table_input: bool = field(
         default=False,
         metadata={"help": "Make the prompt table a graph input instead of a constant, so new tasks need no re-export."},
     )
     top_k: int = field(
-        default=0, metadata={"help": "Emit the top-k log-probs and ids instead of full logits (0: full logits)."}
+        default=0,
+        metadata={"help": "Emit the top-k log-probs and ids instead of full logits (0: full logits).", "min": 0},
     )
     int8_method: str = field(
         default="weight-only",
-        metadata={"help": "int8 scheme: weight-only (MatMulNBits, close to fp32) or dynamic (quantize_dynamic)."},
+        metadata={
+            "help": "int8 scheme: weight-only (MatMulNBits, close to fp32) or dynamic (quantize_dynamic).",
+            "choices": ("weight-only", "dynamic"),
+        },
     )
     strict_device: bool = field(
         default=False, metadata={"help": "Fail instead of falling back to CPU when CUDA is missing."}
     )
     model: str | None = field(default=None, metadata={"help": "Base model to use instead of the adapter's base_model."})
     verify: bool = field(default=True, metadata={"help": "Check the exported graph against PyTorch before finishing."})
-    verify_steps: int = field(default=32, metadata={"help": "Greedy decode steps compared during verification."})
+    verify_steps: int = field(
+        default=32, metadata={"help": "Greedy decode steps compared during verification.", "min": 1}
+    )
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing output folder."})
 
     def __post_init__(self):

@@ -39,10 +39,20 @@ class DistributedOptions:
     """How processes talk to each other and where the frozen base model lives."""
 
     backend: str = field(
-        default="auto", metadata={"help": "process-group backend: auto (nccl on CUDA, else gloo), nccl or gloo"}
+        default="auto",
+        metadata={
+            "help": "process-group backend: auto (nccl on CUDA, else gloo), nccl or gloo",
+            "flag": "--dist-backend",
+            "choices": BACKENDS,
+        },
     )
     timeout_s: int = field(
-        default=1800, metadata={"help": "seconds a rank waits for the others in a collective before failing"}
+        default=1800,
+        metadata={
+            "help": "seconds a rank waits for the others in a collective before failing",
+            "flag": "--dist-timeout",
+            "min": 1,
+        },
     )
     device_map: str | None = field(
         default=None,

@@ -29,54 +29,63 @@ def _check_device(device: str) -> None:
 class BenchOptions:
     """What to generate, on which backends, and how often to time it."""
 
-    task: str = field(default="translation", metadata={"help": f"Task of the workload: {', '.join(TASKS)}."})
+    task: str = field(
+        default="translation", metadata={"help": f"Task of the workload: {', '.join(TASKS)}.", "choices": TASKS}
+    )
     data: str | None = field(
         default=None, metadata={"help": "Data folder (e.g. ../shared/data/multi30k); or give `inputs` in a config."}
     )
     split: str = field(default="val", metadata={"help": "Data split to read."})
-    limit: int = field(default=64, metadata={"help": "Number of examples to generate for."})
-    batch_size: int = field(default=16, metadata={"help": "Rows per generate call."})
-    max_new_tokens: int = field(default=64, metadata={"help": "Generated tokens per row at most."})
-    num_beams: int = field(default=1, metadata={"help": "1 for greedy search, N for beam search with N beams."})
+    limit: int = field(default=64, metadata={"help": "Number of examples to generate for.", "min": 1})
+    batch_size: int = field(default=16, metadata={"help": "Rows per generate call.", "min": 1})
+    max_new_tokens: int = field(default=64, metadata={"help": "Generated tokens per row at most.", "min": 1})
+    num_beams: int = field(
+        default=1, metadata={"help": "1 for greedy search, N for beam search with N beams.", "min": 1}
+    )
     backends: list[str] = field(
         default_factory=lambda: list(DEFAULT_BACKENDS),
-        metadata={"help": f"Backends to run, of {', '.join(ALL_BACKENDS)}."},
+        metadata={"help": f"Backends to run, of {', '.join(ALL_BACKENDS)}.", "choices": ALL_BACKENDS},
     )
     model: str = field(default="smollm2-135m", metadata={"help": "Base model (name, folder or .gguf)."})
     adapter: str | None = field(
         default=None, metadata={"help": "Soft prompt folder; without one an untrained prompt (vocab init) is made."}
     )
-    num_virtual_tokens: int = field(default=20, metadata={"help": "Virtual tokens of the untrained prompt."})
+    num_virtual_tokens: int = field(default=20, metadata={"help": "Virtual tokens of the untrained prompt.", "min": 1})
     template: str | None = field(
         default=None, metadata={"help": "Template of the untrained prompt; default: the task's prefix template."}
     )
     onnx_dir: str | None = field(default=None, metadata={"help": "Exported graph for `onnx`; default: export it."})
     onnx_int8_dir: str | None = field(default=None, metadata={"help": "Exported int8 graph; default: export it."})
     export_verify_steps: int = field(
-        default=32, metadata={"help": "Greedy steps the on-the-fly export checks against PyTorch."}
+        default=32, metadata={"help": "Greedy steps the on-the-fly export checks against PyTorch.", "min": 1}
     )
     cache_dir: str | None = field(
         default=None, metadata={"help": "Where on-the-fly exports and the untrained prompt go (default: a cache)."}
     )
-    warmup: int = field(default=1, metadata={"help": "Untimed batches run first on each backend."})
-    repeats: int = field(default=1, metadata={"help": "Timed passes over the workload per backend."})
-    threads: int = field(default=2, metadata={"help": "CPU threads every backend and the limit probes use."})
+    warmup: int = field(default=1, metadata={"help": "Untimed batches run first on each backend.", "min": 0})
+    repeats: int = field(default=1, metadata={"help": "Timed passes over the workload per backend.", "min": 1})
+    threads: int = field(default=2, metadata={"help": "CPU threads every backend and the limit probes use.", "min": 1})
     device: str = field(
         default="cpu",
         metadata={"help": "cpu or cuda: where the torch backends run; onnx backends then need the CUDA provider."},
     )
     dtype: str = field(
         default="float32",
-        metadata={"help": f"Weights of the torch backends ({', '.join(DTYPES)}); float16 exports fp16 graphs."},
+        metadata={
+            "help": f"Weights of the torch backends ({', '.join(DTYPES)}); float16 exports fp16 graphs.",
+            "choices": DTYPES,
+        },
     )
     isolate: bool = field(
         default=True, metadata={"help": "Run each backend in a fresh process (a clean peak-memory number)."}
     )
     limits: bool = field(default=True, metadata={"help": "Measure the machine's bandwidth and FLOP/s bounds."})
     inputs: list[str] | None = field(
-        default=None, metadata={"help": "Inline source texts (configs only) instead of a data folder."}
+        default=None, metadata={"help": "Inline source texts (configs only) instead of a data folder.", "cli": False}
     )
-    references: list[str] | None = field(default=None, metadata={"help": "Inline references for `inputs`."})
+    references: list[str] | None = field(
+        default=None, metadata={"help": "Inline references for `inputs`.", "cli": False}
+    )
     output: str | None = field(default=None, metadata={"help": "JSON result path (a PNG chart goes beside it)."})
     seed: int = field(default=0, metadata={"help": "Seed of the untrained prompt."})
 
@@ -123,26 +132,36 @@ class BenchOptions:
 class TrainBenchOptions:
     """The training comparison: softtool's training step against PEFT prompt tuning, same everything."""
 
-    task: str = field(default="translation", metadata={"help": f"Task of the workload: {', '.join(TASKS)}."})
+    task: str = field(
+        default="translation", metadata={"help": f"Task of the workload: {', '.join(TASKS)}.", "choices": TASKS}
+    )
     data: str | None = field(default=None, metadata={"help": "Data folder to draw training examples from."})
     split: str = field(default="train", metadata={"help": "Data split to read."})
     model: str = field(default="smollm2-135m", metadata={"help": "Base model (name, folder or .gguf)."})
     num_virtual_tokens: list[int] = field(
-        default_factory=lambda: [20, 100], metadata={"help": "Prompt lengths to compare (one run each)."}
+        default_factory=lambda: [20, 100], metadata={"help": "Prompt lengths to compare (one run each).", "min": 1}
     )
-    batch_size: int = field(default=8, metadata={"help": "Examples per training step."})
-    steps: int = field(default=10, metadata={"help": "Timed training steps per side (K)."})
-    warmup: int = field(default=2, metadata={"help": "Untimed steps first (not counted, but losses are compared)."})
-    lr: float = field(default=3e-2, metadata={"help": "Learning rate (AdamW) of both sides."})
+    batch_size: int = field(default=8, metadata={"help": "Examples per training step.", "min": 1})
+    steps: int = field(default=10, metadata={"help": "Timed training steps per side (K).", "min": 1})
+    warmup: int = field(
+        default=2, metadata={"help": "Untimed steps first (not counted, but losses are compared).", "min": 0}
+    )
+    lr: float = field(
+        default=3e-2, metadata={"help": "Learning rate (AdamW) of both sides.", "min": 0, "min_open": True}
+    )
     max_length: int = field(
-        default=128, metadata={"help": "Token budget per example (text and target; virtual tokens on top)."}
+        default=128, metadata={"help": "Token budget per example (text and target; virtual tokens on top).", "min": 1}
     )
-    threads: int = field(default=2, metadata={"help": "CPU threads."})
+    threads: int = field(default=2, metadata={"help": "CPU threads.", "min": 1})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda: where both sides train (float32 weights)."})
     seed: int = field(default=0, metadata={"help": "Seed of the shared prompt init and data order."})
-    inputs: list[str] | None = field(default=None, metadata={"help": "Inline source texts (configs only)."})
-    references: list[str] | None = field(default=None, metadata={"help": "Inline targets for `inputs`."})
-    loss_rtol: float = field(default=1e-3, metadata={"help": "Relative loss difference allowed after K steps."})
+    inputs: list[str] | None = field(
+        default=None, metadata={"help": "Inline source texts (configs only).", "cli": False}
+    )
+    references: list[str] | None = field(default=None, metadata={"help": "Inline targets for `inputs`.", "cli": False})
+    loss_rtol: float = field(
+        default=1e-3, metadata={"help": "Relative loss difference allowed after K steps.", "min": 0, "min_open": True}
+    )
     output: str | None = field(default=None, metadata={"help": "JSON result path (a PNG chart goes beside it)."})
 
     def __post_init__(self) -> None:

@@ -28,18 +28,28 @@ VOCAB_INIT_RANGE = 5000
 class PromptConfig:
     """What to learn: the method, how many virtual tokens, where they go, and how they start."""
 
-    method: str = field(default="prompt", metadata={"help": "prompt (prompt tuning) or ptuning (prompt encoder)"})
-    num_virtual_tokens: int = field(default=20, metadata={"help": "virtual tokens in total (ignored with --template)"})
+    method: str = field(
+        default="prompt", metadata={"help": "prompt (prompt tuning) or ptuning (prompt encoder)", "choices": METHODS}
+    )
+    num_virtual_tokens: int = field(
+        default=20, metadata={"help": "virtual tokens in total (ignored with --template)", "min": 1}
+    )
     init: str = field(
         default="vocab",
-        metadata={"help": "start of the prompt table: vocab (sampled token embeddings), text (--init-text) or random"},
+        metadata={
+            "help": "start of the prompt table: vocab (sampled token embeddings), text (--init-text) or random",
+            "choices": INITS,
+        },
     )
     init_text: str | None = field(
         default=None, metadata={"help": "phrase whose embeddings start the prompt (init=text)"}
     )
-    encoder: str = field(default="lstm", metadata={"help": "P-tuning prompt encoder: lstm (BiLSTM + MLP head) or mlp"})
+    encoder: str = field(
+        default="lstm",
+        metadata={"help": "P-tuning prompt encoder: lstm (BiLSTM + MLP head) or mlp", "choices": ENCODERS},
+    )
     encoder_hidden_size: int = field(
-        default=0, metadata={"help": "P-tuning encoder width (0: the model's hidden size)"}
+        default=0, metadata={"help": "P-tuning encoder width (0: the model's hidden size)", "min": 0}
     )
     template: str | None = field(
         default=None, metadata={"help": "template with [P:N] blocks and {field}s (default: the task's, with N tokens)"}

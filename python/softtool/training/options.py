@@ -16,33 +16,43 @@ DTYPES = ("float32", "bfloat16", "float16")
 class TrainOptions:
     """Optimization and bookkeeping for one training run."""
 
-    lr: float = field(default=0.03, metadata={"help": "AdamW learning rate of the prompt parameters"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps"})
-    schedule: str = field(default="linear", metadata={"help": "decay after warmup: linear, cosine or constant"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the prompt gradient norm (0: no clipping)"})
-    grad_accumulation: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
-    max_steps: int = field(default=0, metadata={"help": "optimizer steps (0: use --epochs)"})
-    epochs: float = field(default=0.0, metadata={"help": "passes over the training set (when --max-steps is 0)"})
+    lr: float = field(
+        default=0.03, metadata={"help": "AdamW learning rate of the prompt parameters", "min": 0, "min_open": True}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "min": 0})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps", "min": 0})
+    schedule: str = field(
+        default="linear", metadata={"help": "decay after warmup: linear, cosine or constant", "choices": SCHEDULES}
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "clip the prompt gradient norm (0: no clipping)", "min": 0}
+    )
+    grad_accumulation: int = field(default=1, metadata={"help": "micro-batches per optimizer step", "min": 1})
+    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch", "min": 1})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps (0: use --epochs)", "min": 0})
+    epochs: float = field(
+        default=0.0, metadata={"help": "passes over the training set (when --max-steps is 0)", "min": 0}
+    )
     seed: int = field(default=0, metadata={"help": "seed for initialization and data order"})
     eval_every: int = field(
-        default=50, metadata={"help": "evaluate on the dev subset every N steps (0: only at the end)"}
+        default=50, metadata={"help": "evaluate on the dev subset every N steps (0: only at the end)", "min": 0}
     )
-    eval_limit: int = field(default=64, metadata={"help": "dev examples used for evaluation during training"})
+    eval_limit: int = field(default=64, metadata={"help": "dev examples used for evaluation during training", "min": 1})
     eval_generate: bool = field(
         default=False,
         metadata={"help": "also generate on the dev subset and keep the prompt with the best task metric"},
     )
-    checkpoint_every: int = field(default=100, metadata={"help": "save a resumable checkpoint every N steps"})
+    checkpoint_every: int = field(default=100, metadata={"help": "save a resumable checkpoint every N steps", "min": 0})
     max_length: int = field(
-        default=256, metadata={"help": "longest input + target in tokens (longer inputs truncated)"}
+        default=256, metadata={"help": "longest input + target in tokens (longer inputs truncated)", "min": 1}
     )
     prefix_cache: bool = field(
         default=True,
         metadata={"help": "run a prefix prompt once per step and share its KV cache (same result, faster)"},
     )
-    dtype: str = field(default="float32", metadata={"help": "base model weights: float32, bfloat16 or float16"})
+    dtype: str = field(
+        default="float32", metadata={"help": "base model weights: float32, bfloat16 or float16", "choices": DTYPES}
+    )
     autocast: bool = field(default=False, metadata={"help": "bf16/fp16 autocast (CUDA only; dtype picks the type)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
 
