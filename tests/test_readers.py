@@ -231,7 +231,7 @@ def test_hub_name_without_the_datasets_package_says_how_to_proceed():
 def test_hub_rows_in_the_translation_layout_become_examples():
     # The rows `datasets` yields for e.g. wmt16 nest both sides under "translation".
     from softtool.data.hub import looks_like_hub_name, parse_hub_name
-    from softtool.data.readers import collect_examples, flatten_translation
+    from softtool.data.records import collect_examples, flatten_translation
 
     rows = [{"translation": {"de": "Ein Hund.", "en": "A dog."}}, {"translation": {"de": "x", "en": " "}}]
     task = get_task("translation")

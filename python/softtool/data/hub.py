@@ -11,6 +11,8 @@ import re
 from typing import Any
 
 from softtool.data.example import Split
+from softtool.data.readers import Source, register_source
+from softtool.data.records import collect_examples, flatten_translation
 from softtool.data.tasks import Task
 from softtool.errors import SofttoolError
 
@@ -31,8 +33,6 @@ def parse_hub_name(text: str) -> tuple[str, str | None]:
 
 def load_hub_split(data: str, split: str | None, *, task: Task, limit: int | None = None) -> Split:
     """Read a split of a Hugging Face dataset for `task` (rows are records, as in a JSONL file)."""
-    from softtool.data.readers import collect_examples, flatten_translation
-
     name, config = parse_hub_name(data)
     try:
         import datasets
@@ -59,3 +59,6 @@ def load_hub_split(data: str, split: str | None, *, task: Task, limit: int | Non
     if not examples:
         raise SofttoolError(f"{where}: no usable examples ({total} rows, {skipped} with an empty field)")
     return Split(hub_split, examples, paths=[], skipped_empty=skipped, total_rows=total, source=where)
+
+
+register_source(Source("Hugging Face dataset", claims=looks_like_hub_name, load=load_hub_split))

@@ -7,8 +7,9 @@
     train.csv / train.tsv            a header row naming the columns
     train.en + train.de              line-aligned parallel text (translation; language codes from the task)
 
-Any of these may be gzip-compressed (`.gz` appended). A name that is not a folder is tried as a
-Hugging Face dataset (see softtool.data.hub). The task (softtool.data.tasks) decides which columns
+Any of these may be gzip-compressed (`.gz` appended). A name that is not a folder goes to the first
+registered source that claims it (`register_source`; softtool.data.hub registers Hugging Face dataset
+names), so this module never imports those sources. The task (softtool.data.tasks) decides which columns
 it needs and turns each record into an Example; rows whose needed fields are empty are counted in
 `Split.skipped_empty`, never dropped silently.
 """
@@ -20,12 +21,14 @@ import gzip
 import io
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from softtool.data.example import Example, Split
+from softtool.data.example import Split
+from softtool.data.records import collect_examples, flatten_translation
 from softtool.data.tasks import Task
 from softtool.errors import SofttoolError
 
@@ -36,15 +39,35 @@ _LANGUAGE_SUFFIX = re.compile(r"^\.[a-z]{2,3}$")
 csv.field_size_limit(2**31 - 1)
 
 
+@dataclass(frozen=True)
+class Source:
+    """A place data can come from besides a folder, e.g. the Hugging Face hub (softtool.data.hub)."""
+
+    name: str
+    claims: Callable[[str], bool]  # is `--data TEXT` (not an existing path) meant for this source?
+    load: Callable[..., Split]  # load(data, split, *, task, limit) -> Split
+    dev_split: str = "dev"  # what `default_dev_split` answers for it
+
+
+_SOURCES: list[Source] = []
+
+
+def register_source(source: Source) -> None:
+    """Let `load_split` hand names that are not folders to `source` (later registrations are asked first)."""
+    _SOURCES.insert(0, source)
+
+
+def _source_for(text: str) -> Source | None:
+    return next((s for s in _SOURCES if s.claims(text)), None)
+
+
 def load_split(data: str | Path, split: str | None, *, task: Task, limit: int | None = None) -> Split:
     """Read split `split` (a file stem; None = the dev split) of `data` for `task`, up to `limit` examples."""
     if limit is not None and limit <= 0:
         raise SofttoolError(f"--limit must be a positive number of examples, got {limit}")
     folder = _data_folder(data)
-    if folder is None:
-        from softtool.data.hub import load_hub_split
-
-        return load_hub_split(str(data), split, task=task, limit=limit)
+    if isinstance(folder, Source):
+        return folder.load(str(data), split, task=task, limit=limit)
     if split is None:
         split = default_dev_split(folder)
     paths = _find_split_files(folder, split, task)
@@ -71,10 +94,10 @@ def load_split(data: str | Path, split: str | None, *, task: Task, limit: int | 
 
 
 def default_dev_split(data: str | Path) -> str:
-    """`dev` or `val`, whichever the folder has (dev first); `dev` for a Hugging Face dataset name."""
+    """`dev` or `val`, whichever the folder has (dev first); a registered source's own answer for its names."""
     folder = _data_folder(data)
-    if folder is None:
-        return "dev"
+    if isinstance(folder, Source):
+        return folder.dev_split
     splits = list_splits(folder)
     for name in DEV_SPLITS:
         if name in splits:
@@ -107,41 +130,20 @@ def list_splits(folder: Path) -> dict[str, list[Path]]:
     return dict(sorted(tables.items()))
 
 
-def collect_examples(
-    records: Iterable[Mapping[str, Any]], columns: Mapping[str, str], task: Task, limit: int | None
-) -> tuple[list[Example], int, int]:
-    """Examples from records, up to `limit`; returns (examples, rows skipped as empty, rows read)."""
-    examples: list[Example] = []
-    skipped = total = 0
-    for index, record in enumerate(records):
-        total += 1
-        example = task.make_example(record, columns, index)
-        if example is None:
-            skipped += 1
-            continue
-        examples.append(example)
-        if limit is not None and len(examples) >= limit:
-            break
-    return examples, skipped, total
-
-
 # -- locating files ---------------------------------------------------------------------------
 
 
-def _data_folder(data: str | Path) -> Path | None:
-    """The folder `data` names, None when it should be tried as a Hugging Face dataset name."""
+def _data_folder(data: str | Path) -> Path | Source:
+    """The folder `data` names, or the registered source that claims the name."""
     text = str(data)
-    if text.startswith("hf:"):
-        return None
     path = Path(text).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise SofttoolError(f"--data {text}: is a file; pass the folder that holds it (a split is a file stem there)")
-    from softtool.data.hub import looks_like_hub_name
-
-    if looks_like_hub_name(text):
-        return None
+    source = _source_for(text)
+    if source is not None:
+        return source
     raise SofttoolError(f"--data {text}: no such folder; pass a folder with <split>.json/.jsonl/.csv or parallel files")
 
 
@@ -298,14 +300,6 @@ def _read_parallel(src: Path, tgt: Path, task: Task) -> tuple[list[str], Iterato
     key_src, key_tgt = task.src, task.tgt
     records = ({"id": str(i), key_src: s, key_tgt: t} for i, (s, t) in enumerate(zip(*sides, strict=True)))
     return ["id", key_src, key_tgt], records
-
-
-def flatten_translation(record: Mapping[str, Any]) -> Mapping[str, Any]:
-    # The Hugging Face translation layout nests the sides: {"translation": {"en": ..., "de": ...}}.
-    nested = record.get("translation")
-    if isinstance(nested, Mapping):
-        return {**{k: v for k, v in record.items() if k != "translation"}, **nested}
-    return record
 
 
 def _keys(records: list[Mapping[str, Any]]) -> list[str]:

@@ -129,6 +129,20 @@ class Task:
     def zero_shot_template(self) -> Template:
         return Template.parse(self.input_text)
 
+    def check_template(self, template: Template) -> None:
+        """SofttoolError unless `template` uses every input field of the task, and no other field."""
+        unknown = [f for f in template.fields if f not in self.fields]
+        missing = [f for f in self.fields if f not in template.fields]
+        if unknown or missing:
+            problem = f"field(s) {unknown} are not fields of task {self.name}" if unknown else ""
+            if missing:
+                uses = ", ".join("{" + f + "}" for f in missing)
+                problem += ("; " if problem else "") + f"it does not use the task's input field(s) {uses}"
+            raise SofttoolError(
+                f"--template {str(template)!r}: {problem}; a {self.name} template needs "
+                + " and ".join("{" + f + "}" for f in self.fields)
+            )
+
     # -- outputs --------------------------------------------------------------------------------
     def target_text(self, example: Example) -> str:
         # The input ends with "Answer:" etc.; the tokenizer encodes the following word with its space.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from softtool.adapter import CONFIG_FILE, META_FILE, WEIGHTS_FILE, Adapter, AdapterMeta, save_adapter
+from softtool.data.options import DataOptions
 from softtool.distributed import DistributedContext, DistributedOptions, distributed_context, shard_base_fsdp
 from softtool.errors import SofttoolError
 from softtool.fileio import atomic_write_json
@@ -35,24 +36,6 @@ RUN_FILE = "run.json"
 _OUTPUT_FILES = (CONFIG_FILE, WEIGHTS_FILE, META_FILE, METRICS_JSONL, METRICS_CSV, LOSS_PLOT, RUN_FILE)
 # Options that may change between a run and its resumption without making it a different run.
 _RESUMABLE = ("max_steps", "epochs", "eval_every", "checkpoint_every", "device")
-
-
-@dataclass
-class DataOptions:
-    """Where the data is and how much of it to use."""
-
-    task: str = field(default="translation", metadata={"help": "squad, squad-qg, cnndm or translation"})
-    data: str = field(default="", metadata={"help": "data folder or file (see docs/data.md for the formats)"})
-    train_split: str = field(default="train", metadata={"help": "split to train on"})
-    dev_split: str | None = field(default=None, metadata={"help": "split for evaluation (default: dev/validation)"})
-    train_limit: int | None = field(default=None, metadata={"help": "use only the first N training examples"})
-    task_options: dict[str, Any] = field(default_factory=dict)  # translation: {"src": "en", "tgt": "de"}
-
-    def __post_init__(self) -> None:
-        if not self.data:
-            raise ValueError("data is required")
-        if self.train_limit is not None and self.train_limit < 1:
-            raise ValueError(f"train_limit must be positive, got {self.train_limit}")
 
 
 def _run_identity(data: DataOptions, model_name: str, prompt: PromptConfig, options: TrainOptions) -> dict[str, Any]:
