@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +33,22 @@ class EvalOptions:
     """What to evaluate on and how to decode."""
 
     split: str | None = field(default=None, metadata={"help": "split to evaluate (default: the dev/validation split)"})
-    limit: int | None = field(default=None, metadata={"help": "evaluate the first N examples only"})
-    backend: str = field(default="torch", metadata={"help": "generation backend: torch or onnx"})
-    num_beams: int = field(default=1, metadata={"help": "beam size (1: greedy)"})
-    batch_size: int = field(default=8, metadata={"help": "examples generated together"})
-    max_new_tokens: int = field(default=0, metadata={"help": "generation budget (0: the task's default)"})
-    max_length: int = field(default=512, metadata={"help": "longest input in tokens incl. virtual tokens and output"})
+    limit: int | None = field(default=None, metadata={"help": "evaluate the first N examples only", "min": 1})
+    backend: str = field(
+        default="torch", metadata={"help": "generation backend: torch or onnx", "choices": ("torch", "onnx")}
+    )
+    num_beams: int = field(default=1, metadata={"help": "beam size (1: greedy)", "min": 1})
+    batch_size: int = field(default=8, metadata={"help": "examples generated together", "min": 1})
+    max_new_tokens: int = field(default=0, metadata={"help": "generation budget (0: the task's default)", "min": 0})
+    max_length: int = field(
+        default=512, metadata={"help": "longest input in tokens incl. virtual tokens and output", "min": 8}
+    )
     baseline: bool = field(
         default=False, metadata={"help": "also evaluate the discrete instruction prompt and zero-shot input"}
+    )
+    search: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"cli": False, "help": "more SearchOptions fields (sampling, penalties), e.g. {'do_sample': True}"},
     )
 
     def __post_init__(self) -> None:
@@ -52,6 +60,17 @@ class EvalOptions:
             raise ValueError(f"limit must be positive, got {self.limit}")
         if self.max_new_tokens < 0 or self.max_length < 8:
             raise ValueError("max_new_tokens must be >= 0 and max_length >= 8")
+        owned = {"num_beams", "max_new_tokens", "eos_token_ids", "pad_token_id"} & set(self.search)
+        if owned:
+            raise ValueError(f"search sets {sorted(owned)}, which come from EvalOptions and the tokenizer")
+        try:  # SearchOptions checks the combination (e.g. sampling with beams)
+            SearchOptions(num_beams=self.num_beams, **self.search)
+        except TypeError as exc:
+            raise ValueError(f"search: {exc}") from exc
+
+    def search_options(self, tokenizer, max_new_tokens: int) -> SearchOptions:
+        """The decoding options: beams from here, EOS and padding from the tokenizer, the rest from `search`."""
+        return replace(search_options(tokenizer, self.num_beams, max_new_tokens), **self.search)
 
 
 @dataclass
