@@ -1,7 +1,7 @@
 // softtool._core: Python bindings of the C++ decoding core. Each concern registers itself here.
 #include <pybind11/pybind11.h>
 
-#include "numpy_util.h"
+#include "register.h"
 #include "softtool/version.h"
 
 namespace py = pybind11;
@@ -12,4 +12,5 @@ PYBIND11_MODULE(_core, m) {
   softtool_py::register_options(m);
   softtool_py::register_batch(m);
   softtool_py::register_search(m);
+  softtool_py::register_slot_search(m);
 }

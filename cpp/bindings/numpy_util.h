@@ -25,8 +25,4 @@ inline pybind11::array bool_array(std::vector<uint8_t>&& values) {
                          owned->data(), owner);
 }
 
-void register_options(pybind11::module_& m);
-void register_batch(pybind11::module_& m);
-void register_search(pybind11::module_& m);
-
 }  // namespace softtool_py

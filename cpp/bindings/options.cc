@@ -7,8 +7,9 @@
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
-#include "numpy_util.h"
+#include "register.h"
 
 namespace py = pybind11;
 
@@ -31,6 +32,37 @@ EarlyStopping early_stopping_from_py(const py::object& v) {
   throw std::invalid_argument(
       "SearchOptions.early_stopping must be True, False or \"never\", got " +
       py::repr(v).cast<std::string>());
+}
+// One id or an iterable of ids (list, tuple, numpy array, torch tensor); each an int or anything
+// with __index__ (numpy/torch integers), never a float or a string.
+std::vector<int64_t> eos_ids_from_py(const py::object& v) {
+  const auto bad = [&] {
+    return py::type_error("SearchOptions.eos_token_ids must be an int or a sequence of ints, got " +
+                          py::repr(v).cast<std::string>());
+  };
+  const auto as_id = [&](const py::handle& x) {
+    PyObject* index = PyIndex_Check(x.ptr()) ? PyNumber_Index(x.ptr()) : nullptr;
+    if (index == nullptr) {
+      PyErr_Clear();
+      throw bad();
+    }
+    try {
+      return py::reinterpret_steal<py::int_>(index).cast<int64_t>();
+    } catch (const py::cast_error&) {  // beyond int64
+      throw bad();
+    }
+  };
+  if (py::isinstance<py::int_>(v)) return {as_id(v)};
+  if (!py::isinstance<py::str>(v) && !py::isinstance<py::bytes>(v) && py::hasattr(v, "__iter__")) {
+    std::vector<int64_t> ids;
+    try {
+      for (const py::handle& x : v) ids.push_back(as_id(x));
+    } catch (const py::error_already_set&) {  // not iterable after all (a 0-d tensor)
+      throw bad();
+    }
+    return ids;
+  }
+  return {as_id(v)};  // a numpy integer scalar
 }
 }  // namespace
 
@@ -61,7 +93,9 @@ void register_options(py::module_& m) {
       .def(py::init<>())
       .def_readwrite("max_new_tokens", &SearchOptions::max_new_tokens)
       .def_readwrite("min_new_tokens", &SearchOptions::min_new_tokens)
-      .def_readwrite("eos_token_ids", &SearchOptions::eos_token_ids)
+      .def_property(
+          "eos_token_ids", [](const SearchOptions& o) { return o.eos_token_ids; },
+          [](SearchOptions& o, const py::object& v) { o.eos_token_ids = eos_ids_from_py(v); })
       .def_readwrite("pad_token_id", &SearchOptions::pad_token_id)
       .def_readwrite("num_beams", &SearchOptions::num_beams)
       .def_readwrite("length_penalty", &SearchOptions::length_penalty)

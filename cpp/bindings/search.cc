@@ -10,6 +10,7 @@
 #include <string>
 
 #include "numpy_util.h"
+#include "register.h"
 
 namespace py = pybind11;
 

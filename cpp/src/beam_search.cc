@@ -60,50 +60,51 @@ StepResult BeamSearch::step(const float* logits, int64_t rows, int64_t vocab) {
   std::vector<std::vector<Scored>> candidates(static_cast<size_t>(rows));
   parallel_for(rows, threads_for(rows, vocab, num_threads_),
                [&](int64_t t, int64_t begin, int64_t end) {
-                 std::vector<float>& buf = scratch_[t];
                  for (int64_t r = begin; r < end; ++r) {
-                   const float* row = logits + r * vocab;
-                   const RowHistory h{history_[r].data(), history_[r].size(), step_,
-                                      padding_[r / options_.num_beams]};
-                   const std::vector<int64_t> affected = options_.has_processors()
-                                                             ? affected_tokens(h, options_, vocab)
-                                                             : std::vector<int64_t>{};
-                   const int64_t wide = kr + static_cast<int64_t>(affected.size());
-                   if (!affected.empty() && wide <= kMaxSparseCandidates && wide <= vocab) {
-                     // Processors only lower scores: of the raw top (k + #affected), at least k
-                     // unaffected tokens outrank every token outside it, so re-ranking this list
-                     // after the processors gives exactly the dense result.
-                     std::vector<Scored> raw;
-                     const LogSumExp lse = top_k_log_sum_exp(row, vocab, wide, raw);
-                     std::vector<float> values(raw.size());
-                     std::vector<int64_t> ids(raw.size());
-                     for (size_t i = 0; i < raw.size(); ++i) {
-                       values[i] = lse.log_prob(raw[i].value);
-                       ids[i] = raw[i].index;
-                     }
-                     apply_processors_sparse(values.data(), ids.data(), wide, h, options_);
-                     std::vector<Scored>& out = candidates[r];
-                     out.clear();
-                     for (size_t i = 0; i < raw.size(); ++i)
-                       out.push_back(Scored{values[i], ids[i]});
-                     std::stable_sort(out.begin(), out.end(), [](const Scored& a, const Scored& b) {
-                       return ranks_before(a.value, a.index, b.value, b.index);
-                     });
-                     out.resize(static_cast<size_t>(kr));
-                   } else if (!affected.empty()) {
-                     const LogSumExp lse = log_sum_exp(row, vocab);
-                     buf.resize(static_cast<size_t>(vocab));
-                     for (int64_t i = 0; i < vocab; ++i) buf[i] = lse.log_prob(row[i]);
-                     apply_processors(buf.data(), vocab, h, options_);
-                     top_k(buf.data(), vocab, kr, candidates[r]);
-                   } else {
-                     // log_softmax is monotone: rank the raw logits, convert only the winners.
-                     const LogSumExp lse = top_k_log_sum_exp(row, vocab, kr, candidates[r]);
-                     for (Scored& c : candidates[r]) c.value = lse.log_prob(c.value);
-                   }
+                   candidates_for_row(logits + r * vocab, vocab, r, kr, scratch_[t], candidates[r]);
                  }
                });
   return advance(candidates);
+}
+
+// Row r's best kr continuations (token, processed log-prob), best first.
+void BeamSearch::candidates_for_row(const float* row, int64_t vocab, int64_t r, int64_t kr,
+                                    std::vector<float>& buf, std::vector<Scored>& out) const {
+  const RowHistory h{history_[r].data(), history_[r].size(), step_,
+                     padding_[r / options_.num_beams]};
+  const std::vector<int64_t> affected =
+      options_.has_processors() ? affected_tokens(h, options_, vocab) : std::vector<int64_t>{};
+  const int64_t wide = kr + static_cast<int64_t>(affected.size());
+  if (!affected.empty() && wide <= kMaxSparseCandidates && wide <= vocab) {
+    // Processors only lower scores: of the raw top (k + #affected), at least k unaffected tokens
+    // outrank every token outside it, so re-ranking this list after the processors gives exactly
+    // the dense result.
+    std::vector<Scored> raw;
+    const LogSumExp lse = top_k_log_sum_exp(row, vocab, wide, raw);
+    std::vector<float> values(raw.size());
+    std::vector<int64_t> ids(raw.size());
+    for (size_t i = 0; i < raw.size(); ++i) {
+      values[i] = lse.log_prob(raw[i].value);
+      ids[i] = raw[i].index;
+    }
+    apply_processors_sparse(values.data(), ids.data(), wide, h, options_);
+    out.clear();
+    for (size_t i = 0; i < raw.size(); ++i) out.push_back(Scored{values[i], ids[i]});
+    std::stable_sort(out.begin(), out.end(), [](const Scored& a, const Scored& b) {
+      return ranks_before(a.value, a.index, b.value, b.index);
+    });
+    out.resize(static_cast<size_t>(kr));
+  } else if (!affected.empty()) {
+    const LogSumExp lse = log_sum_exp(row, vocab);
+    buf.resize(static_cast<size_t>(vocab));
+    for (int64_t i = 0; i < vocab; ++i) buf[i] = lse.log_prob(row[i]);
+    apply_processors(buf.data(), vocab, h, options_);
+    top_k(buf.data(), vocab, kr, out);
+  } else {
+    // log_softmax is monotone: rank the raw logits, convert only the winners.
+    const LogSumExp lse = top_k_log_sum_exp(row, vocab, kr, out);
+    for (Scored& c : out) c.value = lse.log_prob(c.value);
+  }
 }
 
 StepResult BeamSearch::step_topk(const float* values, const int64_t* indices, int64_t rows,
@@ -137,113 +138,134 @@ StepResult BeamSearch::step_topk(const float* values, const int64_t* indices, in
 }
 
 StepResult BeamSearch::advance(const std::vector<std::vector<Scored>>& row_candidates) {
-  const int64_t nb = options_.num_beams;
   StepResult result;
   result.next_tokens.resize(static_cast<size_t>(num_rows_));
   result.beam_indices.resize(static_cast<size_t>(num_rows_));
   result.finished.resize(static_cast<size_t>(num_rows_));
   const bool at_max_length = step_ + 1 >= options_.max_new_tokens;
-  const bool early_true = options_.early_stopping == EarlyStopping::kTrue;
   const float length_norm =
       static_cast<float>(std::pow(static_cast<double>(step_ + 1), options_.length_penalty));
   std::vector<std::vector<int64_t>> next_history(static_cast<size_t>(num_rows_));
   std::vector<float> next_scores(static_cast<size_t>(num_rows_));
   bool all_hit = true;
-
-  std::vector<Candidate> all;
-  std::vector<int64_t> tie_key;
   for (int64_t b = 0; b < batch_size_; ++b) {
-    // 1. The item's best continuations over all its beams (accumulated log-probs).
-    all.clear();
-    tie_key.clear();
-    for (int64_t i = 0; i < nb; ++i) {
-      const int64_t r = b * nb + i;
-      for (const Scored& c : row_candidates[r]) {
-        all.push_back(Candidate{running_scores_[r] + c.value, i, c.index});
-      }
-    }
-    std::vector<int64_t> order(all.size());
-    std::iota(order.begin(), order.end(), 0);
-    // torch.topk over the flattened [num_beams * vocab] row: ties to the lower (beam, token).
-    auto flat_before = [&](int64_t a, int64_t c) {
-      const Candidate& x = all[a];
-      const Candidate& y = all[c];
-      const bool same = x.score == y.score || (std::isnan(x.score) && std::isnan(y.score));
-      if (!same) return ranks_before(x.score, 0, y.score, 0);
-      return x.beam != y.beam ? x.beam < y.beam : x.token < y.token;
-    };
-    const int64_t k = std::min<int64_t>(beams_to_keep_, static_cast<int64_t>(all.size()));
-    std::partial_sort(order.begin(), order.begin() + k, order.end(), flat_before);
-    std::vector<Candidate> top(static_cast<size_t>(k));
-    std::vector<uint8_t> hits(static_cast<size_t>(k));
-    for (int64_t j = 0; j < k; ++j) {
-      top[j] = all[order[j]];
-      hits[j] = at_max_length || options_.is_eos(top[j].token);
-      all_hit = all_hit && hits[j];
-    }
-
-    // 2. The best num_beams continuations that did not stop keep running.
-    std::vector<float> running(static_cast<size_t>(k));
-    for (int64_t j = 0; j < k; ++j) running[j] = top[j].score + (hits[j] ? kMask : 0.0f);
-    std::vector<int64_t> pick(static_cast<size_t>(k));
-    std::iota(pick.begin(), pick.end(), 0);
-    std::stable_sort(pick.begin(), pick.end(), [&](int64_t x, int64_t y) {
-      return ranks_before(running[x], x, running[y], y);
-    });
-    for (int64_t n = 0; n < nb; ++n) {
-      const int64_t row = b * nb + n;
-      const Candidate& c = top[pick[n % k]];
-      const int64_t source = b * nb + c.beam;
-      next_history[row] = history_[source];
-      next_history[row].push_back(c.token);
-      next_scores[row] = running[pick[n % k]];
-      result.next_tokens[row] = c.token;
-      result.beam_indices[row] = source;
-    }
-
-    // 3. Those of the first num_beams that stopped compete with the finished slots.
-    std::vector<Finished>& slots = finished_[b];
-    const bool full = early_true && std::all_of(slots.begin(), slots.end(),
-                                                [](const Finished& f) { return f.is_finished; });
-    std::vector<float> merged(static_cast<size_t>(nb + k));
-    std::vector<uint8_t> did(static_cast<size_t>(k));
-    for (int64_t j = 0; j < nb; ++j) merged[j] = slots[j].score;
-    for (int64_t j = 0; j < k; ++j) {
-      did[j] = hits[j] && j < nb;
-      float s = top[j].score / length_norm;
-      s += full ? kMask : 0.0f;
-      s += improvable_[b] ? 0.0f : kMask;
-      s += did[j] ? 0.0f : kMask;
-      merged[nb + j] = s;
-    }
-    std::vector<int64_t> merge_order(merged.size());
-    std::iota(merge_order.begin(), merge_order.end(), 0);
-    std::stable_sort(merge_order.begin(), merge_order.end(), [&](int64_t x, int64_t y) {
-      return ranks_before(merged[x], x, merged[y], y);
-    });
-    std::vector<Finished> next_slots;
-    next_slots.reserve(static_cast<size_t>(nb));
-    for (int64_t n = 0; n < nb; ++n) {
-      const int64_t m = merge_order[n];
-      if (m < nb) {
-        next_slots.push_back(slots[m]);
-      } else {
-        const Candidate& c = top[m - nb];
-        const int64_t source = b * nb + c.beam;
-        Finished f{std::vector<int64_t>(history_[source].begin() + prompt_len_[source],
-                                        history_[source].end()),
-                   merged[m], did[m - nb] != 0};
-        f.tokens.push_back(c.token);
-        next_slots.push_back(std::move(f));
-      }
-    }
-    slots = std::move(next_slots);
+    const ItemTop item = rank_item(b, row_candidates, at_max_length);
+    for (uint8_t hit : item.hits) all_hit = all_hit && hit;
+    choose_running(b, item, result, next_history, next_scores);
+    update_finished(b, item, length_norm);  // reads history_ before it moves on
   }
   history_ = std::move(next_history);
   running_scores_ = std::move(next_scores);
   ++step_;
+  update_early_stop(all_hit, result);
+  return result;
+}
 
-  // 4. Can an item still improve? (transformers' _check_early_stop_heuristic)
+// 1. The item's best continuations over all its beams (accumulated log-probs).
+BeamSearch::ItemTop BeamSearch::rank_item(int64_t b,
+                                          const std::vector<std::vector<Scored>>& row_candidates,
+                                          bool at_max_length) const {
+  const int64_t nb = options_.num_beams;
+  std::vector<Candidate> all;
+  for (int64_t i = 0; i < nb; ++i) {
+    const int64_t r = b * nb + i;
+    for (const Scored& c : row_candidates[r]) {
+      all.push_back(Candidate{running_scores_[r] + c.value, i, c.index});
+    }
+  }
+  std::vector<int64_t> order(all.size());
+  std::iota(order.begin(), order.end(), 0);
+  // torch.topk over the flattened [num_beams * vocab] row: ties to the lower (beam, token).
+  auto flat_before = [&](int64_t a, int64_t c) {
+    const Candidate& x = all[a];
+    const Candidate& y = all[c];
+    const bool same = x.score == y.score || (std::isnan(x.score) && std::isnan(y.score));
+    if (!same) return ranks_before(x.score, 0, y.score, 0);
+    return x.beam != y.beam ? x.beam < y.beam : x.token < y.token;
+  };
+  const int64_t k = std::min<int64_t>(beams_to_keep_, static_cast<int64_t>(all.size()));
+  std::partial_sort(order.begin(), order.begin() + k, order.end(), flat_before);
+  ItemTop item;
+  item.top.resize(static_cast<size_t>(k));
+  item.hits.resize(static_cast<size_t>(k));
+  for (int64_t j = 0; j < k; ++j) {
+    item.top[j] = all[order[j]];
+    item.hits[j] = at_max_length || options_.is_eos(item.top[j].token);
+  }
+  return item;
+}
+
+// 2. The best num_beams continuations that did not stop keep running.
+void BeamSearch::choose_running(int64_t b, const ItemTop& item, StepResult& result,
+                                std::vector<std::vector<int64_t>>& next_history,
+                                std::vector<float>& next_scores) const {
+  const int64_t nb = options_.num_beams;
+  const int64_t k = static_cast<int64_t>(item.top.size());
+  std::vector<float> running(static_cast<size_t>(k));
+  for (int64_t j = 0; j < k; ++j) running[j] = item.top[j].score + (item.hits[j] ? kMask : 0.0f);
+  std::vector<int64_t> pick(static_cast<size_t>(k));
+  std::iota(pick.begin(), pick.end(), 0);
+  std::stable_sort(pick.begin(), pick.end(), [&](int64_t x, int64_t y) {
+    return ranks_before(running[x], x, running[y], y);
+  });
+  for (int64_t n = 0; n < nb; ++n) {
+    const int64_t row = b * nb + n;
+    const Candidate& c = item.top[pick[n % k]];
+    const int64_t source = b * nb + c.beam;
+    next_history[row] = history_[source];
+    next_history[row].push_back(c.token);
+    next_scores[row] = running[pick[n % k]];
+    result.next_tokens[row] = c.token;
+    result.beam_indices[row] = source;
+  }
+}
+
+// 3. Those of the first num_beams that stopped compete with the finished slots.
+void BeamSearch::update_finished(int64_t b, const ItemTop& item, float length_norm) {
+  const int64_t nb = options_.num_beams;
+  const int64_t k = static_cast<int64_t>(item.top.size());
+  std::vector<Finished>& slots = finished_[b];
+  const bool full =
+      options_.early_stopping == EarlyStopping::kTrue &&
+      std::all_of(slots.begin(), slots.end(), [](const Finished& f) { return f.is_finished; });
+  std::vector<float> merged(static_cast<size_t>(nb + k));
+  std::vector<uint8_t> did(static_cast<size_t>(k));
+  for (int64_t j = 0; j < nb; ++j) merged[j] = slots[j].score;
+  for (int64_t j = 0; j < k; ++j) {
+    did[j] = item.hits[j] && j < nb;
+    float s = item.top[j].score / length_norm;
+    s += full ? kMask : 0.0f;
+    s += improvable_[b] ? 0.0f : kMask;
+    s += did[j] ? 0.0f : kMask;
+    merged[nb + j] = s;
+  }
+  std::vector<int64_t> merge_order(merged.size());
+  std::iota(merge_order.begin(), merge_order.end(), 0);
+  std::stable_sort(merge_order.begin(), merge_order.end(),
+                   [&](int64_t x, int64_t y) { return ranks_before(merged[x], x, merged[y], y); });
+  std::vector<Finished> next_slots;
+  next_slots.reserve(static_cast<size_t>(nb));
+  for (int64_t n = 0; n < nb; ++n) {
+    const int64_t m = merge_order[n];
+    if (m < nb) {
+      next_slots.push_back(slots[m]);
+    } else {
+      const Candidate& c = item.top[m - nb];
+      const int64_t source = b * nb + c.beam;
+      Finished f{std::vector<int64_t>(history_[source].begin() + prompt_len_[source],
+                                      history_[source].end()),
+                 merged[m], did[m - nb] != 0};
+      f.tokens.push_back(c.token);
+      next_slots.push_back(std::move(f));
+    }
+  }
+  slots = std::move(next_slots);
+}
+
+// 4. Can an item still improve? (transformers' _check_early_stop_heuristic)
+void BeamSearch::update_early_stop(bool all_hit, StepResult& result) {
+  const int64_t nb = options_.num_beams;
+  const bool early_true = options_.early_stopping == EarlyStopping::kTrue;
   const bool never = options_.early_stopping == EarlyStopping::kNever;
   const int64_t best_len = never && options_.length_penalty > 0.0 ? options_.max_new_tokens : step_;
   const float best_norm =
@@ -273,7 +295,6 @@ StepResult BeamSearch::advance(const std::vector<std::vector<Scored>>& row_candi
     const bool settled = done_ || !improvable_[b] || (early_true && item_full);
     for (int64_t n = 0; n < nb; ++n) result.finished[b * nb + n] = settled;
   }
-  return result;
 }
 
 std::vector<std::vector<Hypothesis>> BeamSearch::finalize() const {

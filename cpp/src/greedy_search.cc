@@ -1,12 +1,9 @@
 // Greedy search (transformers' generate(do_sample=False)) and multinomial sampling: processors on
 // the raw logits, then arg-max or a draw; finished rows get the pad token until every row is done.
-#include <random>
 #include <stdexcept>
 
-#include "softtool/logits_processors.h"
+#include "softtool/next_token.h"
 #include "softtool/parallel.h"
-#include "softtool/reduce.h"
-#include "softtool/sampling.h"
 #include "softtool/search.h"
 
 namespace softtool {
@@ -37,37 +34,14 @@ StepResult GreedySearch::step(const float* logits, int64_t rows, int64_t vocab) 
   if (vocab <= 0) throw std::invalid_argument("step: logits need at least one column");
   std::vector<int64_t> chosen(static_cast<size_t>(rows), options_.pad_token_id);
   std::vector<float> log_probs(static_cast<size_t>(rows), 0.0f);
-  const bool copy_row = options_.has_processors() || options_.do_sample;
   parallel_for(rows, threads_for(rows, vocab, num_threads_),
                [&](int64_t t, int64_t begin, int64_t end) {
-                 std::vector<float>& buf = scratch_[t];
                  for (int64_t r = begin; r < end; ++r) {
                    if (finished_[r]) continue;
-                   const float* row = logits + r * vocab;
-                   if (copy_row) {
-                     buf.assign(row, row + vocab);
-                     const RowHistory h{history_[r].data(), history_[r].size(), step_,
-                                        padding_[r / copies_]};
-                     apply_processors(buf.data(), vocab, h, options_);
-                     row = buf.data();
-                   }
-                   if (options_.do_sample) {
-                     // One generator per row and step, seeded from (seed, row, step): independent
-                     // of thread layout.
-                     std::seed_seq seq{options_.seed, static_cast<uint64_t>(r),
-                                       static_cast<uint64_t>(step_)};
-                     std::mt19937_64 rng(seq);
-                     const Sample s = sample_from(buf.data(), vocab, options_, rng);
-                     chosen[r] = s.index;
-                     log_probs[r] = s.log_prob;
-                   } else {
-                     // top-1 ranks like torch.argmax (first maximum, NaN first), with the
-                     // normalizer from the same two passes.
-                     std::vector<Scored> best;
-                     const LogSumExp lse = top_k_log_sum_exp(row, vocab, 1, best);
-                     chosen[r] = best[0].index;
-                     log_probs[r] = lse.log_prob(best[0].value);
-                   }
+                   const NextToken next = next_token(logits + r * vocab, vocab, row_history(r),
+                                                     options_, draw_key(r), scratch_[t]);
+                   chosen[r] = next.token;
+                   log_probs[r] = next.log_prob;
                  }
                });
   return commit(chosen, log_probs);
@@ -84,31 +58,22 @@ StepResult GreedySearch::step_topk(const float* values, const int64_t* indices, 
   }
   std::vector<int64_t> chosen(static_cast<size_t>(rows), options_.pad_token_id);
   std::vector<float> log_probs(static_cast<size_t>(rows), 0.0f);
-  std::vector<float> buf;
   for (int64_t r = 0; r < rows; ++r) {
     if (finished_[r]) continue;
-    buf.assign(values + r * k, values + (r + 1) * k);
-    const RowHistory h{history_[r].data(), history_[r].size(), step_, padding_[r / copies_]};
-    apply_processors_sparse(buf.data(), indices + r * k, k, h, options_);
-    int64_t best;
-    if (options_.do_sample) {
-      std::seed_seq seq{options_.seed, static_cast<uint64_t>(r), static_cast<uint64_t>(step_)};
-      std::mt19937_64 rng(seq);
-      const Sample s = sample_from(buf.data(), k, options_, rng);
-      best = s.index;
-      log_probs[r] = s.log_prob;
-    } else {
-      // Arg-max by score, ties to the lower token id (what a full-row arg-max would pick).
-      best = 0;
-      for (int64_t i = 1; i < k; ++i) {
-        if (ranks_before(buf[i], indices[r * k + i], buf[best], indices[r * k + best])) best = i;
-      }
-      log_probs[r] = buf[best];
-    }
-    chosen[r] = indices[r * k + best];
+    const NextToken next = next_token_topk(values + r * k, indices + r * k, k, row_history(r),
+                                           options_, draw_key(r), scratch_[0]);
+    chosen[r] = next.token;
+    log_probs[r] = next.log_prob;
   }
   return commit(chosen, log_probs);
 }
+
+RowHistory GreedySearch::row_history(int64_t r) const {
+  return RowHistory{history_[r].data(), history_[r].size(), step_, padding_[r / copies_]};
+}
+
+// One generator per row and step, seeded from (seed, row, step): independent of thread layout.
+DrawKey GreedySearch::draw_key(int64_t r) const { return DrawKey{static_cast<uint64_t>(r), step_}; }
 
 StepResult GreedySearch::commit(const std::vector<int64_t>& chosen,
                                 const std::vector<float>& log_probs) {

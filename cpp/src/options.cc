@@ -17,6 +17,7 @@ void BatchOptions::validate() const {
           "BatchOptions.vocab_size must be positive, got " + std::to_string(vocab_size));
   require(num_virtual_tokens >= 0, "BatchOptions.num_virtual_tokens must be >= 0, got " +
                                        std::to_string(num_virtual_tokens));
+  require(pad_id >= 0, "BatchOptions.pad_id must be >= 0, got " + std::to_string(pad_id));
   require(num_tasks >= 0,
           "BatchOptions.num_tasks must be >= 0 (0 = unchecked), got " + std::to_string(num_tasks));
 }

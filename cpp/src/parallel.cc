@@ -46,4 +46,11 @@ int64_t threads_for(int64_t rows, int64_t vocab, int64_t max_threads) {
   return std::max<int64_t>(1, std::min(rows, max_threads));
 }
 
+int64_t resolve_threads(int64_t requested) {
+  if (requested > 0) return requested;
+  const int64_t hw =
+      std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()));
+  return std::min<int64_t>(hw, 8);
+}
+
 }  // namespace softtool

@@ -1,18 +1,16 @@
 // The parts every search shares (argument checks, the idle step) and the factory.
 #include "softtool/search.h"
 
-#include <algorithm>
 #include <stdexcept>
 #include <string>
-#include <thread>
+
+#include "softtool/parallel.h"
 
 namespace softtool {
 
 SearchStrategy::SearchStrategy(const SearchOptions& options) : options_(options) {
   options_.validate();
-  const int64_t hw =
-      std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()));
-  num_threads_ = options_.num_threads > 0 ? options_.num_threads : std::min<int64_t>(hw, 8);
+  num_threads_ = resolve_threads(options_.num_threads);
 }
 
 void SearchStrategy::start(const std::vector<std::vector<int64_t>>& prompts,

@@ -13,6 +13,10 @@ help). Protocol, for a model you run yourself:
         # reorder the KV cache with r.beam_indices, feed r.next_tokens, get the next last_logits
     hypotheses = search.finalize()           # [batch][num_return_sequences] Hypothesis(tokens, score)
 
+For continuous batching (greedy or sampling), `make_slot_search(options, num_slots)` gives a SlotSearch over
+a fixed number of batch rows: submit() items at any time, admit() them into free slots, step() the slots
+you have logits for, take_finished() the items that ended (docs/search.md, "Slots").
+
 Greedy search matches transformers' generate(do_sample=False) and beam search its `_beam_search`
 (tokens, order and sequences_scores), with the same processors. Sampling draws from the same warped
 distribution as transformers but with its own seeded generator, so sampled tokens differ from torch's.
@@ -31,6 +35,8 @@ from softtool._core import (
     GreedySearch,
     Hypothesis,
     SearchStrategy,
+    SlotSearch,
+    SlotStepResult,
     StepResult,
 )
 
@@ -42,9 +48,12 @@ __all__ = [
     "Hypothesis",
     "SearchOptions",
     "SearchStrategy",
+    "SlotSearch",
+    "SlotStepResult",
     "StepResult",
     "build_batch",
     "make_search",
+    "make_slot_search",
 ]
 
 
@@ -107,10 +116,8 @@ class SearchOptions:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.eos_token_ids, int):
-            self.eos_token_ids = [self.eos_token_ids]
-        self.eos_token_ids = [int(t) for t in self.eos_token_ids]
-        self.to_core()
+        # The core struct converts and validates every field (one int or ids for eos_token_ids); keep its list.
+        self.eos_token_ids = list(self.to_core().eos_token_ids)
 
     def to_core(self) -> _core.SearchOptions:
         return _to_core(self, _core.SearchOptions)
@@ -128,6 +135,16 @@ def _core_options(options: Any, dataclass_type: type, core_type: type) -> Any:
 def make_search(options: SearchOptions | _core.SearchOptions) -> SearchStrategy:
     """GreedySearch when num_beams == 1 (greedy or sampling), else BeamSearch; ValueError on bad options."""
     return _core.make_search(_core_options(options, SearchOptions, _core.SearchOptions))
+
+
+def make_slot_search(options: SearchOptions | _core.SearchOptions, num_slots: int) -> SlotSearch:
+    """A SlotSearch (greedy or sampling, num_beams == 1) over `num_slots` batch rows; ValueError on bad options.
+
+    submit(prompt_ids, options=None) -> item id; admit() -> [(slot, item_id)]; step(logits, slots) ->
+    SlotStepResult(next_tokens, finished); take_finished() -> [(item_id, Hypothesis)]. Per-item options in
+    submit() may be a SearchOptions dataclass or the core struct.
+    """
+    return _core.SlotSearch(_core_options(options, SearchOptions, _core.SearchOptions), num_slots)
 
 
 def build_batch(

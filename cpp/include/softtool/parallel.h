@@ -15,4 +15,7 @@ void parallel_for(int64_t n, int64_t threads,
 // Threads to use for `rows` rows of `vocab` scores (1 below ~64k scores: spawning costs more).
 int64_t threads_for(int64_t rows, int64_t vocab, int64_t max_threads);
 
+// SearchOptions.num_threads resolved: 0 = one per hardware core (at most 8).
+int64_t resolve_threads(int64_t requested);
+
 }  // namespace softtool

@@ -9,6 +9,8 @@
 #include <memory>
 #include <vector>
 
+#include "softtool/logits_processors.h"
+#include "softtool/next_token.h"
 #include "softtool/options.h"
 #include "softtool/reduce.h"
 
@@ -50,14 +52,14 @@ class SearchStrategy {
   const SearchOptions& options() const { return options_; }
 
  protected:
-  virtual void reset(
-      const std::vector<std::vector<int64_t>>& histories) = 0;  // pads + prompt per item
+  // histories: per batch item, its left padding followed by its prompt.
+  virtual void reset(const std::vector<std::vector<int64_t>>& histories) = 0;
   void check_started() const;
-  std::vector<size_t> padding_;  // per item
   void check_rows(int64_t rows) const;
   StepResult idle_result() const;  // what step() returns once the search is done
 
   SearchOptions options_;
+  std::vector<size_t> padding_;  // per item
   int64_t batch_size_ = 0;
   int64_t num_rows_ = 0;
   bool started_ = false;
@@ -68,18 +70,19 @@ class GreedySearch : public SearchStrategy {
  public:
   explicit GreedySearch(const SearchOptions& options);
 
- protected:
-  void reset(const std::vector<std::vector<int64_t>>& histories) override;
-
- public:
   StepResult step(const float* logits, int64_t rows, int64_t vocab) override;
   StepResult step_topk(const float* values, const int64_t* indices, int64_t rows,
                        int64_t k) override;
   bool is_done() const override { return done_; }
   std::vector<std::vector<Hypothesis>> finalize() const override;
 
+ protected:
+  void reset(const std::vector<std::vector<int64_t>>& histories) override;
+
  private:
   StepResult commit(const std::vector<int64_t>& chosen, const std::vector<float>& log_probs);
+  RowHistory row_history(int64_t r) const;
+  DrawKey draw_key(int64_t r) const;
 
   int64_t copies_ = 1;  // rows per batch item (num_return_sequences when sampling)
   std::vector<std::vector<int64_t>> history_;
@@ -94,15 +97,14 @@ class BeamSearch : public SearchStrategy {
  public:
   explicit BeamSearch(const SearchOptions& options);
 
- protected:
-  void reset(const std::vector<std::vector<int64_t>>& histories) override;
-
- public:
   StepResult step(const float* logits, int64_t rows, int64_t vocab) override;
   StepResult step_topk(const float* values, const int64_t* indices, int64_t rows,
                        int64_t k) override;
   bool is_done() const override { return done_; }
   std::vector<std::vector<Hypothesis>> finalize() const override;
+
+ protected:
+  void reset(const std::vector<std::vector<int64_t>>& histories) override;
 
  private:
   struct Candidate {
@@ -115,8 +117,27 @@ class BeamSearch : public SearchStrategy {
     float score;
     bool is_finished;
   };
-  // per-row candidates (token, processed log-prob), best first
+  // One item's best continuations over all its beams, and whether each one stops (EOS or length).
+  struct ItemTop {
+    std::vector<Candidate> top;
+    std::vector<uint8_t> hits;
+  };
+
+  // Row r's best kr continuations (token, processed log-prob), best first; buf is scratch space.
+  void candidates_for_row(const float* row, int64_t vocab, int64_t r, int64_t kr,
+                          std::vector<float>& buf, std::vector<Scored>& out) const;
+  // Moves every item on from its rows' candidates (as above).
   StepResult advance(const std::vector<std::vector<Scored>>& row_candidates);
+  // The steps of advance(), in order, for batch item b.
+  ItemTop rank_item(int64_t b, const std::vector<std::vector<Scored>>& row_candidates,
+                    bool at_max_length) const;
+  void choose_running(int64_t b, const ItemTop& item, StepResult& result,
+                      std::vector<std::vector<int64_t>>& next_history,
+                      std::vector<float>& next_scores) const;
+  void update_finished(int64_t b, const ItemTop& item, float length_norm);
+  // transformers' _check_early_stop_heuristic over all items, after step_ advanced; sets done_
+  // and each row's `finished` flag.
+  void update_early_stop(bool all_hit, StepResult& result);
 
   int64_t beams_to_keep_ = 0;
   std::vector<std::vector<int64_t>> history_;    // [num_rows] prompt + generated
