@@ -19,11 +19,10 @@ if "CUDAExecutionProvider" not in providers:
 PY
 # --strict-device semantics: the benchmark fails rather than silently measuring the CPU.
 timeout 280 "$PY" -c "
-import warnings, sys
+import runpy, sys, warnings
 warnings.filterwarnings('error', message='.*falling back to the CPU', category=RuntimeWarning)  # no CPU result as GPU
-from softtool.export.benchmark import main
-sys.argv = ['softtool.export.benchmark'] + sys.argv[1:]
-main()
+sys.argv = ['benchmarks/export_bench.py'] + sys.argv[1:]
+runpy.run_path('benchmarks/export_bench.py', run_name='__main__')
 " --device cuda --dtypes fp32,fp16 --batch 8 --max-new-tokens 64 --repeats 3 \
   --out benchmarks/results/export_smollm2_cuda.json
 cat benchmarks/results/export_smollm2_cuda.json

@@ -1,17 +1,21 @@
 """`softtool export`: trace the prompted model into ONNX, convert it (fp16, int8), verify it, write the folder.
 
-The folder needs nothing else to run:
-    model.onnx (+ model.onnx.data when large)   the graph (see softtool.export.graph for its inputs/outputs)
+The folder needs nothing else to run (its contract is softtool.export_meta.ExportMeta):
+    model.onnx (+ model.onnx.data when large)   the graph: softtool.runtime.slot_model.SlotLM, traced
     prompt_table.safetensors                    {"prompt_table": [tasks*N, H]}: every task's prompt, in task order
     tokenizer files                             the base model's tokenizer
-    softtool_export.json                        what the runtime needs (written last, after verification passed)
+    softtool_export.json                        ExportMeta (written last, after verification passed)
+
+Nothing is deleted that softtool did not write: the export is built in a temporary folder beside the target
+and swapped in only after it verified, so a failure leaves an existing export untouched; an existing target
+is replaced only when it is itself an export (`--overwrite`) and never when it holds one of the inputs.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -19,15 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from softtool.errors import SofttoolError
+from softtool.export_meta import ExportMeta, ExportTask
+from softtool.runtime.session import resolve_device
 
-MODEL_FILE = "model.onnx"
-TABLE_FILE = "prompt_table.safetensors"
-META_FILE = "softtool_export.json"
-TABLE_KEY = "prompt_table"
-FORMAT_VERSION = 1
 OPSET = 17
 # Above this many bytes of weights the graph keeps them in model.onnx.data (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_BYTES = 1 << 30
+DTYPES = ("fp32", "fp16", "int8")
 
 
 @dataclass
@@ -40,10 +42,7 @@ class ExportOptions:
     )
     dtype: str = field(
         default="fp32",
-        metadata={
-            "help": "Weights: fp32, fp16 (for CUDA) or int8 (8-bit weights, for the CPU).",
-            "choices": ("fp32", "fp16", "int8"),
-        },
+        metadata={"help": "Weights: fp32, fp16 (for CUDA) or int8 (8-bit weights, for the CPU).", "choices": DTYPES},
     )
     prompt_table_input: bool = field(
         default=False,
@@ -68,12 +67,13 @@ class ExportOptions:
     verify_steps: int = field(
         default=32, metadata={"help": "Greedy decode steps compared during verification.", "min": 1}
     )
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output folder."})
+    opset: int = field(default=OPSET, metadata={"help": "ONNX opset of the graph.", "min": 14})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing export in the output folder."})
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
-        if self.dtype not in ("fp32", "fp16", "int8"):
+        if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be fp32, fp16 or int8, got {self.dtype!r}")
         if self.dtype == "int8" and self.device == "cuda":
             raise ValueError("int8 is dynamic quantization for the CPU; use fp16 for cuda")
@@ -83,6 +83,8 @@ class ExportOptions:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.verify_steps < 1:
             raise ValueError(f"verify_steps must be >= 1, got {self.verify_steps}")
+        if self.opset < 14:
+            raise ValueError(f"opset must be >= 14, got {self.opset}")
 
 
 def _load_tasks(adapter_dirs: list[str], model_override: str | None):
@@ -121,37 +123,32 @@ def _model_facts(model, tokenizer) -> dict[str, Any]:
     }
 
 
-def _trace(wrapper, facts: dict[str, Any], path: Path, table_as_input: bool, top_k: int, table) -> None:
-    """Trace the wrapper with the TorchScript exporter (fast, exact on Llama-style eager attention)."""
+def _trace(wrapper, facts: dict[str, Any], path: Path, options: ExportOptions, table) -> tuple[list, list]:
+    """Trace SlotLM with the TorchScript exporter (fast, exact on eager attention); returns (inputs, outputs)."""
     import torch
 
-    from softtool.export.graph import io_names
+    from softtool.runtime.slot_model import io_names
 
-    batch, seq, past_len = 2, 5, 3
+    batch, _seq, capacity = 2, 5, 12
     v = facts["vocab_size"]
-    input_ids = torch.tensor([[v, v + 1, 5, 6, 7], [8, v, 9, 10, 11]], dtype=torch.long)
-    attention_mask = torch.ones(batch, past_len + seq, dtype=torch.long)
-    position_ids = torch.arange(past_len, past_len + seq).expand(batch, seq).contiguous()
-    beam_idx = torch.arange(batch, dtype=torch.long)
-    kv_shape = (batch, facts["num_kv_heads"], past_len, facts["head_dim"])
+    input_ids = torch.tensor([[v, v + 1, 5, 6, 7], [0, 0, v, 9, 10]], dtype=torch.long)
+    # Row 0 continues at positions 2..6; row 1 is left-padded: its padding writes to the scratch column.
+    position_ids = torch.tensor([[2, 3, 4, 5, 6], [capacity - 1, capacity - 1, 0, 1, 2]], dtype=torch.long)
+    kv_shape = (batch, facts["num_kv_heads"], capacity, facts["head_dim"])
     past = [torch.zeros(kv_shape) for _ in range(2 * facts["num_layers"])]
-    args = (input_ids, attention_mask, position_ids, beam_idx) + ((table,) if table_as_input else ()) + tuple(past)
-    inputs, outputs = io_names(facts["num_layers"], table_as_input=table_as_input, top_k=top_k)
-    dynamic = {
-        "input_ids": {0: "batch", 1: "seq"},
-        "attention_mask": {0: "batch", 1: "total"},
-        "position_ids": {0: "batch", 1: "seq"},
-        "beam_idx": {0: "batch"},
-        "prompt_table": {0: "table_rows"},
-    }
-    for name in inputs[4:]:
-        if name != "prompt_table":
-            dynamic[name] = {0: "past_batch", 2: "past"}
-    for name in outputs:
-        dynamic[name] = {0: "batch", 2: "total"} if name.startswith("present") else {0: "batch"}
+    table_args = (table,) if options.prompt_table_input else ()
+    args = (input_ids, position_ids, *table_args, *past)
+    inputs, outputs = io_names(facts["num_layers"], table_as_input=options.prompt_table_input, top_k=options.top_k)
+    dynamic = {"input_ids": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"}}
+    dynamic["prompt_table"] = {0: "table_rows"}
+    for name in inputs + outputs:
+        if name.startswith(("past_key_values", "present")):
+            dynamic[name] = {0: "batch", 2: "capacity"}
+    for name in ("logits", "topk_values", "topk_indices"):
+        dynamic[name] = {0: "batch"}
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of dynamo, but it traces this model exactly and in
-        # seconds; the tracer's notes on Python bools in transformers' code do not apply with an explicit mask.
+        # seconds; the tracer's notes on Python values in transformers' code do not apply with an explicit mask.
         warnings.simplefilter("ignore")
         torch.onnx.export(
             wrapper,
@@ -160,10 +157,11 @@ def _trace(wrapper, facts: dict[str, Any], path: Path, table_as_input: bool, top
             input_names=inputs,
             output_names=outputs,
             dynamic_axes={k: d for k, d in dynamic.items() if k in inputs or k in outputs},
-            opset_version=OPSET,
+            opset_version=options.opset,
             dynamo=False,
             do_constant_folding=True,
         )
+    return inputs, outputs
 
 
 def _save_onnx(model_proto, path: Path, large: bool) -> None:
@@ -206,53 +204,98 @@ def _convert(path: Path, dtype: str, keep_fp32: list[str], int8_method: str) -> 
         quantize_int8(path, int8_method)
 
 
+def _check_target(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse to replace anything softtool did not write, or anything the export reads."""
+    target = out.resolve()
+    for src in inputs:
+        src = src.resolve()
+        if target == src or target in src.parents:
+            raise SofttoolError(
+                f"-o {out} would replace the input {src}; write the export to a folder outside its inputs"
+            )
+    if out.exists() and not out.is_dir():
+        raise SofttoolError(f"-o {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not ExportMeta.is_export(out):
+            raise SofttoolError(
+                f"-o {out} is a folder that holds files softtool did not write (no {ExportMeta.FILE}); "
+                "softtool only replaces an earlier export: choose an empty or new folder"
+            )
+        if not overwrite:
+            raise SofttoolError(f"-o {out} already holds an export; pass --overwrite to replace it")
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Move the finished export into place; the old one (an export, checked) goes only after the new one is there."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.replace(out, old / "export")
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def export_adapters(
     adapter_dirs: list[str], out_dir: str | os.PathLike, options: ExportOptions | None = None, progress=None
-) -> dict[str, Any]:
+) -> ExportMeta:
     """Export one or more prompts (tasks, in order) of the same base model into `out_dir`; returns the metadata.
 
-    Verification failures raise SofttoolError after the graph is written but before softtool_export.json is,
-    so a folder that failed verification never loads.
+    The export is built in a temporary folder beside `out_dir` and moved into place only after it verified;
+    a failure raises SofttoolError and leaves `out_dir` as it was.
     """
+    options = options or ExportOptions()
+    say = progress or (lambda msg: None)
+    out = Path(out_dir)
+    _check_target(out, [Path(d) for d in adapter_dirs], options.overwrite)
+    adapters, base = _load_tasks([str(d) for d in adapter_dirs], options.model)
+    device = resolve_device(options.device, options.strict_device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
+    try:
+        meta = _build(adapters, [str(d) for d in adapter_dirs], base, tmp, device, options, say)
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def _build(adapters, adapter_dirs, base, folder: Path, device: str, options: ExportOptions, say) -> ExportMeta:
     import torch
     from safetensors.torch import save_file
 
     from softtool import __version__
-    from softtool.adapter import atomic_write_json, check_compatible
-    from softtool.export.graph import PromptedLM
+    from softtool.adapter import check_compatible
     from softtool.export.verify import verify_export
     from softtool.models import load_model, load_tokenizer
+    from softtool.runtime.slot_model import SlotLM
 
-    options = options or ExportOptions()
-    say = progress or (lambda msg: None)
     start = time.perf_counter()
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not options.overwrite:
-            raise SofttoolError(f"output folder {out} is not empty; pass --overwrite or choose another -o")
-        shutil.rmtree(out)
-    adapters, base = _load_tasks([str(d) for d in adapter_dirs], options.model)
-    device = resolve_device(options.device, options.strict_device)
-
     say(f"loading {base}")
     model = load_model(base)
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("eager")  # explicit additive mask; the graph must not depend on sdpa paths
     tokenizer = load_tokenizer(base)
     for adapter in adapters:
         check_compatible(adapter, model)
     facts = _model_facts(model, tokenizer)
     table = torch.cat([a.prompt_table.float() for a in adapters], dim=0)
-    n = adapters[0].meta.num_virtual_tokens
+    if not bool(torch.isfinite(table).all()):
+        bad = next(d for d, a in zip(adapter_dirs, adapters, strict=True) if not torch.isfinite(a.prompt_table).all())
+        raise SofttoolError(f"{bad}: the prompt table holds NaN or infinite values; retrain it")
 
-    out.mkdir(parents=True, exist_ok=True)
-    model_path = out / MODEL_FILE
-    wrapper = PromptedLM(
-        model, table, facts["vocab_size"], table_as_input=options.prompt_table_input, top_k=options.top_k
+    model_path = folder / ExportMeta.MODEL_FILE
+    wrapper = SlotLM(
+        model,
+        table,
+        facts["vocab_size"],
+        table_as_input=options.prompt_table_input,
+        top_k=options.top_k,
+        # int8 keeps the LM head a plain MatMul for the quantizer; otherwise the tied embedding is stored once.
+        head_weight_first=options.dtype != "int8",
     )
     say("tracing the graph")
-    _trace(wrapper, facts, model_path, options.prompt_table_input, options.top_k, table)
-    if _is_large(model_path) and not model_path.with_name(MODEL_FILE + ".data").exists():
+    inputs, outputs = _trace(wrapper, facts, model_path, options, table)
+    if _is_large(model_path) and not model_path.with_name(ExportMeta.MODEL_FILE + ".data").exists():
         import onnx
 
         _save_onnx(onnx.load(str(model_path)), model_path, large=True)
@@ -261,82 +304,41 @@ def export_adapters(
         _convert(
             model_path, options.dtype, ["logits", "topk_values", "topk_indices", "prompt_table"], options.int8_method
         )
-    save_file({TABLE_KEY: table.contiguous()}, str(out / TABLE_FILE))
-    tokenizer.save_pretrained(out)
-    export_seconds = time.perf_counter() - start
-
-    meta: dict[str, Any] = {
-        "format": FORMAT_VERSION,
-        "softtool_version": __version__,
-        "base_model": base,
+    save_file({ExportMeta.TABLE_KEY: table.contiguous()}, str(folder / ExportMeta.TABLE_FILE))
+    tokenizer.save_pretrained(folder)
+    meta = ExportMeta(
+        base_model=base,
         **facts,
-        "num_virtual_tokens": n,
-        "num_tasks": len(adapters),
-        "tasks": [
-            {
-                "name": Path(d).name,
-                "task": a.meta.task,
-                "template": a.meta.template,
-                "method": a.meta.method,
-                "task_options": a.meta.task_options,
-            }
+        num_virtual_tokens=adapters[0].meta.num_virtual_tokens,
+        tasks=tuple(
+            ExportTask(
+                name=Path(d).resolve().name,
+                task=a.meta.task,
+                template=a.meta.template,
+                method=a.meta.method,
+                task_options=dict(a.meta.task_options),
+            )
             for d, a in zip(adapter_dirs, adapters, strict=True)
-        ],
-        "template": adapters[0].meta.template,
-        "task": adapters[0].meta.task,
-        "task_options": adapters[0].meta.task_options,
-        "dtype": options.dtype,
-        "int8_method": options.int8_method if options.dtype == "int8" else None,
-        "device": device,
-        "opset": OPSET,
-        "prompt_table_input": options.prompt_table_input,
-        "top_k": options.top_k,
-        "export_seconds": round(export_seconds, 2),
-    }
+        ),
+        dtype=options.dtype,
+        device=device,
+        opset=options.opset,
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
+        kv_layout="slots",
+        prompt_table_input=options.prompt_table_input,
+        top_k=options.top_k,
+        int8_method=options.int8_method if options.dtype == "int8" else None,
+        softtool_version=__version__,
+    )
+    report: dict[str, Any] = {}
     if options.verify:
         say("verifying against PyTorch")
-        report = verify_export(out, model, table, meta, device=device, steps=options.verify_steps)
-        meta["verification"] = report
+        report = verify_export(folder, model, table, meta, device=device, steps=options.verify_steps)
         if not report["passed"]:
-            raise SofttoolError(f"export verification failed for {out}: {report['failure']}")
-    atomic_write_json(out / META_FILE, meta)
-    return meta
+            raise SofttoolError(f"export verification failed (nothing was written to the output): {report['failure']}")
+    from dataclasses import replace
 
-
-def resolve_device(device: str, strict: bool) -> str:
-    """'cuda' when asked for and ONNX Runtime has the CUDA provider; else 'cpu' (a warning) or an error if strict."""
-    if device == "cpu":
-        return "cpu"
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        return "cuda"
-    message = (
-        "CUDA was requested but ONNX Runtime has no CUDA provider here "
-        "(install softtool[gpu] on a machine with an NVIDIA GPU)"
-    )
-    if strict:
-        raise SofttoolError(f"--device cuda: {message}; drop --strict-device to fall back to the CPU")
-    warnings.warn(f"{message}; falling back to the CPU", RuntimeWarning, stacklevel=3)
-    return "cpu"
-
-
-def read_export_meta(folder: str | os.PathLike) -> dict[str, Any]:
-    """The metadata of an export folder, refusing folders with missing files."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise SofttoolError(f"export folder not found: {folder}")
-    for name in (META_FILE, MODEL_FILE, TABLE_FILE):
-        if not (folder / name).is_file():
-            hint = " (did its export fail verification?)" if name == META_FILE else ""
-            raise SofttoolError(f"{folder} is not a complete export: {name} is missing{hint}; re-run softtool export")
-    try:
-        meta = json.loads((folder / META_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SofttoolError(f"{folder / META_FILE} is not valid JSON ({exc}); re-run softtool export") from exc
-    if meta.get("format") != FORMAT_VERSION:
-        raise SofttoolError(
-            f"{folder / META_FILE} has format {meta.get('format')}; this softtool reads "
-            f"{FORMAT_VERSION}; re-run softtool export"
-        )
+    meta = replace(meta, verification=report, export_seconds=round(time.perf_counter() - start, 2))
+    meta.write(folder)
     return meta

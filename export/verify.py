@@ -1,18 +1,22 @@
-"""Self-check of a fresh export: ONNX Runtime against the PyTorch model on sample batches, prefill and decode.
+"""Self-check of a fresh export: ONNX Runtime against the PyTorch model on a sample batch, prefill and decode.
 
 Both sides are fed the same tokens (PyTorch's greedy choice at every step), so the logit difference is
 measured on identical inputs at every step, and "the argmax agrees at every step" is exactly "greedy
-decoding gives the same tokens". The reference is plain transformers: token embeddings with the prompt rows
-substituted, a 2-D mask, explicit positions and its own KV cache, so the check also covers the wrapper.
+decoding gives the same tokens". The reference is plain transformers (its own attention, a left-padded 2-D
+mask, its own KV cache), not softtool's slot model, so the check also covers the slot cache and the wrapper.
+The graph runs through plain `session.run` with numpy arrays, as any onnxruntime user would run it.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from softtool.export_meta import ExportMeta
 
 # Thresholds per dtype: (max |logit diff| that passes, fraction of steps whose argmax must agree).
 # fp32 must match exactly in tokens; fp16 and int8 change the numbers, so only token agreement is checked.
@@ -24,17 +28,17 @@ SAMPLE_TEXT = [
 ]
 
 
-def sample_rows(tokenizer, meta: dict[str, Any]) -> tuple[list[list[int]], list[int]]:
+def sample_rows(tokenizer, meta: ExportMeta) -> tuple[list[list[int]], list[int]]:
     """Two rows of ids in the virtual-token convention, of different lengths, one per task (task 0 and the last)."""
     from softtool.prompts.template import Template, assemble_ids
 
     rows, tasks = [], []
-    for i, task_id in enumerate([0, meta["num_tasks"] - 1]):
-        template = Template.parse(meta["tasks"][task_id]["template"])
+    for i, task_id in enumerate([0, meta.num_tasks - 1]):
+        template = Template.parse(meta.tasks[task_id].template)
         text = SAMPLE_TEXT[i % len(SAMPLE_TEXT)]
         fields = {name: text if k == 0 else "What is it about?" for k, name in enumerate(template.fields)}
         pieces = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in template.render(fields)]
-        rows.append(assemble_ids(template, pieces, meta["vocab_size"], task_id))
+        rows.append(assemble_ids(template, pieces, meta.vocab_size, task_id))
         tasks.append(task_id)
     return rows, tasks
 
@@ -87,64 +91,60 @@ class TorchReference:
 
 
 class OrtStepper:
-    """Feeds an exported graph step by step with its KV cache as numpy arrays (plain run, no IO binding)."""
+    """Feeds an exported graph step by step with plain session.run: its present buffers are the next past."""
 
-    def __init__(self, session, meta: dict[str, Any], table: np.ndarray | None):
-        from softtool.export.session import input_dtypes
+    def __init__(self, session, meta: ExportMeta, table: np.ndarray | None, rows: int, capacity: int):
+        from softtool.runtime.session import input_dtypes
 
         self.session, self.meta = session, meta
-        self.dtypes = input_dtypes(session)
-        self.table = table if meta["prompt_table_input"] else None
-        self.past: list[np.ndarray] | None = None
+        dtypes = input_dtypes(session)
+        self.table = table if meta.prompt_table_input else None
+        shape = (rows, meta.num_kv_heads, capacity, meta.head_dim)
+        self.past = [
+            np.zeros(shape, dtype=dtypes[f"past_key_values.{i}.{kind}"])
+            for i in range(meta.num_layers)
+            for kind in ("key", "value")
+        ]
 
-    def step(self, ids, mask, positions) -> np.ndarray:
-        batch = ids.shape[0]
-        feeds = {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "position_ids": positions,
-            "beam_idx": np.arange(batch, dtype=np.int64),
-        }
+    def step(self, ids, positions) -> np.ndarray:
+        feeds = {"input_ids": ids, "position_ids": positions}
         if self.table is not None:
             feeds["prompt_table"] = self.table
-        m = self.meta
-        for i in range(m["num_layers"]):
-            for kind in ("key", "value"):
-                name = f"past_key_values.{i}.{kind}"
-                if self.past is None:
-                    feeds[name] = np.zeros((batch, m["num_kv_heads"], 0, m["head_dim"]), dtype=self.dtypes[name])
-                else:
-                    feeds[name] = self.past[2 * i + (kind == "value")]
+        names = [f"past_key_values.{i}.{kind}" for i in range(self.meta.num_layers) for kind in ("key", "value")]
+        feeds.update(zip(names, self.past, strict=True))
         outputs = self.session.run(None, feeds)
-        self.past = outputs[-2 * m["num_layers"] :]
-        if m["top_k"]:
+        self.past = outputs[-2 * self.meta.num_layers :]
+        if self.meta.top_k:
             # Full logits are not in the graph: scatter the top-k log-probs (rest -inf) so argmax still compares.
             values, indices = outputs[0], outputs[1]
-            dense = np.full((batch, m["vocab_size"]), -np.inf, dtype=np.float32)
+            dense = np.full((ids.shape[0], self.meta.vocab_size), -np.inf, dtype=np.float32)
             np.put_along_axis(dense, indices, values, axis=1)
             return dense
         return outputs[0].astype(np.float32)
 
 
-def verify_export(folder: Path, model, table, meta: dict[str, Any], *, device: str, steps: int) -> dict[str, Any]:
+def verify_export(folder: Path, model, table, meta: ExportMeta, *, device: str, steps: int) -> dict[str, Any]:
     """Run both sides on the sample batch for `steps` greedy steps; returns the report (passed, diffs, agreement)."""
     import torch
     from transformers import AutoTokenizer
 
-    from softtool.export.session import create_session
+    from softtool.runtime.session import create_session
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     rows, _ = sample_rows(tokenizer, meta)
-    ids, mask, positions = left_pad(rows, meta["pad_token_id"])
-    reference = TorchReference(model, table, meta["vocab_size"])
-    session = create_session(folder / "model.onnx", device)
-    ort_side = OrtStepper(session, meta, table.numpy().astype(np.float32))
+    ids, mask, ref_positions = left_pad(rows, meta.pad_token_id)
+    capacity = ids.shape[1] + steps + 1
+    # The graph's positions: each row from 0, its left padding in the scratch column.
+    positions = np.where(mask == 1, ref_positions, capacity - 1)
+    reference = TorchReference(model, table, meta.vocab_size)
+    session = create_session(folder / ExportMeta.MODEL_FILE, device)
+    ort_side = OrtStepper(session, meta, table.numpy().astype(np.float32), len(rows), capacity)
 
     diffs, agree = [], []
     for _ in range(steps):
-        want = reference.step(ids, mask, positions)
-        got = ort_side.step(ids, mask, positions)
-        if meta["top_k"]:
+        want = reference.step(ids, mask, ref_positions)
+        got = ort_side.step(ids, positions)
+        if meta.top_k:
             # Compare log-probs on the graph's top-k ids only.
             want = torch.log_softmax(torch.from_numpy(want), -1).numpy()
             keep = np.isfinite(got)
@@ -155,12 +155,15 @@ def verify_export(folder: Path, model, table, meta: dict[str, Any], *, device: s
         agree.extend((got.argmax(-1) == chosen).tolist())
         ids = chosen[:, None].astype(np.int64)
         mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=np.int64)], axis=1)
-        positions = positions[:, -1:] + 1
+        ref_positions = ref_positions[:, -1:] + 1
+        positions = ref_positions
 
     max_diff, rate = max(diffs), float(np.mean(agree))
-    limit_diff, limit_rate = THRESHOLDS[meta["dtype"]]
+    limit_diff, limit_rate = THRESHOLDS[meta.dtype]
     failures = []
-    if limit_diff is not None and max_diff > limit_diff:
+    if not all(math.isfinite(d) for d in diffs):
+        failures.append("the graph's logits are not finite (NaN or infinity)")
+    elif limit_diff is not None and max_diff > limit_diff:
         failures.append(f"max logit difference {max_diff:.3g} exceeds {limit_diff:g}")
     if rate < limit_rate:
         failures.append(f"greedy tokens agree on {rate:.1%} of {len(agree)} steps, below {limit_rate:.0%}")
@@ -170,8 +173,8 @@ def verify_export(folder: Path, model, table, meta: dict[str, Any], *, device: s
         "device": device,
         "steps": steps,
         "batch": len(rows),
-        "max_abs_logit_diff": max_diff,
-        "prefill_abs_logit_diff": diffs[0],
+        "max_abs_logit_diff": max_diff if math.isfinite(max_diff) else None,
+        "prefill_abs_logit_diff": diffs[0] if math.isfinite(diffs[0]) else None,
         "greedy_agreement": rate,
         "thresholds": {"max_abs_logit_diff": limit_diff, "greedy_agreement": limit_rate},
     }

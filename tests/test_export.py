@@ -63,75 +63,96 @@ def reference_logits(model, table, ids, mask, vocab):
 
 
 def test_export_writes_a_self_contained_folder(tiny_export):
+    from softtool.export_meta import ExportMeta
+
     folder, _, meta = tiny_export
     names = {p.name for p in folder.iterdir()}
     assert {"model.onnx", "prompt_table.safetensors", "softtool_export.json", "tokenizer.json"} <= names
-    saved = json.loads((folder / "softtool_export.json").read_text())
-    assert saved["num_virtual_tokens"] == N and saved["num_tasks"] == 1
-    assert saved["num_layers"] == 2 and saved["num_kv_heads"] == 2 and saved["head_dim"] == 8
-    assert saved["template"] == PREFIX and saved["opset"] == meta["opset"]
-    assert saved["verification"]["passed"] and saved["verification"]["greedy_agreement"] == 1.0
-    assert saved["verification"]["max_abs_logit_diff"] <= 1e-3
+    saved = ExportMeta.read(folder)
+    assert saved == meta
+    assert saved.num_virtual_tokens == N and saved.num_tasks == 1
+    assert saved.num_layers == 2 and saved.num_kv_heads == 2 and saved.head_dim == 8
+    assert saved.template == PREFIX and saved.kv_layout == "slots"
+    assert saved.inputs[:2] == ("input_ids", "position_ids") and "beam_idx" not in saved.inputs
+    assert saved.verification["passed"] and saved.verification["greedy_agreement"] == 1.0
+    assert saved.verification["max_abs_logit_diff"] <= 1e-3
+
+
+def test_an_export_of_another_format_version_is_refused_with_a_re_export_hint(tmp_path, tiny_export):
+    folder = tmp_path / "copy"
+    shutil.copytree(tiny_export[0], folder)
+    data = json.loads((folder / "softtool_export.json").read_text())
+    data["format"] = 1
+    (folder / "softtool_export.json").write_text(json.dumps(data))
+    from softtool.runtime.onnx_backend import OnnxGenerator
+
+    with pytest.raises(SofttoolError, match="format 1.*re-run softtool export"):
+        OnnxGenerator.from_export_dir(folder)
+
+
+def _slot_feeds(ids, positions, past):
+    names = [f"past_key_values.{i}.{k}" for i in range(2) for k in ("key", "value")]
+    return {"input_ids": ids, "position_ids": positions, **dict(zip(names, past, strict=True))}
 
 
 def test_graph_logits_equal_transformers_at_prefill_and_each_cached_decode_step(tiny_export, tiny_model):
-    from softtool.export.session import create_session
+    """Plain onnxruntime, numpy in and out: rows of different lengths share a batch of slot buffers."""
     from softtool.export.verify import left_pad
     from softtool.runtime.onnx_backend import OnnxGenerator
+    from softtool.runtime.session import create_session
 
     folder, _, meta = tiny_export
     gen = OnnxGenerator.from_export_dir(folder)
-    v = meta["vocab_size"]
+    v = meta.vocab_size
     table = torch.from_numpy(gen.table)
     rows = [[v + j for j in range(N)] + [100, 200, 300, 400], [v + j for j in range(N)] + [500, 600]]
-    ids, mask, positions = left_pad(rows, meta["pad_token_id"])
+    ids, mask, ref_positions = left_pad(rows, meta.pad_token_id)
+    capacity = 20
+    positions = np.where(mask == 1, ref_positions, capacity - 1)  # left padding goes to the scratch column
     session = create_session(folder / "model.onnx")
-    past = [np.zeros((2, 2, 0, 8), np.float32) for _ in range(4)]
-    names = [f"past_key_values.{i}.{k}" for i in range(2) for k in ("key", "value")]
+    past = [np.zeros((2, 2, capacity, 8), np.float32) for _ in range(4)]
     step_ids = ids
     for step in range(4):
-        feeds = {
-            "input_ids": step_ids,
-            "attention_mask": mask,
-            "position_ids": positions,
-            "beam_idx": np.arange(2, dtype=np.int64),
-            **dict(zip(names, past, strict=True)),
-        }
-        logits, *past = session.run(None, feeds)
+        logits, *past = session.run(None, _slot_feeds(step_ids, positions, past))
         want = reference_logits(tiny_model, table, ids, mask, v)
         np.testing.assert_allclose(logits, want, atol=1e-4, rtol=0, err_msg=f"step {step}")
         step_ids = want.argmax(-1)[:, None].astype(np.int64)
         ids = np.concatenate([ids, step_ids], axis=1)
         mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
-        positions = positions[:, -1:] + 1
+        ref_positions = ref_positions[:, -1:] + 1
+        positions = ref_positions
 
 
 def test_ptuning_split_template_exports_and_verifies(tmp_path, tiny_model_dir, tiny_model):
     from softtool.export.onnx import ExportOptions, export_adapters
-    from softtool.export.session import create_session
+    from softtool.runtime.session import create_session
 
     adapter = make_adapter(tmp_path / "ad", tiny_model_dir, template=SPLIT)
     meta = export_adapters([adapter], tmp_path / "onnx", ExportOptions(verify_steps=8))
-    assert meta["verification"]["passed"]
-    v = meta["vocab_size"]
+    assert meta.verification["passed"]
+    v = meta.vocab_size
     from softtool.adapter import load_adapter
 
     table = load_adapter(adapter).prompt_table
     # Virtual tokens in the middle of the text, as the split template places them.
     ids = np.array([[v, v + 1, v + 2, v + 3, 10, 11, 12, v + 4, v + 5, 13, 14]], dtype=np.int64)
-    mask = np.ones_like(ids)
     session = create_session(tmp_path / "onnx" / "model.onnx")
-    feeds = {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "position_ids": np.arange(ids.shape[1])[None],
-        "beam_idx": np.zeros(1, np.int64),
-    }
-    feeds.update(
-        {f"past_key_values.{i}.{k}": np.zeros((1, 2, 0, 8), np.float32) for i in range(2) for k in ("key", "value")}
-    )
-    logits = session.run(["logits"], feeds)[0]
-    np.testing.assert_allclose(logits, reference_logits(tiny_model, table, ids, mask, v), atol=1e-4, rtol=0)
+    past = [np.zeros((1, 2, ids.shape[1] + 1, 8), np.float32) for _ in range(4)]
+    logits = session.run(["logits"], _slot_feeds(ids, np.arange(ids.shape[1])[None], past))[0]
+    want = reference_logits(tiny_model, table, ids, np.ones_like(ids), v)
+    np.testing.assert_allclose(logits, want, atol=1e-4, rtol=0)
+
+
+def test_the_tied_embedding_is_stored_once_in_an_fp32_export(tiny_export, tiny_model):
+    import onnx
+
+    folder, _, _ = tiny_export
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    vocab, hidden = tiny_model.get_input_embeddings().weight.shape
+    big = [i.name for i in graph.initializer if sorted(i.dims) == sorted([vocab, hidden])]
+    assert len(big) == 1, big
+    params = sum({p.data_ptr(): p.numel() for p in tiny_model.parameters()}.values())  # tied weights once
+    assert (folder / "model.onnx").stat().st_size < 1.1 * 4 * params
 
 
 def test_int8_and_fp16_exports_run_and_agree_on_most_greedy_tokens(tmp_path, tiny_model_dir, tiny_export):
@@ -141,13 +162,15 @@ def test_int8_and_fp16_exports_run_and_agree_on_most_greedy_tokens(tmp_path, tin
     adapter = make_adapter(tmp_path / "ad", tiny_model_dir)
     for dtype in ("int8", "fp16"):
         meta = export_adapters([adapter], tmp_path / dtype, ExportOptions(dtype=dtype, verify_steps=16))
-        report = meta["verification"]
+        report = meta.verification
         assert report["passed"], report
         assert report["greedy_agreement"] >= THRESHOLDS[dtype][1]
         assert report["max_abs_logit_diff"] > 0  # really converted, not the fp32 graph
+    import onnx
+
     fp32_size = (tiny_export[0] / "model.onnx").stat().st_size
-    # Both shrink the graph; on the tiny model the float embedding table (kept for Gather) dominates int8's size.
-    assert (tmp_path / "int8" / "model.onnx").stat().st_size < 0.75 * fp32_size
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "int8" / "model.onnx")).graph.node}
+    assert "MatMulNBits" in ops  # the weight matrices really are 8-bit
     assert (tmp_path / "fp16" / "model.onnx").stat().st_size < 0.6 * fp32_size
 
 
@@ -156,8 +179,8 @@ def test_topk_output_gives_the_same_greedy_tokens(tmp_path, tiny_model_dir):
 
     adapter = make_adapter(tmp_path / "ad", tiny_model_dir)
     meta = export_adapters([adapter], tmp_path / "onnx", ExportOptions(top_k=4, verify_steps=8))
-    assert meta["verification"]["greedy_agreement"] == 1.0
-    assert meta["verification"]["max_abs_logit_diff"] <= 1e-3
+    assert meta.verification["greedy_agreement"] == 1.0
+    assert meta.verification["max_abs_logit_diff"] <= 1e-3
 
 
 def test_failed_verification_exits_nonzero_saying_by_how_much(tmp_path, tiny_model_dir, monkeypatch, capsys):
@@ -171,7 +194,53 @@ def test_failed_verification_exits_nonzero_saying_by_how_much(tmp_path, tiny_mod
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "verification failed" in err and "max logit difference" in err and "exceeds -1" in err
-    assert not (tmp_path / "onnx" / "softtool_export.json").exists()  # a failed export never loads
+    assert not (tmp_path / "onnx").exists()  # a failed export writes nothing
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".onnx")]  # and leaves no temporary folder
+
+
+def test_a_failed_export_over_an_old_one_leaves_the_old_one_intact(tmp_path, tiny_model_dir, tiny_export, monkeypatch):
+    from softtool.export import verify
+    from softtool.export.onnx import ExportOptions, export_adapters
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(tiny_export[0], folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    adapter = make_adapter(tmp_path / "ad", tiny_model_dir, seed=5)
+    monkeypatch.setitem(verify.THRESHOLDS, "fp32", (-1.0, 1.0))
+    with pytest.raises(SofttoolError, match="verification failed"):
+        export_adapters([adapter], folder, ExportOptions(overwrite=True, verify_steps=2))
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_overwrite_replaces_an_earlier_export(tmp_path, tiny_model_dir, tiny_export):
+    from softtool.export.onnx import ExportOptions, export_adapters
+    from softtool.export_meta import ExportMeta
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(tiny_export[0], folder)
+    adapter = make_adapter(tmp_path / "other", tiny_model_dir, seed=7)
+    export_adapters([adapter], folder, ExportOptions(overwrite=True, verify_steps=2))
+    assert ExportMeta.read(folder).tasks[0].name == "other"
+
+
+@pytest.mark.parametrize("where", ["the adapter itself", "a parent of the adapter", "a folder of other files"])
+def test_export_never_replaces_its_input_or_files_it_did_not_write(tmp_path, tiny_model_dir, where):
+    from softtool.export.onnx import ExportOptions, export_adapters
+
+    adapter = make_adapter(tmp_path / "runs" / "ad", tiny_model_dir)
+    (adapter / "notes.txt").write_text("mine")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "cat.jpg").write_bytes(b"\xff\xd8")
+    target = {
+        "the adapter itself": adapter,
+        "a parent of the adapter": tmp_path / "runs",
+        "a folder of other files": photos,
+    }[where]
+    snapshot = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(SofttoolError, match="would replace the input|did not write"):
+        export_adapters([adapter], target, ExportOptions(overwrite=True, verify_steps=2))
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == snapshot
 
 
 def test_cli_export_succeeds_and_prints_the_verification(tmp_path, tiny_model_dir, capsys):
@@ -181,7 +250,7 @@ def test_cli_export_succeeds_and_prints_the_verification(tmp_path, tiny_model_di
     main(["export", str(adapter), "-o", str(tmp_path / "onnx"), "--verify-steps", "4"])
     out = capsys.readouterr().out
     assert "exported 1 task(s)" in out and '"greedy_agreement": 1.0' in out
-    # A second export into the same non-empty folder needs --overwrite.
+    # A second export into the same folder needs --overwrite.
     with pytest.raises(SystemExit) as exit_info:
         main(["export", str(adapter), "-o", str(tmp_path / "onnx"), "--verify-steps", "4"])
     assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err

@@ -1,5 +1,5 @@
-"""The PyTorch backend: its step loop with the C++ search (and its transformers fallback) gives
-token for token what transformers' generate gives on the same merged embeddings."""
+"""The PyTorch backend: the decode loop over its slot cache with the C++ search gives token for token what
+transformers' generate gives on the same merged embeddings."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from softtool.models import load_model
 from softtool.prompts.template import Template
 from softtool.runtime.torch_backend import TorchGenerator
 from softtool.search import SearchOptions
-from softtool.training.forward import merge_embeddings
+from softtool.prompts.embedding import merge_embeddings
 
 SOURCES = ["A man rides a bike.", "Two dogs.", "A woman in a blue coat waits for the bus."]
 
@@ -19,7 +19,7 @@ def _reference(model, generator, rows, **kw):
     """transformers generate, one row at a time (no padding), on the embeddings the template defines."""
     out = []
     for row in rows:
-        ids = torch.tensor([generator._row_ids([row], [0])[0]])
+        ids = torch.tensor([generator.row_ids([row], [0])[0]])
         embeds = merge_embeddings(model, ids, generator.table, generator.vocab_size)
         gen = model.generate(
             inputs_embeds=embeds,
@@ -49,10 +49,8 @@ def tiny(tiny_model_dir):
 
 
 @pytest.mark.parametrize("template", ["[P:5]English: {source}\nGerman:", "[P:3]English: {source}[P:2]German:"])
-@pytest.mark.parametrize("use_search", [True, False], ids=["cpp-search", "hf-fallback"])
-def test_greedy_equals_transformers_generate(tiny, smollm2_tokenizer, template, use_search):
+def test_greedy_equals_transformers_generate(tiny, smollm2_tokenizer, template):
     generator = _generator(tiny, smollm2_tokenizer, template)
-    generator.use_search = use_search
     rows = [generator.encode({"source": s}) for s in SOURCES]
     got = generator.generate(rows, None, SearchOptions(max_new_tokens=12, eos_token_ids=[2], pad_token_id=2))
     assert got == _reference(tiny, generator, rows, max_new_tokens=12)
@@ -72,11 +70,11 @@ def test_the_prefix_cache_is_computed_once_per_prompt(tiny, smollm2_tokenizer):
     options = SearchOptions(max_new_tokens=4, eos_token_ids=[2], pad_token_id=2)
     rows = [generator.encode({"source": s}) for s in SOURCES]
     first = generator.generate(rows, None, options)
-    cached = generator._prefix_kv[0][0][0]
+    cached = generator._prefix[0]
     assert generator.generate(rows, None, options) == first
-    assert generator._prefix_kv[0][0][0] is cached
+    assert generator._prefix[0] is cached
     generator.set_prompt(generator.table * 2)  # a new prompt must not reuse the old keys/values
-    assert not generator._prefix_kv
+    assert generator._prefix is None
 
 
 @pytest.mark.slow

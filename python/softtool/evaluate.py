@@ -38,7 +38,15 @@ class EvalOptions:
         default="torch", metadata={"help": "generation backend: torch or onnx", "choices": ("torch", "onnx")}
     )
     num_beams: int = field(default=1, metadata={"help": "beam size (1: greedy)", "min": 1})
-    batch_size: int = field(default=8, metadata={"help": "examples generated together", "min": 1})
+    batch_size: int = field(
+        default=8, metadata={"help": "rows decoded together (the decode loop's slots; beams count)", "min": 1}
+    )
+    continuous: bool = field(
+        default=True,
+        metadata={
+            "help": "continuous batching: a finished row's slot takes the next example at once (off: static batches)"
+        },
+    )
     max_new_tokens: int = field(default=0, metadata={"help": "generation budget (0: the task's default)", "min": 0})
     max_length: int = field(
         default=512, metadata={"help": "longest input in tokens incl. virtual tokens and output", "min": 8}
@@ -99,9 +107,17 @@ def predict(
     progress: bool = True,
     desc: str = "generating",
     dist: DistributedContext | None = None,
+    continuous: bool = True,
 ) -> Predictions:
-    """Generate for `examples` with the generator's template; returns post-processed predictions in order."""
+    """Generate for `examples` with the generator's template; returns post-processed predictions in order.
+
+    All examples go to the decode loop at once with `batch_size` slots (continuous batching unless
+    `continuous` is False or beams are searched, then static batches of `batch_size`). Examples are
+    ordered by length, which keeps static batches tight. Under torchrun the length-ordered examples are
+    dealt out to the ranks in chunks of `batch_size`, and gathered back in file order.
+    """
     from softtool.data import encode_example
+    from softtool.runtime.decode import EngineOptions
 
     budget = max_length - options.max_new_tokens
     encoded = [
@@ -110,18 +126,16 @@ def predict(
     ]
     order = sorted(range(len(encoded)), key=lambda i: encoded[i].input_length)
     dist = dist or DistributedContext()
-    batches = [order[lo : lo + batch_size] for lo in range(0, len(order), batch_size)]
-    mine = [batches[k] for k in dist.strided(len(batches))]
-    done: list[tuple[int, tuple[str, int]]] = []
+    chunks = [order[lo : lo + batch_size] for lo in range(0, len(order), batch_size)]
+    mine = [i for k in dist.strided(len(chunks)) for i in chunks[k]]
+    engine = EngineOptions(slots=batch_size, continuous=continuous)
     start = time.perf_counter()
-    total = sum(map(len, mine))
-    with tqdm(total=total, desc=desc, unit="ex", disable=not progress, dynamic_ncols=True) as bar:
-        for idx in mine:
-            outputs = generator.generate([encoded[i].pieces for i in idx], None, options)
-            for i, hyps in zip(idx, outputs, strict=True):
-                text = task.postprocess(generator.tokenizer.decode(hyps[0], skip_special_tokens=True))
-                done.append((i, (text, len(hyps[0]))))
-            bar.update(len(idx))
+    with tqdm(total=len(mine), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True) as bar:
+        outputs = generator.generate([encoded[i].pieces for i in mine], None, options, engine, bar.update)
+    done: list[tuple[int, tuple[str, int]]] = []
+    for i, hyps in zip(mine, outputs, strict=True):
+        text = task.postprocess(generator.tokenizer.decode(hyps[0], skip_special_tokens=True))
+        done.append((i, (text, len(hyps[0]))))
     seconds = max(dist.gather_objects(time.perf_counter() - start))  # the slowest rank's wall time
     results = dist.gather_in_order(done, len(encoded))
     texts = [text for text, _ in results]
@@ -222,6 +236,7 @@ def run_eval(
         split.examples,
         options=so,
         batch_size=options.batch_size,
+        continuous=options.continuous,
         max_length=options.max_length,
         progress=progress,
         desc="soft prompt",
@@ -253,6 +268,7 @@ def run_eval(
                 split.examples,
                 options=so,
                 batch_size=options.batch_size,
+                continuous=options.continuous,
                 max_length=options.max_length,
                 progress=progress,
                 desc=kind.replace("_", "-"),

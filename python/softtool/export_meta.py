@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from softtool.errors import SofttoolError
 from softtool.fileio import atomic_write_json
 
-# Version 2: typed record (ExportMeta), task table as a list of ExportTask, graph I/O and KV layout recorded.
+# Version 2: typed record, tasks as ExportTask, graph I/O and KV layout recorded, slot KV cache (no beam_idx).
 FORMAT_VERSION = 2
 
 
@@ -60,9 +60,11 @@ class ExportMeta:
     opset: int
     inputs: tuple[str, ...]  # graph input names, in order
     outputs: tuple[str, ...]  # graph output names, in order
-    # How the KV cache moves: "concat" = past [B, kv_heads, P, head_dim] in, present [B, kv_heads, P+S, head_dim]
-    # out; the graph's beam_idx input picks which past row each row continues.
-    kv_layout: str = "concat"
+    # How the KV cache moves. "slots": past k/v per layer are buffers [B, kv_heads, C, head_dim], one sequence per
+    # row with its entries at their positions; the graph writes the new entries at `position_ids` and returns
+    # the buffers as present (same shapes; bind present to past's memory and the update is in place). A query
+    # at position p sees entries 0..p of its row; column C-1 is scratch for padding.
+    kv_layout: str = "slots"
     prompt_table_input: bool = False  # the table is a graph input (tasks can be added without re-export)
     top_k: int = 0  # >0: the graph emits top-k log-probs and ids instead of full logits
     int8_method: str | None = None
@@ -171,4 +173,3 @@ class ExportMeta:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise SofttoolError(f"{folder / cls.FILE} is not valid JSON ({exc}); re-run softtool export") from exc
         return cls.from_json(data, str(folder / cls.FILE))
-

@@ -73,11 +73,19 @@ class _HfBackend(Backend):
     def generate(self, indices: range, max_new_tokens: int) -> list[list[int]]:
         import torch
 
+        from softtool.search import BatchOptions, build_batch
+
         rows = [self.workload.text_rows[i] for i in indices]
-        width = max(len(r) for r in rows)
-        pad = self.workload.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.options.device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.options.device)
+        # The product's batch builder: left padding, one text slot per row.
+        batch = build_batch(
+            [[r] for r in rows],
+            0,
+            [("text", 0)],
+            BatchOptions(vocab_size=self.workload.vocab_size, padding_side="left", pad_id=self.workload.pad_token_id),
+        )
+        input_ids = torch.as_tensor(batch["input_ids"], device=self.options.device)
+        mask = torch.as_tensor(batch["attention_mask"], device=self.options.device)
+        width = input_ids.shape[1]
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids,
@@ -86,7 +94,7 @@ class _HfBackend(Backend):
                 do_sample=False,
                 num_beams=self.options.num_beams,
                 eos_token_id=self.workload.eos_token_id,
-                pad_token_id=pad,
+                pad_token_id=self.workload.pad_token_id,
                 use_cache=self.use_cache,
                 temperature=None,
                 top_p=None,
@@ -129,17 +137,16 @@ class SofttoolBackend(Backend):
         return {"device": self.options.device, "dtype": self.options.dtype}
 
     def load(self) -> None:
-        try:
-            from softtool.runtime import load_generator
-        except ImportError as exc:
-            raise BackendUnavailable(f"softtool.runtime is not in this build yet ({exc})") from exc
+        from softtool.runtime import load_generator
+
         try:
             self.generator = load_generator(str(self.source_dir()), self.runtime, **self.runtime_kwargs())
-        except (ImportError, NotImplementedError, SofttoolError) as exc:
+        except SofttoolError as exc:
             raise BackendUnavailable(f"softtool.runtime cannot load the {self.runtime} backend: {exc}") from exc
 
     def generate(self, indices: range, max_new_tokens: int) -> list[list[int]]:
-        from softtool.runtime import SearchOptions
+        from softtool.runtime.decode import EngineOptions
+        from softtool.search import SearchOptions
 
         options = SearchOptions(
             max_new_tokens=max_new_tokens,
@@ -148,7 +155,8 @@ class SofttoolBackend(Backend):
             pad_token_id=self.workload.pad_token_id,
         )
         rows = [self.workload.pieces[i] for i in indices]
-        beams = self.generator.generate(rows, [0] * len(rows), options)
+        engine = EngineOptions(slots=self.options.batch_size * self.options.num_beams)
+        beams = self.generator.generate(rows, [0] * len(rows), options, engine)
         return [cut_at_eos(list(row_beams[0]), self.workload.eos_token_id) for row_beams in beams]
 
 
@@ -168,16 +176,10 @@ class OnnxBackend(SofttoolBackend):
         return export_on_the_fly(self.options, self.workload.adapter_dir, self.dtype)
 
     def runtime_kwargs(self) -> dict:
-        # strict: a CUDA bench must not quietly time ONNX Runtime on the CPU.
+        # strict: a CUDA bench must not quietly time ONNX Runtime on the CPU. The bench's thread count is the
+        # session's intra-op thread count.
         device = self.options.onnx_device
-        return {"device": device, "strict_device": device != "cpu"}
-
-    def load(self) -> None:
-        super().load()
-        # Same thread count as every other backend, when the ONNX generator lets us set it.
-        session_options = getattr(self.generator, "set_threads", None)
-        if callable(session_options):
-            session_options(self.options.threads)
+        return {"device": device, "strict_device": device != "cpu", "threads": self.options.threads}
 
 
 class OnnxInt8Backend(OnnxBackend):
@@ -194,30 +196,27 @@ def export_on_the_fly(options: BenchOptions, adapter_dir: Path, dtype: str, prog
     """Export the adapter into the bench cache (once per adapter, model and dtype) with softtool.export."""
     import hashlib
 
-    try:
-        from softtool.export.onnx import ExportOptions, export_adapters, read_export_meta
-    except ImportError as exc:
-        raise BackendUnavailable(f"softtool.export is not in this build yet ({exc})") from exc
+    from softtool.export.onnx import ExportOptions, export_adapters
+    from softtool.export_meta import ExportMeta
+    from softtool.runtime.session import resolve_device
+
     if options.device != "cpu":
         if dtype == "int8":
             raise BackendUnavailable("the int8 graph (MatMulNBits weights) is for the CPU provider; not run on cuda")
-        import onnxruntime as ort
-
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise BackendUnavailable(
-                f"--device {options.device}: onnxruntime {ort.__version__} has no CUDAExecutionProvider "
-                "(install softtool[gpu], onnxruntime-gpu)"
-            )
+        try:
+            resolve_device("cuda", strict=True)
+        except SofttoolError as exc:
+            raise BackendUnavailable(str(exc)) from exc
         if options.dtype == "float16":
             dtype = "fp16"  # the GPU graph in the torch backends' precision
     weights = (adapter_dir / "adapter_model.safetensors").read_bytes()
     key = hashlib.sha1(weights + options.model.encode()).hexdigest()[:12]
     out = default_cache_dir(options) / f"export-{key}-{dtype}"
     try:
-        read_export_meta(out)
+        ExportMeta.read(out)
         return out
-    except (SofttoolError, OSError, ValueError):
-        pass  # not exported yet (or a half-written folder): export afresh
+    except SofttoolError:
+        pass  # not exported yet (or an export of an older format): export afresh
     try:
         export_adapters(
             [str(adapter_dir)],

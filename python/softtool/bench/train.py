@@ -118,10 +118,10 @@ def _time_steps(step, batches, options) -> dict[str, Any]:
 
 
 def run_train_bench(options: TrainBenchOptions, command: str = "", progress=None) -> dict[str, Any]:
-    import torch
 
     from softtool.data import get_task
     from softtool.models import load_model, load_tokenizer
+    from softtool.prompts.encoder import PromptConfig, initial_table
 
     set_threads(options.threads)
     say = progress or (lambda msg: None)
@@ -137,8 +137,8 @@ def run_train_bench(options: TrainBenchOptions, command: str = "", progress=None
         template = task.default_template(n)
         features = _features(options, tokenizer, task, template, examples, vocab)
         batches = [features[i * options.batch_size : (i + 1) * options.batch_size] for i in range(total)]
-        picks = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(options.seed))
-        table = embed[picks].detach().clone()
+        table = initial_table(PromptConfig(num_virtual_tokens=n, init="vocab"), embed, seed=options.seed)
+        table = table.to(embed.device)
         tokens_per_pass = sum(len(f.input_ids) + len(f.target_ids) for b in batches[options.warmup :] for f in b)
         side_runs = {}
         for side in SIDES:

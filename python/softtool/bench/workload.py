@@ -81,16 +81,14 @@ def default_template(task_name: str, task: Any, n: int) -> str:
 
 
 def make_untrained_adapter(options: BenchOptions, model, out_dir: Path, template: str) -> Path:
-    """An untrained prompt (rows of the vocabulary embedding, seeded) saved as a normal adapter folder."""
-    import torch
-
+    """An untrained prompt (softtool's default vocabulary init, seeded) saved as a normal adapter folder."""
     from softtool.adapter import Adapter, AdapterMeta, save_adapter
+    from softtool.prompts.encoder import PromptConfig, initial_table
     from softtool.prompts.template import Template
 
     n = Template.parse(template).num_virtual_tokens
     embed = model.get_input_embeddings().weight
-    generator = torch.Generator().manual_seed(options.seed)
-    picks = torch.randint(0, embed.shape[0], (n,), generator=generator)
+    table = initial_table(PromptConfig(num_virtual_tokens=n, init="vocab"), embed, seed=options.seed)
     meta = AdapterMeta(
         base_model=options.model,
         num_virtual_tokens=n,
@@ -101,7 +99,7 @@ def make_untrained_adapter(options: BenchOptions, model, out_dir: Path, template
         init="vocab",
         task_options={"src": "en", "tgt": "de"} if options.task == "translation" else {},
     )
-    return save_adapter(out_dir, Adapter(embed[picks].detach().clone(), meta), model.config)
+    return save_adapter(out_dir, Adapter(table, meta), model.config)
 
 
 def default_cache_dir(options: BenchOptions) -> Path:
@@ -122,7 +120,8 @@ def prepare_adapter(options: BenchOptions, model, tokenizer) -> tuple[Path, bool
         return Path(options.adapter), False, get_task(options.task, adapter.meta.task_options)
     task = get_task(options.task)
     template = options.template or default_template(options.task, task, options.num_virtual_tokens)
-    key = hashlib.sha1(json.dumps([options.model, template, options.seed]).encode()).hexdigest()[:12]
+    # "init-v2": the product's vocab init (ids below 5000); earlier caches drew from the whole vocabulary.
+    key = hashlib.sha1(json.dumps([options.model, template, options.seed, "init-v2"]).encode()).hexdigest()[:12]
     out = default_cache_dir(options) / f"untrained-{key}"
     if not (out / "adapter_model.safetensors").is_file():
         make_untrained_adapter(options, model, out, template)

@@ -1,53 +1,81 @@
-"""The one interface every generation backend implements (PyTorch here, ONNX Runtime in onnx_backend).
+"""The one interface every generation backend implements (PyTorch in torch_backend, ONNX Runtime in onnx_backend).
 
-Inputs are encoded pieces, one token-id list per text slot of the template, exactly what the C++
-batch builder takes; the backend places the virtual tokens itself. Outputs are new token ids only.
+Inputs are encoded pieces, one token-id list per text slot of the template, exactly what training and
+the data package produce; the generator places the virtual tokens itself (id V + t*N + j). Outputs are
+new token ids only. Generation runs through the one decode loop (softtool.runtime.decode) over the
+backend's slot cache (softtool.runtime.slots).
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 
-try:  # the C++ engineer's dataclass is the contract; it lives next to the compiled core
-    from softtool.search import SearchOptions
-except ImportError:  # softtool._core not built (or not yet written): same fields, same defaults
+import numpy as np
 
-    @dataclass
-    class SearchOptions:  # type: ignore[no-redef]
-        """Decoding options (mirrors softtool.search.SearchOptions)."""
-
-        max_new_tokens: int = 64
-        min_new_tokens: int = 0
-        eos_token_ids: list[int] = field(default_factory=lambda: [2])
-        pad_token_id: int = 2
-        num_beams: int = 1
-        length_penalty: float = 1.0
-        early_stopping: bool = False
-        repetition_penalty: float = 1.0
-        no_repeat_ngram_size: int = 0
-        num_return_sequences: int = 1
-        do_sample: bool = False
-        temperature: float = 1.0
-        top_k: int = 0
-        top_p: float = 1.0
-        seed: int = 0
-
+from softtool.errors import SofttoolError
+from softtool.prompts.template import assemble_ids
+from softtool.runtime.decode import EngineOptions, Progress, decode
+from softtool.runtime.slots import SlotModel
+from softtool.search import SearchOptions
 
 Rows = list[list[list[int]]]  # batch -> text slots -> token ids
 
+__all__ = ["EngineOptions", "Generator", "Rows", "SearchOptions"]
 
-class Generator(ABC):
-    """A soft prompt bound to a model, ready to generate."""
 
-    template: object  # softtool.prompts.template.Template
-    tokenizer: object
-    meta: object  # softtool.adapter.AdapterMeta
+class Generator(SlotModel):
+    """A soft prompt (one or more tasks) bound to a model, ready to generate."""
 
-    def encode(self, fields) -> list[list[int]]:
+    meta: object  # softtool.adapter.AdapterMeta: task, task options, base model
+    where: str = "the prompt table"  # names the source in errors
+
+    def encode(self, fields: Mapping[str, str]) -> list[list[int]]:
         """Token ids of each text slot of the template filled with `fields` (tokenized separately, as in training)."""
         return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in self.template.render(fields)]
 
-    @abstractmethod
-    def generate(self, rows: Rows, task_ids: list[int] | None, options: SearchOptions) -> list[list[list[int]]]:
-        """Per example, `num_return_sequences` lists of new token ids (EOS excluded)."""
+    def row_ids(self, rows: Rows, task_ids: Sequence[int]) -> list[list[int]]:
+        """Each row's full ids (virtual ones included); SofttoolError on a row that does not fit the template."""
+        slots = sum(1 for kind, _ in self.template.layout if kind == "text")
+        if len(task_ids) != len(rows):
+            raise SofttoolError(f"got {len(task_ids)} task ids for {len(rows)} rows")
+        out = []
+        for i, (row, task) in enumerate(zip(rows, task_ids, strict=True)):
+            if not 0 <= int(task) < max(self.num_tasks, 1):
+                raise SofttoolError(f"row {i}: task id {task} is outside the {self.num_tasks} task(s) of {self.where}")
+            if len(row) != slots:
+                raise SofttoolError(f"row {i} has {len(row)} text pieces but the template {self.template} has {slots}")
+            for piece in row:
+                bad = [int(t) for t in piece if not 0 <= int(t) < self.vocab_size]
+                if bad:
+                    raise SofttoolError(
+                        f"row {i}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
+                        "; text pieces hold normal tokens only"
+                    )
+            out.append(assemble_ids(self.template, row, self.vocab_size, int(task)))
+        return out
+
+    def generate(
+        self,
+        rows: Rows,
+        task_ids: Sequence[int] | None,
+        options: SearchOptions,
+        engine: EngineOptions | None = None,
+        progress: Progress | None = None,
+    ) -> list[list[list[int]]]:
+        """Per row, `num_return_sequences` lists of new token ids (EOS excluded), in row order."""
+        if not rows:
+            return []
+        tasks = [int(t) for t in task_ids] if task_ids is not None else [0] * len(rows)
+        ids = self.row_ids(rows, tasks)
+        hyps = decode(self, ids, tasks, options, engine, progress)
+        return [[[int(t) for t in h.tokens] for h in item] for item in hyps]
+
+    def last_logits(self, rows: Rows, task_ids: Sequence[int] | None = None) -> np.ndarray:
+        """The next-token logits [B, V] after each row's prompt (a graph exported with full logits)."""
+        tasks = [int(t) for t in task_ids] if task_ids is not None else [0] * len(rows)
+        ids = self.row_ids(rows, tasks)
+        self.reserve(len(ids), max(map(len, ids)) + 1)
+        head = self.prefill(list(range(len(ids))), ids, tasks)
+        if len(head) != 1:
+            raise SofttoolError(f"{self.where} was exported with --top-k; it has no full logits")
+        return head[0]

@@ -1,7 +1,7 @@
 """The model forward with a soft prompt, and its loss: embedding merge, and the shared-prefix path.
 
-Embedding merge: ids < V go through the frozen embedding, ids >= V pick row (id - V) of the prompt
-table, so virtual blocks can sit anywhere in the input (P-tuning's split templates).
+Embedding merge (softtool.prompts.embedding): ids < V go through the frozen embedding, ids >= V pick row
+(id - V) of the prompt table, so virtual blocks can sit anywhere in the input (P-tuning's split templates).
 
 Shared prefix: when every virtual token comes first, the prompt is the same for all rows, so it is
 run through the model once (batch 1) and its per-layer keys/values are broadcast to the batch as a
@@ -14,18 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from softtool.prompts.embedding import merge_embeddings
 from softtool.training.batching import IGNORE, Batch
-
-
-def merge_embeddings(model, input_ids: torch.Tensor, prompt_table: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Input embeddings [B, T, H] for ids in the V + t*N + j convention."""
-    embed = model.get_input_embeddings()
-    is_virtual = input_ids >= vocab_size
-    text = embed(input_ids.masked_fill(is_virtual, 0))
-    if not bool(is_virtual.any()):
-        return text
-    virtual = prompt_table[(input_ids - vocab_size).clamp(min=0)]
-    return torch.where(is_virtual.unsqueeze(-1), virtual.to(text.dtype), text)
 
 
 def _decoder(model):

@@ -1,10 +1,10 @@
 """Measure an export end to end on SmolLM2: export time, parity with PyTorch, and greedy tokens/s onnx vs torch.
 
-    python -m softtool.export.benchmark --device cpu --out benchmarks/results/export_smollm2.json
-    python -m softtool.export.benchmark --device cuda --dtypes fp32,fp16 --out benchmarks/results/export_smollm2_cuda.json
+    python benchmarks/export_bench.py --device cpu --out benchmarks/results/export_smollm2.json
+    python benchmarks/export_bench.py --device cuda --dtypes fp32,fp16 --out benchmarks/results/export_smollm2_cuda.json
 
-The prompt is vocabulary-initialised (rows of the embedding table, softtool's default init), so the numbers
-do not depend on a training run. Inputs are the first Multi30k validation sentences when ../shared/data is
+The prompt is softtool's default vocabulary init (softtool.prompts.encoder.initial_table), so the numbers do
+not depend on a training run. Inputs are the first Multi30k validation sentences when ../shared/data is
 there, else fixed sentences.
 """
 
@@ -33,7 +33,7 @@ FALLBACK = [
 
 
 def _sentences(count: int) -> tuple[list[str], str]:
-    data = Path(os.environ.get("SOFTTOOL_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+    data = Path(os.environ.get("SOFTTOOL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
     path = data / "multi30k" / "val.en.gz"
     if path.is_file():
         with gzip.open(path, "rt") as fh:
@@ -83,21 +83,19 @@ def _timed_generate(gen, rows, options, repeats: int) -> tuple[list, float, int]
 @click.option("--threads", type=int, default=None, help="torch and ONNX Runtime intra-op threads (default: cores).")
 @click.option("--out", type=click.Path(dir_okay=False), required=True)
 def main(device, dtypes, batch, max_new_tokens, repeats, threads, out) -> None:
-    import torch
 
     from softtool.adapter import Adapter, AdapterMeta, save_adapter
     from softtool.export.onnx import ExportOptions, export_adapters
-    from softtool.export.session import default_threads
     from softtool.models import load_model
-    from softtool.runtime.base import SearchOptions
+    from softtool.prompts.encoder import PromptConfig, initial_table
     from softtool.runtime.onnx_backend import OnnxGenerator
     from softtool.runtime.torch_backend import TorchGenerator
+    from softtool.search import SearchOptions
+    from softtool.threads import configure_threads
 
-    threads = threads or default_threads()
-    torch.set_num_threads(threads)
+    threads = configure_threads(threads)
     model = load_model("smollm2-135m", device=device)
-    rows_idx = torch.randint(0, model.config.vocab_size, (20,), generator=torch.Generator().manual_seed(0))
-    table = model.get_input_embeddings().weight[rows_idx.to(model.device)].detach().cpu().clone()
+    table = initial_table(PromptConfig(num_virtual_tokens=20), model.get_input_embeddings().weight)
     meta = AdapterMeta(
         base_model="smollm2-135m",
         num_virtual_tokens=20,
@@ -136,10 +134,10 @@ def main(device, dtypes, batch, max_new_tokens, repeats, threads, out) -> None:
             total = time.perf_counter() - start
             size = sum(p.stat().st_size for p in (Path(tmp) / dtype).glob("model.onnx*"))
             result["exports"][dtype] = {
-                "export_seconds": export_meta["export_seconds"],
+                "export_seconds": export_meta.export_seconds,
                 "total_seconds_with_verify": total,
                 "model_bytes": size,
-                "verification": export_meta["verification"],
+                "verification": export_meta.verification,
             }
             gen = OnnxGenerator.from_export_dir(Path(tmp) / dtype, device=device, threads=threads)
             got, seconds, tokens = _timed_generate(gen, rows, options, repeats)

@@ -1,27 +1,45 @@
-"""ONNX Runtime sessions for exported graphs: providers per device, thread counts, and a clear error on a bad file."""
+"""ONNX Runtime sessions for exported graphs: providers per device, thread settings, and a clear error on a
+bad file. The runtime and the exporter's self-check both open graphs through here."""
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from softtool.errors import SofttoolError
+from softtool.threads import resolve_threads
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
+OPTIMIZATION_LEVELS = ("none", "basic", "extended", "all")
 
 
-def default_threads() -> int:
-    """Intra-op threads: the cores this process may use (affinity-aware), which is what ORT's matmuls scale with."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+def resolve_device(device: str, strict: bool = False) -> str:
+    """'cuda' when asked for and ONNX Runtime has the CUDA provider; else 'cpu' (a warning) or an error if strict."""
+    if device == "cpu":
+        return "cpu"
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return "cuda"
+    message = (
+        f"CUDA was requested but onnxruntime {ort.__version__} has no CUDA provider here "
+        "(on a machine with an NVIDIA GPU, replace onnxruntime with onnxruntime-gpu; see docs/export.md)"
+    )
+    if strict:
+        raise SofttoolError(f"--device cuda: {message}; drop --strict-device to fall back to the CPU")
+    warnings.warn(f"{message}; falling back to the CPU", RuntimeWarning, stacklevel=3)
+    return "cpu"
 
 
 def create_session(
     model_path: str | os.PathLike, device: str = "cpu", threads: int | None = None, optimization: str = "all"
 ):
-    """An InferenceSession on `device` ("cpu" or "cuda", already resolved); SofttoolError if the file won't load."""
+    """An InferenceSession on `device` ("cpu" or "cuda", already resolved); SofttoolError if the file won't load.
+
+    Intra-op threads default to the cores this process may use (softtool.threads), and they do not spin while
+    waiting: spinning threads stall when another process holds one of the cores.
+    """
     import onnxruntime as ort
 
     path = Path(model_path)
@@ -34,8 +52,9 @@ def create_session(
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
-    so.intra_op_num_threads = threads or default_threads()
+    so.intra_op_num_threads = resolve_threads(threads)
     so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3  # warnings about unused initializers etc. are noise for users
     profile = os.environ.get("SOFTTOOL_ORT_PROFILE")
     if profile:  # ONNX Runtime's own per-node trace; benchmarks/ort_profile.py sums it by op type
@@ -47,6 +66,11 @@ def create_session(
     except Exception as exc:  # ORT raises several private exception types for unreadable graphs
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SofttoolError(f"cannot load ONNX model {path}: {first}; re-run softtool export") from exc
+
+
+def session_threads(session) -> int:
+    """The intra-op thread count a session was created with."""
+    return int(session.get_session_options().intra_op_num_threads)
 
 
 def input_dtypes(session) -> dict[str, str]:

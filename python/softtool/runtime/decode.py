@@ -1,0 +1,212 @@
+"""The one decode loop: every backend, every command (eval, generate, bench, serve) generates through here.
+
+A backend is a `SlotModel` (softtool.runtime.slots): prefill these rows into these slots, one step for the
+first B slots, reorder slots for beams. The C++ search (softtool.search) owns every row's state: its
+history, processors, the choice of the next token, when it ends. Python only moves tensors between them.
+
+Two schedules:
+- continuous (the default for greedy search and sampling): a fixed number of slots; the moment a row ends
+  (EOS or its token budget) the C++ `SlotSearch` hands its slot to the next waiting row, which is prefilled
+  at once, so the batch stays full. `Engine` exposes this step by step for the server.
+- static (beam search, and the reference for greedy): rows go in batches of `slots`; a batch runs until
+  its last row ends. Beam search needs it: its rows are reordered every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from softtool import search as _search
+from softtool.runtime.slots import Head, SlotModel
+from softtool.search import Hypothesis, SearchOptions
+
+Progress = Callable[[int], None]  # called with the number of rows that just finished
+
+
+@dataclass
+class EngineOptions:
+    """How the decode loop schedules rows (fields are CLI options of eval, generate and bench)."""
+
+    slots: int = field(default=16, metadata={"help": "Rows decoded together (the KV cache's batch).", "min": 1})
+    continuous: bool = field(
+        default=True,
+        metadata={"help": "Give a finished row's slot to the next row at once (off: static batches, the reference)."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.slots < 1:
+            raise ValueError(f"slots must be >= 1, got {self.slots}")
+
+
+def _history(model: SlotModel, row: Sequence[int]) -> np.ndarray:
+    # The search sees each row's real tokens (no virtual ids), as transformers' generate does with PEFT prompts.
+    return np.asarray([t for t in row if t < model.vocab_size], dtype=np.int64)
+
+
+def _capacity(rows: Sequence[Sequence[int]], budget: int) -> int:
+    return max(len(r) for r in rows) + budget + 1  # +1: the scratch column
+
+
+def _select(head: Head, rows) -> Head:
+    return tuple(np.ascontiguousarray(a[rows]) for a in head)
+
+
+class Engine:
+    """Continuous batching over a SlotModel: submit rows at any time, call `step()` until `done`.
+
+    Each step admits waiting rows into free slots (prefilling them and choosing their first token), then
+    runs one decode step for every busy slot. `step()` returns the (item, token) pairs emitted and the
+    (item, Hypothesis) pairs that finished, so a caller can stream.
+    """
+
+    def __init__(self, model: SlotModel, options: SearchOptions, slots: int, capacity: int):
+        if options.num_beams != 1:
+            raise ValueError("continuous batching runs greedy search or sampling; beam search uses static batches")
+        self.model = model
+        self.options = options
+        self.search = _search.make_slot_search(options, slots)
+        model.reserve(slots, capacity)
+        self.capacity = capacity
+        self.tokens = np.full(slots, options.pad_token_id, dtype=np.int64)
+        self.positions = np.full(slots, model.scratch, dtype=np.int64)
+        self._rows: dict[int, tuple[list[int], int]] = {}  # waiting or running item -> (ids, task)
+        self._item_of: dict[int, int] = {}  # slot -> the item it holds
+
+    def submit(self, row: Sequence[int], task_id: int = 0, options: SearchOptions | None = None) -> int:
+        """Queue one row (full ids, virtual ones included); returns its item id (0, 1, 2, ...)."""
+        budget = (options or self.options).max_new_tokens
+        if len(row) + budget > self.capacity - 1:
+            raise ValueError(
+                f"a row of {len(row)} tokens plus {budget} new ones exceeds the cache ({self.capacity - 1})"
+            )
+        item = self.search.submit(_history(self.model, row), options)
+        self._rows[item] = (list(row), int(task_id))
+        return item
+
+    def cancel(self, item: int) -> None:
+        self.search.cancel(item)
+
+    @property
+    def done(self) -> bool:
+        return self.search.is_done()
+
+    def _search_step(self, head: Head, slots: np.ndarray):
+        if len(head) == 2:
+            return self.search.step_topk(head[0], head[1], slots)
+        return self.search.step(head[0], slots)
+
+    def _advance(self, slots: np.ndarray, result, emitted: list[tuple[int, int]]) -> None:
+        for slot, token, finished in zip(slots, result.next_tokens, result.finished, strict=True):
+            item = self._item_of[slot]
+            emitted.append((item, int(token)))
+            if finished:
+                self.tokens[slot] = self.options.pad_token_id
+                self.positions[slot] = self.model.scratch
+            else:
+                self.tokens[slot] = token
+                self.positions[slot] += 1
+
+    def step(self) -> tuple[list[tuple[int, int]], list[tuple[int, Hypothesis]]]:
+        emitted: list[tuple[int, int]] = []
+        admitted = self.search.admit()
+        if admitted:
+            slots = np.asarray([s for s, _ in admitted], dtype=np.int64)
+            items = [i for _, i in admitted]
+            rows = [self._rows[i][0] for i in items]
+            head = self.model.prefill(slots, rows, [self._rows[i][1] for i in items])
+            for slot, item, row in zip(slots, items, rows, strict=True):
+                self._item_of[slot] = item
+                self.positions[slot] = len(row) - 1  # _advance moves it to the first new token's position
+            self._advance(slots, self._search_step(head, slots), emitted)
+        active = np.asarray(self.search.active_slots(), dtype=np.int64)
+        if len(active):
+            width = int(active.max()) + 1  # idle slots below it compute a pad token into their scratch column
+            head = self.model.step(self.tokens[:width], self.positions[:width])
+            self._advance(active, self._search_step(_select(head, active), active), emitted)
+        finished = list(self.search.take_finished())
+        for item, _ in finished:
+            self._rows.pop(item, None)
+        return emitted, finished
+
+
+def decode(
+    model: SlotModel,
+    rows: Sequence[Sequence[int]],
+    task_ids: Sequence[int],
+    options: SearchOptions,
+    engine: EngineOptions | None = None,
+    progress: Progress | None = None,
+) -> list[list[Hypothesis]]:
+    """Per row, `num_return_sequences` hypotheses, in row order."""
+    engine = engine or EngineOptions()
+    if not rows:
+        return []
+    if options.num_beams > 1 or not engine.continuous:
+        return _decode_static(model, rows, task_ids, options, engine.slots, progress)
+    return _decode_continuous(model, rows, task_ids, options, engine.slots, progress)
+
+
+def _decode_continuous(model, rows, task_ids, options, slots, progress) -> list[list[Hypothesis]]:
+    copies = options.num_return_sequences if options.do_sample else 1
+    per_copy = options
+    if copies > 1:  # each sampled copy is its own item; item ids follow the static search's row numbering
+        from dataclasses import replace
+
+        per_copy = replace(options, num_return_sequences=1)
+    engine = Engine(model, per_copy, min(slots, len(rows) * copies), _capacity(rows, options.max_new_tokens))
+    for row, task in zip(rows, task_ids, strict=True):
+        for _ in range(copies):
+            engine.submit(row, task)
+    results: dict[int, Hypothesis] = {}
+    waiting = [copies] * len(rows)  # copies of each row still running
+    while not engine.done:
+        _, finished = engine.step()
+        done_rows = 0
+        for item, hyp in finished:
+            results[item] = hyp
+            waiting[item // copies] -= 1
+            done_rows += waiting[item // copies] == 0
+        if progress and done_rows:
+            progress(done_rows)
+    return [[results[i * copies + c] for c in range(copies)] for i in range(len(rows))]
+
+
+def _decode_static(model, rows, task_ids, options, slots, progress) -> list[list[Hypothesis]]:
+    out: list[list[Hypothesis]] = []
+    search_rows = (
+        options.num_beams if options.num_beams > 1 else (options.num_return_sequences if options.do_sample else 1)
+    )
+    per_batch = max(1, slots // search_rows)
+    for start in range(0, len(rows), per_batch):
+        batch = list(range(start, min(start + per_batch, len(rows))))
+        out += _decode_batch(model, [rows[i] for i in batch], [task_ids[i] for i in batch], options)
+        if progress:
+            progress(len(batch))
+    return out
+
+
+def _decode_batch(model: SlotModel, rows, task_ids, options: SearchOptions) -> list[list[Hypothesis]]:
+    searcher = _search.make_search(options)
+    searcher.start([_history(model, row) for row in rows])
+    repeat = searcher.num_rows // len(rows)
+    order = [i for i in range(len(rows)) for _ in range(repeat)]  # item-major, as the search expects
+    model.reserve(len(order), _capacity(rows, options.max_new_tokens))
+    slots = list(range(len(order)))
+    head = model.prefill(slots, [rows[i] for i in order], [task_ids[i] for i in order])
+    positions = np.asarray([len(rows[i]) for i in order], dtype=np.int64)
+    identity = np.arange(len(order))
+    topk = len(head) == 2
+    for _ in range(options.max_new_tokens):
+        result = searcher.step_topk(head[0], head[1]) if topk else searcher.step(head[0])
+        if searcher.is_done():
+            break
+        beams = np.asarray(result.beam_indices, dtype=np.int64)
+        if not np.array_equal(beams, identity):  # greedy never reorders: skip copying the cache
+            model.reorder(beams)
+            positions = positions[beams]
+        head = model.step(np.asarray(result.next_tokens, dtype=np.int64), positions)
+        positions = positions + 1
+    return [list(item) for item in searcher.finalize()]
