@@ -26,7 +26,7 @@ _COMMANDS = {
 _SHORT_HELP = {
     "train": "Train a soft prompt against a frozen model.",
     "eval": "Generate on a data split and score the predictions.",
-    "generate": "Generate text for prompts given on the command line or stdin.",
+    "generate": "Generate text for inputs given on the command line, in a file or on stdin.",
     "export": "Bake a trained soft prompt into an ONNX graph with KV cache.",
     "bench": "Measure speed against PEFT and plain transformers.",
 }

@@ -1,16 +1,15 @@
 """`softtool bench`: measure generation (or, with --train, training) speed of softtool against PEFT and
 plain transformers on one workload, and relate it to this machine's limits.
 
-Flags mirror the fields of softtool.bench.options (their help text is the fields' metadata); a
-`--config` JSON file gives the same fields, and flags given on the command line override it.
+Flags are the fields of softtool.bench.options (softtool.options: their help text, types and limits are
+the fields' metadata); a `--config` JSON file gives the same fields, and flags given on the command line
+override it.
 """
 
 from __future__ import annotations
 
 import shlex
 import sys
-import types
-import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
@@ -19,71 +18,52 @@ import click
 
 from softtool.bench.options import BenchOptions, TrainBenchOptions, build_options, load_config
 from softtool.errors import SofttoolError
+from softtool.options import cli_fields, cli_options, given_on_command_line
 
-_CONFIG_ONLY = {"inputs", "references"}
-
-
-def _field_table() -> dict[str, tuple[Any, str]]:
-    """option name -> (type annotation, help), over both dataclasses (the generate help wins on clashes)."""
-    table: dict[str, tuple[Any, str]] = {}
-    for cls in (TrainBenchOptions, BenchOptions):
-        hints = typing.get_type_hints(cls)
-        for f in fields(cls):
-            if f.name in _CONFIG_ONLY:
-                continue
-            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-            help_text = f"{f.metadata.get('help', '')} [default: {default}]"
-            if f.name in table and cls is BenchOptions:
-                help_text = f"{f.metadata.get('help', '')} [default: {default}; with --train: see config]"
-            table[f.name] = (hints[f.name], help_text)
-    return table
+# Keys of a config's top level that a --train run also reads (the rest of it lives under "train").
+_SHARED_WITH_TRAIN = ("task", "data", "model", "threads", "inputs", "references")
 
 
-def _convert(name: str, hint: Any, raw: Any) -> Any:
-    """A command-line string (or a bool flag) as the dataclass field's type."""
-    if raw is None or isinstance(raw, bool):
-        return raw
-    # Unwrap Optional[X] (X | None); list[X] keeps its item type for the split below.
-    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else ()
-    base = next((a for a in args if a is not type(None)), hint) if args else hint
-    try:
-        if typing.get_origin(base) is list:
-            item = typing.get_args(base)[0]
-            return [item(v.strip()) for v in raw.split(",") if v.strip()]
-        if base in (int, float):
-            return base(raw)
-    except ValueError as exc:
-        raise SofttoolError(f"--{name.replace('_', '-')}: cannot read {raw!r} ({exc})") from exc
-    return raw
+def _default(cls: type, name: str) -> Any:
+    f = next(f for f in fields(cls) if f.name == name)
+    return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
 
 
-def _add_options(command):
-    for name, (hint, help_text) in sorted(_field_table().items(), reverse=True):
-        flag = name.replace("_", "-")
-        if hint is bool:
-            command = click.option(f"--{flag}/--no-{flag}", name, default=None, help=help_text)(command)
-        else:
-            command = click.option(f"--{flag}", name, default=None, help=help_text)(command)
-    return command
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def _values_for(cls: type, config: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)}
-    hints = typing.get_type_hints(cls)
-    values = {k: v for k, v in config.items() if k in names}
-    for key, raw in given.items():
-        if raw is not None and key in names:
-            values[key] = _convert(key, hints[key], raw)
-    return values
+def _overrides() -> dict[str, dict[str, Any]]:
+    """One flag serves both dataclasses; where their defaults differ, the help says what --train uses."""
+    train_fields = set(cli_fields(TrainBenchOptions))
+    out: dict[str, dict[str, Any]] = {}
+    for f in fields(BenchOptions):
+        if f.name not in train_fields:
+            continue
+        train_default = _default(TrainBenchOptions, f.name)
+        if train_default != _default(BenchOptions, f.name) and train_default is not None:
+            out[f.name] = {"help": f"{f.metadata['help']} With --train: {_show(train_default)}."}
+    # Generation takes one prompt length, training a list of them to compare: the flag takes a list.
+    out["num_virtual_tokens"] = {
+        "type": list[int],
+        "help": f"{BenchOptions.__dataclass_fields__['num_virtual_tokens'].metadata['help']} "
+        "With --train: the lengths to compare, e.g. 20,100 (default 20,100).",
+    }
+    return out
 
 
-@click.command(name="bench")
+_TRAIN_ONLY = [name for name in cli_fields(TrainBenchOptions) if name not in cli_fields(BenchOptions)]
+
+
+@click.command(name="bench", context_settings={"show_default": True})
 @click.option(
     "--config", "config_path", type=click.Path(dir_okay=False), help="Workload config (benchmarks/configs/*.json)."
 )
 @click.option("--train", "train_mode", is_flag=True, help="Benchmark training steps instead of generation.")
-@_add_options
-def bench(config_path: str | None, train_mode: bool, **given: Any) -> None:
+@cli_options(BenchOptions, override=_overrides())
+@cli_options(TrainBenchOptions, only=_TRAIN_ONLY)
+@click.pass_context
+def bench(ctx: click.Context, config_path: str | None, train_mode: bool, **values: Any) -> None:
     """Measure tokens/s, latency, time to first token, peak memory and quality of softtool's backends
     (torch, onnx, onnx-int8) against PEFT prompt tuning and plain transformers, on one workload.
 
@@ -106,21 +86,26 @@ def bench(config_path: str | None, train_mode: bool, **given: Any) -> None:
     unknown = sorted(set(config) - known)
     if unknown:
         raise SofttoolError(f"{source}: unknown option(s) {unknown}; known: {sorted(known)}")
+    given = {name: values[name] for name in given_on_command_line(ctx, values)}
     command = "softtool bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else ""
     console = Console(stderr=True)
     if train_mode:
         from softtool.bench.train import run_train_bench
 
-        shared = {k: v for k, v in config.items() if k in ("task", "data", "model", "threads", "inputs", "references")}
-        train_config = {**shared, **config.get("train", {})}
         unknown = sorted(set(config.get("train", {})) - {f.name for f in fields(TrainBenchOptions)})
         if unknown:
             raise SofttoolError(f"{source}: unknown training option(s) {unknown} under 'train'")
-        options = build_options(TrainBenchOptions, _values_for(TrainBenchOptions, train_config, given), source)
+        shared = {k: v for k, v in config.items() if k in _SHARED_WITH_TRAIN}
+        train_values = {**shared, **config.get("train", {}), **_only(TrainBenchOptions, given)}
+        options = build_options(TrainBenchOptions, train_values, source)
         with console.status("training benchmark") as status:
             result = run_train_bench(options, command=command, progress=lambda m: status.update(m))
     else:
-        values = _values_for(BenchOptions, {k: v for k, v in config.items() if k != "train"}, given)
+        if len(given.get("num_virtual_tokens", [0])) != 1:
+            raise SofttoolError("--num-virtual-tokens: a generation benchmark takes one prompt length (lists: --train)")
+        if "num_virtual_tokens" in given:
+            given["num_virtual_tokens"] = given["num_virtual_tokens"][0]
+        values = {**{k: v for k, v in config.items() if k != "train"}, **_only(BenchOptions, given)}
         options = build_options(BenchOptions, values, source)
         with console.status("preparing the workload") as status:
             result = _run(options, command, status)
@@ -129,6 +114,11 @@ def bench(config_path: str | None, train_mode: bool, **given: Any) -> None:
         path = write_json(result, options.output)
         chart = write_chart(result, Path(options.output).with_suffix(".png"))
         click.echo(f"wrote {path}" + (f" and {chart}" if chart else ""), err=True)
+
+
+def _only(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in values.items() if k in names}
 
 
 def _run(options: BenchOptions, command: str, status) -> dict[str, Any]:

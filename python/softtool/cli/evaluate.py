@@ -1,5 +1,9 @@
 """`softtool eval`: generate on a data split with a trained prompt (or an ONNX export) and score it,
-optionally next to the discrete instruction prompt and the zero-shot input."""
+optionally next to the discrete instruction prompt and the zero-shot input.
+
+The flags come from the fields of EvalOptions, TranslationOptions and softtool.search.SearchOptions
+(softtool.options), which also hold their help text and checks.
+"""
 
 from __future__ import annotations
 
@@ -7,61 +11,52 @@ from pathlib import Path
 
 import click
 
-from softtool.errors import SofttoolError
-
-EXPORT_MARKER = "softtool_export.json"
-
-
-def _h(field: str) -> str:
-    from softtool.evaluate import EvalOptions
-    from softtool.training.options import help_of
-
-    return help_of(EvalOptions, field)
+from softtool.cli.common import (
+    SAMPLING_FIELDS,
+    configure_threads,
+    resolve_backend,
+    search_options,
+    threads_option,
+    unescape_template,
+)
+from softtool.data.tasks import TASK_NAMES, TranslationOptions
+from softtool.evaluate import EvalOptions
+from softtool.options import build, cli_options, given_on_command_line
 
 
 @click.command(name="eval", context_settings={"show_default": True})
 @click.argument("path", type=click.Path())
-@click.option("--data", required=True, help="data folder or file")
-@click.option("--split", default=None, help=_h("split"))
-@click.option("--limit", type=int, default=None, help=_h("limit"))
-@click.option(
-    "--backend",
-    type=click.Choice(["torch", "onnx"]),
-    default=None,
-    help="generation backend (default: onnx for an export folder, else torch)",
+@click.option("--data", required=True, help="data folder (or a Hugging Face dataset name)")
+@cli_options(
+    EvalOptions,
+    override={"backend": {"default": None, "show_default": "onnx for an export folder, else torch"}},
 )
-@click.option("--num-beams", type=int, default=1, help=_h("num_beams"))
-@click.option("--batch-size", type=int, default=8, help=_h("batch_size"))
-@click.option("--max-new-tokens", type=int, default=0, help=_h("max_new_tokens"))
-@click.option("--max-length", type=int, default=512, help=_h("max_length"))
-@click.option("--baseline", is_flag=True, help=_h("baseline"))
-@click.option("--task", "task_name", default=None, help="task, when the adapter does not record it (a PEFT adapter)")
+@search_options(SAMPLING_FIELDS)
+@click.option(
+    "--task",
+    "task_name",
+    type=click.Choice(TASK_NAMES),
+    default=None,
+    help="task, when the adapter does not record it (a PEFT adapter)",
+)
 @click.option("--template", default=None, help="template, when the adapter does not record it, e.g. '[P:20]{source}'")
 @click.option("--model", "model_name", default=None, help="base model (default: the one the adapter names)")
-@click.option("--src", default=None, help="translation: source language code (default: the adapter's)")
-@click.option("--tgt", default=None, help="translation: target language code (default: the adapter's)")
+@cli_options(
+    TranslationOptions, override={f: {"default": None, "show_default": "the adapter's"} for f in ("src", "tgt")}
+)
 @click.option("--device", default="cpu", help="cpu or cuda (torch backend)")
-@click.option("--output", "-o", required=True, help="folder for predictions.jsonl and metrics.json")
+@threads_option
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="folder for predictions.jsonl and metrics.json",
+)
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
+@click.pass_context
 def eval_command(
-    path,
-    data,
-    split,
-    limit,
-    backend,
-    num_beams,
-    batch_size,
-    max_new_tokens,
-    max_length,
-    baseline,
-    task_name,
-    template,
-    model_name,
-    src,
-    tgt,
-    device,
-    output,
-    quiet,
+    ctx, path, data, task_name, template, model_name, src, tgt, device, threads, output, quiet, **values
 ) -> None:
     """Evaluate the soft prompt in PATH (an adapter folder, or an export folder: implies --backend onnx).
 
@@ -73,40 +68,21 @@ def eval_command(
     OUTPUT/zero_shot/, and prints the three scores side by side. Under `torchrun --nproc_per_node K -m
     softtool eval ...` the examples are shared out over K processes with the same results.
     """
-    from softtool.cli.train import unescape_template
     from softtool.distributed import distributed_context
-    from softtool.evaluate import EvalOptions, run_eval
+    from softtool.evaluate import run_eval
 
     template = unescape_template(template)
-
-    folder = Path(path)
-    if not folder.exists():
-        raise SofttoolError(f"adapter or export folder not found: {folder}")
-    is_export = (folder / EXPORT_MARKER).is_file()
-    backend = backend or ("onnx" if is_export else "torch")
-    if backend == "onnx" and not is_export:
-        raise SofttoolError(
-            f"--backend onnx needs an export folder (with {EXPORT_MARKER}); run `softtool export` first"
-        )
-    try:
-        options = EvalOptions(
-            split=split,
-            limit=limit,
-            backend=backend,
-            num_beams=num_beams,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            max_length=max_length,
-            baseline=baseline,
-        )
-    except ValueError as exc:
-        raise SofttoolError(f"bad option: {exc}") from exc
+    folder, backend = resolve_backend(path, values["backend"])
+    is_export = backend == "onnx"
+    search = {name: values[name] for name in given_on_command_line(ctx, SAMPLING_FIELDS)}
+    options = build(EvalOptions, values, backend=backend, search=search)
     task_options = {k: v for k, v in (("src", src), ("tgt", tgt)) if v} or None
     if task_options and task_name is None:
         from softtool.adapter import load_adapter
 
         meta = load_adapter(folder).meta if not is_export else None
         task_options = {**(meta.task_options if meta else {}), **task_options}
+    configure_threads(threads)
     # Under torchrun each rank generates for its share of the examples; rank 0 writes and prints.
     with distributed_context(device) as dist:
         results = run_eval(

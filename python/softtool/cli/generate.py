@@ -1,76 +1,242 @@
-"""`softtool generate`: run a trained prompt on texts from the command line or stdin."""
+"""`softtool generate`: run a trained prompt on texts from the command line, a file or stdin.
+
+Inputs are read and encoded a chunk at a time, handed to `generator.generate`, and their outputs printed or
+appended to --output (JSONL, flushed after every chunk, so a crash loses at most the chunk in flight).
+Search flags are the fields of softtool.search.SearchOptions; --max-length and --backend are EvalOptions'.
+"""
 
 from __future__ import annotations
 
+import json
 import sys
+from dataclasses import replace
+from itertools import islice
 from pathlib import Path
 
 import click
 
+from softtool.cli.common import (
+    SAMPLING_FIELDS,
+    configure_threads,
+    resolve_backend,
+    search_options,
+    threads_option,
+    unescape_template,
+)
+from softtool.cli.inputs import Inputs, Record
 from softtool.errors import SofttoolError
+from softtool.evaluate import EvalOptions
+from softtool.options import cli_options, click_type
 
-EXPORT_MARKER = "softtool_export.json"
+SEARCH_FIELDS = ("num_beams", "max_new_tokens", "num_return_sequences", *SAMPLING_FIELDS)
 
 
 @click.command(name="generate", context_settings={"show_default": True})
 @click.argument("path", type=click.Path())
 @click.argument("texts", nargs=-1)
 @click.option(
-    "--backend",
-    type=click.Choice(["torch", "onnx"]),
+    "--input",
+    "-i",
+    "input_path",
+    type=click.Path(exists=True, dir_okay=False, allow_dash=True),
     default=None,
-    help="generation backend (default: onnx for an export folder, else torch)",
+    help="inputs: a .jsonl file (one object of template fields per line), any other file one text per line; "
+    "- for stdin (text lines)",
 )
-@click.option("--num-beams", type=int, default=1, help="beam size (1: greedy)")
-@click.option("--max-new-tokens", type=int, default=64, help="generation budget")
+@click.option(
+    "--output",
+    "-o",
+    "output_path",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    default=None,
+    help="write JSONL here (per input: its fields, 'output' and 'tokens'), chunk by chunk; - for stdout",
+)
+@cli_options(
+    EvalOptions,
+    only=("backend", "max_length"),
+    override={"backend": {"default": None, "show_default": "onnx for an export folder, else torch"}},
+)
+@click.option("--truncate", is_flag=True, help="cut inputs longer than --max-length allows instead of refusing them")
+@search_options(SEARCH_FIELDS, override={"max_new_tokens": {"min": 1}})
 @click.option("--field", "fields", multiple=True, help="NAME=VALUE for a template field (repeatable)")
 @click.option("--template", default=None, help="template, when the adapter does not record it, e.g. '[P:20]{input}'")
 @click.option("--model", "model_name", default=None, help="base model (default: the one the adapter names)")
 @click.option("--device", default="cpu", help="cpu or cuda (torch backend)")
+@click.option(
+    "--chunk-size",
+    type=click_type(int, {"min": 1}),
+    default=256,
+    help="inputs handed to the generator at once (and written together)",
+)
+@threads_option
 @click.option("--raw", is_flag=True, help="print the decoded output as is (no task post-processing)")
-def generate(path, texts, backend, num_beams, max_new_tokens, fields, template, model_name, device, raw) -> None:
-    """Generate with the soft prompt in PATH for each TEXT (or each stdin line when no TEXT is given).
+@click.option("--quiet", "-q", is_flag=True, help="no progress bar")
+def generate(
+    path,
+    texts,
+    input_path,
+    output_path,
+    backend,
+    max_length,
+    truncate,
+    fields,
+    template,
+    model_name,
+    device,
+    chunk_size,
+    threads,
+    raw,
+    quiet,
+    **search,
+) -> None:
+    """Generate with the soft prompt in PATH for each TEXT (or each line of --input, or of stdin).
 
     TEXT fills the template's single field; for templates with several fields (squad) pass the
-    others with --field, e.g. --field context="..." "Who built it?" fills {question}.
+    others with --field, e.g. --field context="..." "Who built it?" fills {question}, or give a .jsonl
+    --input whose objects name every field.
 
     \b
     Example:
       softtool generate runs/de "A man rides a bicycle down the street."
+      softtool generate runs/de --input sentences.txt --output outputs.jsonl --num-beams 4
     """
-    from softtool.cli.train import unescape_template
-    from softtool.data import get_task
-    from softtool.evaluate import search_options
+    template = unescape_template(template)
+    folder, backend = resolve_backend(path, backend)
+    fixed = _fixed_fields(fields)
+    try:  # the search flags' combination, before anything loads (EOS and padding come with the tokenizer)
+        from softtool.search import SearchOptions
+
+        SearchOptions(**search)
+    except ValueError as exc:
+        raise SofttoolError(f"bad option: {exc}") from exc
+    budget = max_length - search["max_new_tokens"]
+    if budget < 1:
+        raise SofttoolError(
+            f"--max-length {max_length} leaves no room for the input after --max-new-tokens "
+            f"{search['max_new_tokens']}; raise --max-length"
+        )
+    if output_path not in (None, "-") and input_path not in (None, "-") and _same_file(input_path, output_path):
+        raise SofttoolError(f"--output {output_path} is the --input file; write the outputs elsewhere")
+    if not texts and input_path is None and sys.stdin.isatty():
+        raise SofttoolError("no input: pass TEXT arguments, --input FILE, or lines on stdin")
+    if output_path not in (None, "-") and Path(output_path).parent.is_file():
+        raise SofttoolError(f"--output {output_path}: {Path(output_path).parent} is a file, not a folder")
+
+    configure_threads(threads)
+    from softtool.evaluate import search_options as decoding_options
     from softtool.runtime import load_generator
 
-    template = unescape_template(template)
+    if backend == "torch":
+        kw = {k: v for k, v in {"template": template, "model_name": model_name, "device": device}.items() if v}
+    else:
+        kw = {"threads": threads}
+    generator = load_generator(folder, backend, **kw)
+    inputs = Inputs(texts, input_path, generator.template.fields, fixed)
+    encoder = _Encoder(generator, budget, max_length, search["max_new_tokens"], truncate, raw, inputs.name)
+    total = None
+    if inputs.rereadable:  # check every input before generating for any (reading twice costs only tokenizing)
+        total = sum(1 for record in inputs if encoder.encode(record) is not None)
+    options = replace(decoding_options(generator.tokenizer, search["num_beams"], search["max_new_tokens"]), **search)
+    done = _run(generator, encoder, inputs, options, chunk_size, output_path, total, quiet)
+    if done == 0 and not texts and input_path is None:
+        raise SofttoolError("no input: pass TEXT arguments, --input FILE, or lines on stdin")
 
-    folder = Path(path)
-    if not folder.exists():
-        raise SofttoolError(f"adapter or export folder not found: {folder}")
-    backend = backend or ("onnx" if (folder / EXPORT_MARKER).is_file() else "torch")
+
+def _fixed_fields(items: tuple[str, ...]) -> dict[str, str]:
     fixed = {}
-    for item in fields:
+    for item in items:
         name, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not name:
             raise SofttoolError(f"--field {item!r}: write NAME=VALUE")
         fixed[name] = value
-    kw = {k: v for k, v in {"template": template, "model_name": model_name, "device": device}.items() if v}
-    generator = load_generator(folder, backend, **kw) if backend == "torch" else load_generator(folder, backend)
-    open_fields = [f for f in generator.template.fields if f not in fixed]
-    if len(open_fields) != 1:
-        raise SofttoolError(
-            f"template {generator.template} has open field(s) {open_fields}; fill all but one with --field NAME=VALUE"
+    return fixed
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve() or Path(a).samefile(b)
+    except OSError:
+        return False
+
+
+class _Encoder:
+    """Token ids of one input within the length budget: refused when too long, or cut with --truncate."""
+
+    def __init__(self, generator, budget: int, max_length: int, max_new: int, truncate: bool, raw: bool, name: str):
+        from softtool.data import get_task
+
+        self.generator, self.budget, self.truncate, self.name = generator, budget, truncate, name
+        self.limits = f"--max-length {max_length} less --max-new-tokens {max_new}"
+        meta = generator.meta
+        self.task = None
+        if meta is not None and meta.task != "generic":
+            self.task = get_task(meta.task, **meta.task_options)
+        self.postprocess = self.task.postprocess if self.task and not raw else str.strip
+
+    def encode(self, record: Record) -> list[list[int]]:
+        template = self.generator.template
+        pieces = self.generator.encode(record.fields)
+        length = template.num_virtual_tokens + sum(len(p) for p in pieces)
+        if length <= self.budget:
+            return pieces
+        where = f"{self.name}: line {record.line}"
+        if not self.truncate:
+            raise SofttoolError(
+                f"{where}: the input takes {length} tokens (virtual tokens included), over the {self.budget} that "
+                f"{self.limits} leaves; pass --truncate to cut it, or raise --max-length"
+            )
+        from softtool.data.encode import shorten_field
+
+        if self.task is not None and self.task.truncate_field in template.fields:
+            name, keep = self.task.truncate_field, "start"  # as eval and training cut it
+        else:  # no task: cut the longest field from the left, so the text to continue keeps its end
+            name = max(template.fields, key=lambda f: len(record.fields[f]))
+            keep = "end"
+        budget = self.budget - template.num_virtual_tokens
+        pieces = shorten_field(
+            self.generator.tokenizer, template, record.fields, name, budget, length - self.budget, keep=keep
         )
-    inputs = list(texts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not inputs:
-        raise SofttoolError("no input: pass TEXT arguments or lines on stdin")
-    meta = generator.meta
-    task = None
-    if not raw and meta is not None and meta.task != "generic":
-        task = get_task(meta.task, **meta.task_options)
-    options = search_options(generator.tokenizer, num_beams, max_new_tokens)
-    rows = [generator.encode({**fixed, open_fields[0]: text}) for text in inputs]
-    for out in generator.generate(rows, None, options):
-        text = generator.tokenizer.decode(out[0], skip_special_tokens=True)
-        click.echo(task.postprocess(text) if task else text.strip())
+        if pieces is None:
+            raise SofttoolError(f"{where}: the input does not fit {self.limits} even with an empty {{{name}}}")
+        return pieces
+
+
+def _run(generator, encoder: _Encoder, inputs: Inputs, options, chunk_size, output_path, total, quiet) -> int:
+    """Generate chunk by chunk, printing or writing each chunk's outputs as it is done; returns the inputs done."""
+    from tqdm import tqdm
+
+    to_file = output_path not in (None, "-")
+    sink = _open_output(output_path) if to_file else None
+    done = 0
+    bar = tqdm(total=total, unit="input", desc="generating", disable=quiet or not to_file, file=sys.stderr)
+    records = iter(inputs)
+    try:
+        while chunk := list(islice(records, chunk_size)):
+            rows = [encoder.encode(record) for record in chunk]
+            outputs = generator.generate(rows, None, options)
+            for record, hyps in zip(chunk, outputs, strict=True):
+                texts = [encoder.postprocess(generator.tokenizer.decode(h, skip_special_tokens=True)) for h in hyps]
+                if output_path is None:
+                    for text in texts:
+                        click.echo(text)
+                    continue
+                line = {**record.echo, "output": texts[0], "tokens": len(hyps[0])}
+                if len(hyps) > 1:
+                    line["outputs"] = [{"output": t, "tokens": len(h)} for t, h in zip(texts, hyps, strict=True)]
+                (sink or sys.stdout).write(json.dumps(line, ensure_ascii=False) + "\n")
+            (sink or sys.stdout).flush()
+            bar.update(len(chunk))
+            done += len(chunk)
+    finally:
+        bar.close()
+        if sink is not None:
+            sink.close()
+    return done
+
+
+def _open_output(path: str):
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "w", encoding="utf-8")  # noqa: SIM115  (closed by _run)
+    except OSError as exc:
+        raise SofttoolError(f"--output {path}: cannot write it ({exc.strerror})") from exc

@@ -68,20 +68,8 @@ def encode_example(
             f"example {example.id}: input is {overflow} tokens over --max-length {max_length} and template "
             f"{str(template)!r} has no {{{name}}} field to shorten; raise --max-length or shorten the template"
         )
-    field_ids = _tokenize(tokenizer, example.fields[name])
-    keep = len(field_ids)
-    # Re-tokenizing the shortened text can merge tokens differently at the cut, so the exact length
-    # is only known after rendering again; shrink by the remaining overflow until it fits.
-    while overflow > 0:
-        keep -= overflow
-        if keep < 0:
-            break
-        text = tokenizer.decode(field_ids[:keep], clean_up_tokenization_spaces=False)
-        # A cut inside a multi-byte character decodes to U+FFFD; drop that partial character.
-        fields = {**example.fields, name: text.rstrip("\ufffd")}
-        pieces = _tokenize_pieces(tokenizer, template, fields)
-        overflow = sum(len(p) for p in pieces) - budget
-    if overflow > 0:
+    pieces = shorten_field(tokenizer, template, example.fields, name, budget, overflow)
+    if pieces is None:
         empty = _tokenize_pieces(tokenizer, template, {**example.fields, name: ""})
         fixed = template.num_virtual_tokens + sum(len(p) for p in empty) + len(target_ids)
         raise SofttoolError(
@@ -89,3 +77,36 @@ def encode_example(
             f"template text, other fields and target), over --max-length {max_length}; raise --max-length"
         )
     return Encoded(pieces, target_ids, truncated=True)
+
+
+def shorten_field(
+    tokenizer,
+    template: Template,
+    fields: dict[str, str],
+    name: str,
+    budget: int,
+    overflow: int,
+    *,
+    keep: str = "start",
+) -> list[list[int]] | None:
+    """The pieces of `template` with field `name` shortened (at a token boundary) until the text fits `budget`.
+
+    `overflow` is how many tokens the uncut text is over. keep="start" cuts the field's end (the tasks' long
+    fields: context, article, source); keep="end" cuts its start, so text to be continued keeps its last words.
+    None when the text does not fit even with the field empty.
+    """
+    field_ids = _tokenize(tokenizer, fields[name])
+    keep_count = len(field_ids)
+    # Re-tokenizing the shortened text can merge tokens differently at the cut, so the exact length
+    # is only known after rendering again; shrink by the remaining overflow until it fits.
+    while overflow > 0:
+        keep_count -= overflow
+        if keep_count < 0:
+            return None
+        kept = field_ids[:keep_count] if keep == "start" else field_ids[len(field_ids) - keep_count :]
+        text = tokenizer.decode(kept, clean_up_tokenization_spaces=False)
+        # A cut inside a multi-byte character decodes to U+FFFD; drop that partial character.
+        text = text.rstrip("\ufffd") if keep == "start" else text.lstrip("\ufffd")
+        pieces = _tokenize_pieces(tokenizer, template, {**fields, name: text})
+        overflow = sum(len(p) for p in pieces) - budget
+    return pieces
