@@ -45,9 +45,11 @@ ctest-asan: setup system-deps
 	$(BIN)/ctest --test-dir build/asan --output-on-failure
 
 pytest: setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 lint: setup
+	$(BIN)/lint-imports
 	$(BIN)/ruff check python export tests benchmarks
 	$(BIN)/ruff format --check python export tests benchmarks
 	find cpp tests/cpp -name '*.cc' -o -name '*.h' | xargs $(BIN)/clang-format --dry-run -Werror

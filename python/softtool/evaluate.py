@@ -219,7 +219,7 @@ def run_eval(
     if not split.examples:
         raise SofttoolError(f"{data}: split {split_name} has no usable examples")
     max_new = options.max_new_tokens or task.max_target_tokens
-    so = search_options(generator.tokenizer, options.num_beams, max_new)
+    so = options.search_options(generator.tokenizer, max_new)
     common = {
         "task": task.name,
         "task_options": task.options,
@@ -229,27 +229,27 @@ def run_eval(
         "backend": options.backend,
         "options": asdict(options),
     }
-    results: dict[str, dict[str, Any]] = {}
-    preds = predict(
-        generator,
-        task,
-        split.examples,
-        options=so,
-        batch_size=options.batch_size,
-        continuous=options.continuous,
-        max_length=options.max_length,
-        progress=progress,
-        desc="soft prompt",
-        dist=dist,
-    )
-    results["soft_prompt"] = dist.on_main(
-        write_eval,
-        output,
-        task,
-        split.examples,
-        preds,
-        {**common, "adapter": str(path), "template": str(generator.template)},
-    )
+
+    def run(gen: Generator, desc: str, folder: Path, info: dict[str, Any]) -> dict[str, Any]:
+        preds = predict(
+            gen,
+            task,
+            split.examples,
+            options=so,
+            batch_size=options.batch_size,
+            continuous=options.continuous,
+            max_length=options.max_length,
+            progress=progress,
+            desc=desc,
+            dist=dist,
+        )
+        return dist.on_main(write_eval, folder, task, split.examples, preds, {**common, **info})
+
+    results = {
+        "soft_prompt": run(
+            generator, "soft prompt", output, {"adapter": str(path), "template": str(generator.template)}
+        )
+    }
     if options.baseline:
         # The discrete prompts run on the PyTorch model; an ONNX export carries only the soft-prompt graph.
         model = getattr(generator, "model", None)
@@ -262,24 +262,6 @@ def run_eval(
             model = load_model(base, device=device)
         for kind, tmpl in (("baseline", task.baseline_template()), ("zero_shot", task.zero_shot_template())):
             plain = TorchGenerator(model, generator.tokenizer, tmpl, None, meta)
-            preds = predict(
-                plain,
-                task,
-                split.examples,
-                options=so,
-                batch_size=options.batch_size,
-                continuous=options.continuous,
-                max_length=options.max_length,
-                progress=progress,
-                desc=kind.replace("_", "-"),
-                dist=dist,
-            )
-            results[kind] = dist.on_main(
-                write_eval,
-                output / kind,
-                task,
-                split.examples,
-                preds,
-                {**common, "backend": "torch", "adapter": None, "template": str(tmpl)},
-            )
+            info = {"backend": "torch", "adapter": None, "template": str(tmpl)}
+            results[kind] = run(plain, kind.replace("_", "-"), output / kind, info)
     return results
