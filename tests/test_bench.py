@@ -10,25 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from helpers import run_cli
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "benchmarks" / "configs" / "smoke.json"
-
-
-def _run_cli(args: list[str]) -> int:
-    from softtool.cli import main
-
-    try:
-        main(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")
 def smoke_result(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench_smoke.json"
     cache = out.parent / "cache"
-    code = _run_cli(
+    code = run_cli(
         [
             "bench",
             "--config",
@@ -40,7 +32,7 @@ def smoke_result(tiny_model_dir, tmp_path_factory):
             "--output",
             str(out),
         ]
-    )
+    ).code
     assert code == 0
     return out, json.loads(out.read_text())
 
@@ -109,7 +101,7 @@ def test_peft_backend_generates_what_the_prompt_prepended_by_hand_generates(tiny
 def test_each_backend_can_run_in_a_fresh_process_with_its_own_peak_memory(tiny_model_dir, tmp_path):
     out = tmp_path / "bench_isolated.json"
     args = ["bench", "--config", str(SMOKE), "--model", str(tiny_model_dir), "--cache-dir", str(tmp_path)]
-    assert _run_cli([*args, "--backends", "hf", "--no-limits", "--output", str(out)]) == 0
+    assert run_cli([*args, "--backends", "hf", "--no-limits", "--output", str(out)]).code == 0
     (row,) = json.loads(out.read_text())["backends"]
     assert row["status"] == "ok" and row["peak_rss_isolated"] is True and row["peak_rss_mb"] > 0
 
@@ -133,7 +125,9 @@ def test_make_table_renders_a_row_per_backend(smoke_result, tmp_path):
 @pytest.mark.slow
 def test_train_bench_softtool_and_peft_losses_agree(tiny_model_dir, tmp_path):
     out = tmp_path / "bench_train.json"
-    code = _run_cli(["bench", "--config", str(SMOKE), "--train", "--model", str(tiny_model_dir), "--output", str(out)])
+    code = run_cli(
+        ["bench", "--config", str(SMOKE), "--train", "--model", str(tiny_model_dir), "--output", str(out)]
+    ).code
     assert code == 0
     result = json.loads(out.read_text())
     rows = {b["name"]: b for b in result["backends"]}
@@ -150,23 +144,26 @@ def test_train_bench_softtool_and_peft_losses_agree(tiny_model_dir, tmp_path):
 def test_bad_bench_options_are_one_line_user_errors(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"task": "translation", "inputs": ["x"], "batch_size": 0}))
-    assert _run_cli(["bench", "--config", str(bad)]) == 2
+    assert run_cli(["bench", "--config", str(bad)]).code == 2
     assert capsys.readouterr().err.strip().startswith("error:")
     bad.write_text(json.dumps({"task": "translation", "inputs": ["x"], "no_such_option": 1}))
-    assert _run_cli(["bench", "--config", str(bad)]) == 2
+    assert run_cli(["bench", "--config", str(bad)]).code == 2
     assert "no_such_option" in capsys.readouterr().err
-    assert _run_cli(["bench", "--config", str(tmp_path / "missing.json")]) == 2
-    assert _run_cli(["bench", "--task", "translation", "--backends", "peft,tensorrt", "--data", "x"]) == 2
-    assert _run_cli(["bench", "--config", str(SMOKE), "--device", "gpu"]) == 2
+    assert run_cli(["bench", "--config", str(tmp_path / "missing.json")]).code == 2
+    assert run_cli(["bench", "--task", "translation", "--backends", "peft,tensorrt", "--data", "x"]).code == 2
+    assert run_cli(["bench", "--config", str(SMOKE), "--device", "gpu"]).code == 2
     assert "device must be cpu, cuda or cuda:N" in capsys.readouterr().err
-    assert _run_cli(["bench", "--config", str(SMOKE), "--dtype", "float16"]) == 2
+    assert run_cli(["bench", "--config", str(SMOKE), "--dtype", "float16"]).code == 2
     assert "float16 on the CPU" in capsys.readouterr().err
 
 
 def test_bfloat16_bench_runs_the_torch_backends_in_bfloat16(tiny_model_dir, tmp_path):
     out = tmp_path / "bench_bf16.json"
     args = ["bench", "--config", str(SMOKE), "--model", str(tiny_model_dir), "--cache-dir", str(tmp_path)]
-    assert _run_cli([*args, "--backends", "hf,torch", "--dtype", "bfloat16", "--no-isolate", "--output", str(out)]) == 0
+    assert (
+        run_cli([*args, "--backends", "hf,torch", "--dtype", "bfloat16", "--no-isolate", "--output", str(out)]).code
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["options"]["dtype"] == "bfloat16"
     assert [b["status"] for b in result["backends"]] == ["ok", "ok"]
@@ -255,3 +252,31 @@ def test_the_bench_thread_count_reaches_onnx_runtime(smoke_result, tiny_model_di
     backend = OnnxBackend(options, workload=None)
     backend.load()
     assert session_threads(backend.generator.session) == threads
+
+
+class _Captured(Exception):
+    pass
+
+
+def _capture(*args, **kwargs):
+    raise _Captured(args[0])
+
+
+def test_command_line_flags_override_the_config_with_real_types(monkeypatch):
+    import softtool.bench.train
+    import softtool.cli.bench
+
+    monkeypatch.setattr(softtool.cli.bench, "_run", _capture)
+    with pytest.raises(_Captured) as caught:
+        run_cli(["bench", "--config", str(SMOKE), "--batch-size", "3", "--backends", "hf,torch", "--no-isolate"])
+    options = caught.value.args[0]
+    config = json.loads(SMOKE.read_text())
+    assert (options.batch_size, options.backends, options.isolate) == (3, ["hf", "torch"], False)
+    assert options.limit == config["limit"] and options.max_new_tokens == config["max_new_tokens"]
+
+    monkeypatch.setattr(softtool.bench.train, "run_train_bench", _capture)
+    with pytest.raises(_Captured) as caught:
+        run_cli(["bench", "--config", str(SMOKE), "--train", "--num-virtual-tokens", "4,8", "--lr", "0.1"])
+    options = caught.value.args[0]
+    assert (options.num_virtual_tokens, options.lr) == ([4, 8], 0.1)
+    assert options.steps == config["train"]["steps"]

@@ -8,26 +8,15 @@ import sys
 
 import pytest
 
-from softtool.cli import main
+from helpers import run_cli
 
 
-def run_cli(args, capsys):
-    """Run `softtool ARGS`; returns (exit status, stdout, stderr)."""
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-@pytest.mark.parametrize("command", ["train", "eval", "generate"])
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "export", "bench"])
 def test_help_works_for_each_command(command, capsys):
     code, out, _ = run_cli([command, "--help"], capsys)
     assert code == 0
     assert f"Usage: softtool {command}" in out
-    assert "Example:" in out
+    assert "Example" in out
 
 
 def test_python_dash_m_softtool_runs_the_same_cli():
@@ -113,3 +102,25 @@ def test_template_option_turns_a_typed_backslash_n_into_a_newline():
 
     assert unescape_template(r"[P:4]English: {source}\nGerman:") == "[P:4]English: {source}\nGerman:"
     assert unescape_template(None) is None
+
+
+def test_eval_passes_sampling_flags_and_threads_on(tmp_path, monkeypatch, capsys):
+    import softtool.evaluate
+    import softtool.threads
+
+    seen = {}
+
+    def fake_run_eval(folder, data, output, options, **kw):
+        seen["options"] = options
+        record = {"task": "translation", "split": "dev", "n": 1, "metrics": {"bleu": 1.0}, "tokens_per_s": 1.0}
+        return {"soft_prompt": record}
+
+    monkeypatch.setattr(softtool.evaluate, "run_eval", fake_run_eval)
+    monkeypatch.setattr(softtool.threads, "configure_threads", lambda n: seen.setdefault("threads", n))
+    (tmp_path / "adapter").mkdir()
+    args = ["eval", tmp_path / "adapter", "--data", tmp_path, "--output", tmp_path / "eval", "--threads", "1"]
+    code, _, err = run_cli([*args, "--do-sample", "--temperature", "0.5", "--batch-size", "2"], capsys)
+    assert code == 0, err
+    options = seen["options"]
+    assert options.search == {"do_sample": True, "temperature": 0.5} and options.batch_size == 2
+    assert seen["threads"] == 1

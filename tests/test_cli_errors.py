@@ -5,27 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import error_line, run_cli
 from softtool.adapter import Adapter, AdapterMeta, save_adapter
-from softtool.cli import main
-
-
-def run_cli(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def error_line(code, err):
-    """The single `error: ...` line; fails on a traceback or a zero status."""
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.fixture

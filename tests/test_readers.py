@@ -6,6 +6,7 @@ import csv
 import gzip
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -270,3 +271,33 @@ def test_real_multi30k_val_has_1014_aligned_pairs(shared_data):
     assert split.examples[0].fields["source"] == "A group of men are loading cotton onto a truck"
     assert split.examples[0].target == "Eine Gruppe von Männern lädt Baumwolle auf einen Lastwagen"
     assert set(list_splits(shared_data / "multi30k")) == {"train", "val", "test_2016_flickr"}
+
+
+def test_file_readers_never_import_the_hub_module():
+    # hub registers itself as a Source; the readers reach it only through that registry (no import circle).
+    import ast
+
+    import softtool.data.readers as readers
+
+    tree = ast.parse(Path(readers.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "softtool.data.hub" not in imported and not any(name and name.endswith(".hub") for name in imported)
+
+
+def test_a_name_that_is_not_a_folder_goes_to_the_source_that_claims_it(monkeypatch):
+    from softtool.data import Split, readers
+
+    loaded = []
+
+    def load(data, split, *, task, limit=None):
+        loaded.append((data, split, limit))
+        return Split(split or "dev", [], source=data)
+
+    source = readers.Source("test", claims=lambda text: text.startswith("test:"), load=load, dev_split="valid")
+    monkeypatch.setattr(readers, "_SOURCES", [source, *readers._SOURCES])
+    assert load_split("test:thing", None, task=get_task("translation"), limit=3).source == "test:thing"
+    assert loaded == [("test:thing", None, 3)]
+    assert default_dev_split("test:thing") == "valid"
+    with pytest.raises(SofttoolError, match="no such folder"):
+        load_split("./not/here/", "dev", task=get_task("translation"))

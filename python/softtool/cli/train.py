@@ -73,6 +73,7 @@ def train(model_name, threads, trust_remote_code, output, resume, overwrite, qui
       softtool train --device-map auto ...                     # one process over all GPUs
     """
     from softtool.data import get_task
+    from softtool.data.readers import split_files
     from softtool.prompts.template import Template
 
     values["template"] = unescape_template(values["template"])
@@ -85,8 +86,12 @@ def train(model_name, threads, trust_remote_code, output, resume, overwrite, qui
     task_options = asdict(build(TranslationOptions, values)) if values["task"] == "translation" else {}
     data_options = build(DataOptions, values, task_options=task_options)
     dist_options = build(DistributedOptions, values)
-    if prompt.template is not None:  # before any work: a template must take the task's inputs
-        get_task(data_options.task, **task_options).check_template(Template.parse(prompt.template))
+    # Before any work: the splits exist, and a template takes the task's inputs.
+    task = get_task(data_options.task, **task_options)
+    for split in (data_options.train_split, data_options.dev_split):
+        split_files(data_options.data, split, task=task)
+    if prompt.template is not None:
+        task.check_template(Template.parse(prompt.template))
 
     configure_threads(threads)
     from softtool.training import train_prompt

@@ -93,6 +93,18 @@ def load_split(data: str | Path, split: str | None, *, task: Task, limit: int | 
     return Split(split, examples, paths=paths, skipped_empty=skipped, total_rows=total, source=where)
 
 
+def split_files(data: str | Path, split: str | None, *, task: Task) -> list[Path]:
+    """The files split `split` (None = the dev split) of `data` would be read from, without reading them.
+
+    A cheap check before any work: SofttoolError for a missing folder or split; [] for a registered
+    source's name (a Hugging Face dataset), which is only checked when loaded.
+    """
+    folder = _data_folder(data)
+    if isinstance(folder, Source):
+        return []
+    return _find_split_files(folder, split or default_dev_split(folder), task)
+
+
 def default_dev_split(data: str | Path) -> str:
     """`dev` or `val`, whichever the folder has (dev first); a registered source's own answer for its names."""
     folder = _data_folder(data)
