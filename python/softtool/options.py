@@ -46,6 +46,7 @@ __all__ = [
     "FiniteFloat",
     "FiniteFloatRange",
     "build",
+    "click_type",
     "cli_fields",
     "cli_options",
     "given_on_command_line",
@@ -144,8 +145,8 @@ def _scalar_type(hint: Any, meta: Mapping[str, Any], where: str) -> click.ParamT
     raise TypeError(f"{where}: no command-line type for {hint!r}; give it metadata cli=False or an override type")
 
 
-def _click_type(hint: Any, meta: Mapping[str, Any], where: str) -> click.ParamType | None:
-    """The click type of a field (None for a bool flag)."""
+def click_type(hint: Any, meta: Mapping[str, Any], where: str = "option") -> click.ParamType | None:
+    """The click type for a field annotation and its metadata (None for a bool flag), e.g. click_type(int, {"min": 0})."""
     hint = _unwrap_optional(hint)
     if hint is bool:
         return None
@@ -189,12 +190,9 @@ def _specs(cls: type, only: Sequence[str] | None, exclude: Sequence[str], overri
 def _option(spec: _Spec, where: str) -> Callable:
     meta = spec.meta
     kw: dict[str, Any] = {"help": meta.get("help", "")}
-    if spec.default is dataclasses.MISSING:
-        kw["required"] = True
-    else:
+    kw["required"] = meta.get("required", spec.default is dataclasses.MISSING)
+    if not kw["required"]:
         kw["default"] = spec.default
-    if "required" in meta:
-        kw["required"] = meta["required"]
     if "metavar" in meta:
         kw["metavar"] = meta["metavar"]
     if spec.is_bool:
@@ -202,10 +200,10 @@ def _option(spec: _Spec, where: str) -> Callable:
         decls = [f"{long}/--no-{long.removeprefix('--')}", *spec.flags[1:]]
         kw["show_default"] = meta.get("show_default", True)
         return click.option(*decls, spec.name, **kw)
-    kw["type"] = _click_type(spec.hint, meta, where)
+    kw["type"] = click_type(spec.hint, meta, where)
     shown = meta.get("show_default")
     if shown is None:
-        shown = spec.default is not None and spec.default is not dataclasses.MISSING
+        shown = not kw["required"] and spec.default is not None
     kw["show_default"] = shown
     return click.option(*spec.flags, spec.name, **kw)
 
