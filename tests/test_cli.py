@@ -98,7 +98,7 @@ def test_train_eval_generate_from_the_command_line(tmp_path, data, tiny_model_di
 
 
 def test_template_option_turns_a_typed_backslash_n_into_a_newline():
-    from softtool.cli.train import unescape_template
+    from softtool.cli.common import unescape_template
 
     assert unescape_template(r"[P:4]English: {source}\nGerman:") == "[P:4]English: {source}\nGerman:"
     assert unescape_template(None) is None

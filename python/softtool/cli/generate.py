@@ -103,6 +103,8 @@ def generate(
     template = unescape_template(template)
     folder, backend = resolve_backend(path, backend)
     fixed = _fixed_fields(fields)
+    if texts and input_path is not None:
+        raise SofttoolError("give TEXT arguments or --input, not both")
     try:  # the search flags' combination, before anything loads (EOS and padding come with the tokenizer)
         from softtool.search import SearchOptions
 

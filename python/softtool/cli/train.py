@@ -19,8 +19,6 @@ from softtool.options import build, cli_options
 from softtool.prompts.encoder import PromptConfig
 from softtool.training.options import TrainOptions
 
-__all__ = ["train", "unescape_template"]
-
 DEFAULT_STEPS = 300
 # A bare table needs large steps (Lester et al. use 0.3); the encoder's weights need small ones.
 DEFAULT_LR = {"prompt": 0.03, "ptuning": 1e-3}

@@ -1,7 +1,7 @@
 """TrainOptions: how to train (optimizer, schedule, batching, evaluation, checkpoints, device).
 
-The fields' help text is reused by `softtool train --help`; bad combinations raise ValueError here
-so every caller (CLI, scripts, tests) gets the same checks.
+The fields' metadata (help, choices, limits) is `softtool train`'s flags (softtool.options); bad
+combinations raise ValueError here so every caller (CLI, scripts, tests) gets the same checks.
 """
 
 from __future__ import annotations
@@ -80,8 +80,3 @@ class TrainOptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def help_of(cls, name: str) -> str:
-    """The help text of dataclass field `name` (what the CLI shows for the matching option)."""
-    return cls.__dataclass_fields__[name].metadata.get("help", "")
