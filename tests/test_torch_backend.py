@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from softtool.models import load_model
+from softtool.prompts.embedding import merge_embeddings
 from softtool.prompts.template import Template
 from softtool.runtime.torch_backend import TorchGenerator
 from softtool.search import SearchOptions
-from softtool.prompts.embedding import merge_embeddings
 
 SOURCES = ["A man rides a bike.", "Two dogs.", "A woman in a blue coat waits for the bus."]
 

@@ -89,11 +89,13 @@ class BatchOptions:
 class SearchOptions:
     """How to search; the semantics of each field are transformers' generate() arguments of the same name."""
 
-    max_new_tokens: int = field(default=64, metadata={"help": "Most tokens to generate per sequence."})
-    min_new_tokens: int = field(default=0, metadata={"help": "EOS is blocked until this many tokens are generated."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Most tokens to generate per sequence.", "min": 0})
+    min_new_tokens: int = field(
+        default=0, metadata={"help": "EOS is blocked until this many tokens are generated.", "min": 0}
+    )
     eos_token_ids: list[int] = field(default_factory=list, metadata={"help": "Token ids that end a sequence."})
     pad_token_id: int = field(default=0, metadata={"help": "Token fed for rows that have finished."})
-    num_beams: int = field(default=1, metadata={"help": "Beam size; 1 is greedy search (or sampling)."})
+    num_beams: int = field(default=1, metadata={"help": "Beam size; 1 is greedy search (or sampling).", "min": 1})
     length_penalty: float = field(
         default=1.0, metadata={"help": "Beam scores are divided by generated_length ** length_penalty."}
     )
@@ -102,17 +104,33 @@ class SearchOptions:
         metadata={"help": "Beam stop rule: True (num_beams finished), False (heuristic) or 'never'."},
     )
     repetition_penalty: float = field(
-        default=1.0, metadata={"help": "Penalty > 1 for tokens already in the sequence (1.0: off)."}
+        default=1.0,
+        metadata={"help": "Penalty > 1 for tokens already in the sequence (1.0: off).", "min": 0, "min_open": True},
     )
-    no_repeat_ngram_size: int = field(default=0, metadata={"help": "Forbid repeating n-grams of this size (0: off)."})
-    num_return_sequences: int = field(default=1, metadata={"help": "Sequences returned per input (<= num_beams)."})
+    no_repeat_ngram_size: int = field(
+        default=0, metadata={"help": "Forbid repeating n-grams of this size (0: off).", "min": 0}
+    )
+    num_return_sequences: int = field(
+        default=1, metadata={"help": "Sequences returned per input (<= num_beams).", "min": 1}
+    )
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy (needs num_beams == 1)."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (> 0)."})
-    top_k: int = field(default=0, metadata={"help": "Sample only from the k most likely tokens (0: off)."})
-    top_p: float = field(default=1.0, metadata={"help": "Sample from the smallest set with this probability mass."})
-    seed: int = field(default=0, metadata={"help": "Seed of the sampling generator."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature (> 0).", "min": 0, "min_open": True}
+    )
+    top_k: int = field(default=0, metadata={"help": "Sample only from the k most likely tokens (0: off).", "min": 0})
+    top_p: float = field(
+        default=1.0,
+        metadata={
+            "help": "Sample from the smallest set with this probability mass.",
+            "min": 0,
+            "min_open": True,
+            "max": 1,
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the sampling generator.", "min": 0})
     num_threads: int = field(
-        default=1, metadata={"help": "Threads for per-row work in a step (0: one per core; 1 measured fastest here)."}
+        default=1,
+        metadata={"help": "Threads for per-row work in a step (0: one per core; 1 measured fastest here).", "min": 0},
     )
 
     def __post_init__(self) -> None:

@@ -8,23 +8,9 @@ from pathlib import Path
 import click
 
 from softtool.errors import SofttoolError
+from softtool.export_meta import ExportMeta
 from softtool.options import cli_options, click_type
 
-EXPORT_MARKER = "softtool_export.json"
-
-# Bounds of softtool.search.SearchOptions' fields, as its C++ validate() checks them; the fields themselves
-# (names, types, help) come from the dataclass.
-SEARCH_LIMITS = {
-    "num_beams": {"min": 1},
-    "max_new_tokens": {"min": 1},
-    "num_return_sequences": {"min": 1},
-    "temperature": {"min": 0, "min_open": True},
-    "top_k": {"min": 0},
-    "top_p": {"min": 0, "min_open": True, "max": 1},
-    "repetition_penalty": {"min": 0, "min_open": True},
-    "no_repeat_ngram_size": {"min": 0},
-    "seed": {"min": 0},
-}
 # The search flags eval and generate both take (beam size and budget come from each command's own options).
 SAMPLING_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "seed", "repetition_penalty", "no_repeat_ngram_size")
 
@@ -38,12 +24,11 @@ threads_option = click.option(
 
 
 def search_options(fields: tuple[str, ...], override: dict | None = None):
-    """Click options for these fields of softtool.search.SearchOptions, bounded as the search core checks them."""
+    """Click options for these fields of softtool.search.SearchOptions (help and bounds from its metadata)."""
     from softtool.search import SearchOptions
 
     override = override or {}
-    limits = {name: {**SEARCH_LIMITS.get(name, {}), **override.get(name, {})} for name in fields}
-    return cli_options(SearchOptions, only=fields, override=limits)
+    return cli_options(SearchOptions, only=fields, override=override or {})
 
 
 def configure_threads(threads: int) -> int:
@@ -63,10 +48,10 @@ def resolve_backend(path: str, backend: str | None) -> tuple[Path, str]:
     folder = Path(path)
     if not folder.exists():
         raise SofttoolError(f"adapter or export folder not found: {folder}")
-    is_export = (folder / EXPORT_MARKER).is_file()
+    is_export = ExportMeta.is_export(folder)
     backend = backend or ("onnx" if is_export else "torch")
     if backend == "onnx" and not is_export:
         raise SofttoolError(
-            f"--backend onnx needs an export folder (with {EXPORT_MARKER}); run `softtool export` first"
+            f"--backend onnx needs an export folder (with {ExportMeta.FILE}); run `softtool export` first"
         )
     return folder, backend

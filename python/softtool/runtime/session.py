@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 
 from softtool.errors import SofttoolError
-from softtool.threads import resolve_threads
+from softtool.threads import current_threads
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
 OPTIMIZATION_LEVELS = ("none", "basic", "extended", "all")
@@ -37,8 +37,9 @@ def create_session(
 ):
     """An InferenceSession on `device` ("cpu" or "cuda", already resolved); SofttoolError if the file won't load.
 
-    Intra-op threads default to the cores this process may use (softtool.threads), and they do not spin while
-    waiting: spinning threads stall when another process holds one of the cores.
+    Intra-op threads default to what softtool.threads.configure_threads set for this process (the `--threads`
+    of every command), else the cores this process may use; they do not spin while waiting: spinning threads
+    stall when another process holds one of the cores.
     """
     import onnxruntime as ort
 
@@ -52,7 +53,7 @@ def create_session(
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
-    so.intra_op_num_threads = resolve_threads(threads)
+    so.intra_op_num_threads = threads or current_threads()
     so.inter_op_num_threads = 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3  # warnings about unused initializers etc. are noise for users
