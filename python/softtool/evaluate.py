@@ -155,7 +155,7 @@ def write_eval(output: Path, task, examples: Sequence, preds: Predictions, info:
             **ex.fields,
             "references": ex.references,
             "prediction": pred,
-            "sentence_bleu": task.sentence_score(pred, ex.references),
+            **task.sentence_scores(pred, ex.references),
         }
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
     atomic_write_bytes(output / PREDICTIONS_FILE, "".join(lines).encode())

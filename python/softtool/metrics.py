@@ -85,10 +85,16 @@ def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]], tokeni
 
 def sentence_bleu(prediction: str, references: Sequence[str], tokenize: str = "13a") -> float:
     """Sentence BLEU (sacrebleu, exponential smoothing, effective order) for one example."""
+    return sentence_bleu_signed(prediction, references, tokenize)[0]
+
+
+def sentence_bleu_signed(prediction: str, references: Sequence[str], tokenize: str = "13a") -> tuple[float, str]:
+    """Sentence BLEU and its sacrebleu signature, e.g. `nrefs:1|case:mixed|eff:yes|tok:13a|smooth:exp|version:2.6.0`."""
     if not references:
         raise ValueError("sentence_bleu needs at least one reference")
     metric = _bleu_metric(tokenize, True)
-    return float(metric.sentence_score(_one_line(prediction), [_one_line(r) for r in references]).score)
+    score = metric.sentence_score(_one_line(prediction), [_one_line(r) for r in references]).score
+    return float(score), str(metric.get_signature())
 
 
 def chrf(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[float, str]:

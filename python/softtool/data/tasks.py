@@ -159,6 +159,11 @@ class Task:
         """Sentence BLEU (0-100, smoothed, effective order) of one prediction."""
         return metrics.sentence_bleu(prediction, references, tokenize=self._bleu_tokenize)
 
+    def sentence_scores(self, prediction: str, references: Sequence[str]) -> dict[str, Any]:
+        """One prediction's scores for predictions.jsonl: sentence BLEU and its sacrebleu signature."""
+        score, signature = metrics.sentence_bleu_signed(prediction, references, tokenize=self._bleu_tokenize)
+        return {"sentence_bleu": score, "sentence_bleu_signature": signature}
+
     _bleu_tokenize: ClassVar[str] = "13a"
 
     def _bleu(self, predictions, references) -> dict[str, Any]:
