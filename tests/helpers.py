@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
 from pathlib import Path
 from typing import NamedTuple
 
@@ -53,3 +54,19 @@ def tree_digest(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
+
+
+def wait_for_line(child: subprocess.Popen, expected: str) -> None:
+    """Read the child's stdout (text mode) until a line equal to `expected`; fail with its stderr if it exits first.
+
+    For tests that stop a child at a controlled point (it prints `expected`, then waits to be killed).
+    """
+    seen = []
+    for line in child.stdout:
+        if line.strip() == expected:
+            return
+        seen.append(line)
+    child.wait()
+    raise AssertionError(
+        f"the child exited ({child.returncode}) before {expected!r}: {seen[-5:]} {child.stderr.read()[-3000:]}"
+    )

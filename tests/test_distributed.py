@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from softtool.distributed import DistributedContext, DistributedOptions, distributed_context, resolve_device
 from softtool.errors import SofttoolError
+from softtool.training.checkpoint import load_checkpoint
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 # Summing per-rank gradients reorders float additions; over a few Adam steps that moves the prompt by
@@ -398,7 +399,7 @@ def test_interrupting_one_rank_stops_all_ranks_with_a_resumable_checkpoint(paral
     proc = subprocess.Popen(launcher + args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 90
-        while not (output / "checkpoints" / "last.pt").exists():
+        while not (output / "checkpoints" / "last.safetensors").exists():
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "no checkpoint within 90 s"
             time.sleep(0.2)
@@ -410,7 +411,7 @@ def test_interrupting_one_rank_stops_all_ranks_with_a_resumable_checkpoint(paral
     finally:
         _kill_tree(proc)
     assert "interrupted: checkpoint saved" in stderr
-    saved = torch.load(output / "checkpoints" / "last.pt", weights_only=False)
+    saved = load_checkpoint(output)
     step = saved["state"]["step"]
     assert 3 <= step < 100000
     # Both ranks stopped after the same step and rank 0 saved it: one process continues from there.

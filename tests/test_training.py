@@ -116,7 +116,7 @@ def test_output_folder_holds_adapter_metrics_plot_and_checkpoint(tmp_path, tiny_
         "metrics.csv",
         "loss.png",
         "run.json",
-        "checkpoints/last.pt",
+        "checkpoints/last.safetensors",
     ):
         assert (out / name).is_file(), name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from softtool.distributed import DistributedContext
 from softtool.errors import SofttoolError
 from softtool.training.batching import Feature, collate
-from softtool.training.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from softtool.training.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, set_rng_state
 from softtool.training.forward import batch_loss
 from softtool.training.options import TrainOptions
 from softtool.training.report import write_metrics
@@ -149,6 +149,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(options, self.steps))
         self.scaler = torch.amp.GradScaler("cuda") if options.autocast and options.dtype == "float16" else None
         self.state = TrainState()
+        self.saved_step: int | None = None  # the step of the checkpoint on disk, if this run has one
         self.dist = dist or DistributedContext(device=device)
         # Training steps go through the DDP wrapper; evaluation and checkpoints use the plain module.
         self.train_prompt = self.dist.wrap_prompt(self.prompt)
@@ -211,7 +212,7 @@ class Trainer:
         st = self.state
         if not self.dist.is_main:
             return None
-        return save_checkpoint(
+        path = save_checkpoint(
             self.output_dir,
             {
                 "prompt": self.prompt.state_dict(),
@@ -222,16 +223,38 @@ class Trainer:
                 "total_steps": self.steps,
             },
         )
+        self.saved_step = st.step
+        return path
 
     def restore(self) -> None:
         ckpt = load_checkpoint(self.output_dir)
-        self.prompt.load_state_dict(ckpt["prompt"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        if self.scaler and ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.state = TrainState(**ckpt["state"])
-        set_rng_state(ckpt["rng"])
+        try:
+            self.prompt.load_state_dict(ckpt["prompt"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            if self.scaler and ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
+            self.state = TrainState(**ckpt["state"])
+            set_rng_state(ckpt["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise SofttoolError(
+                f"checkpoint {checkpoint_path(self.output_dir)} does not fit this run ({first}); "
+                "start the run again with --overwrite"
+            ) from exc
+        self.saved_step = self.state.step
+
+    def _non_finite(self, loss: float) -> NonFiniteLoss:
+        """The error for a NaN/inf loss, saying truly whether a checkpoint from before it exists."""
+        step = self.state.step + 1
+        if self.saved_step is None:
+            kept = "no checkpoint was written before it"
+        else:
+            kept = f"the last good checkpoint (step {self.saved_step}) is in {self.output_dir / 'checkpoints'}"
+        return NonFiniteLoss(
+            f"loss became {loss} at step {step}; training stopped and {kept}; "
+            "start again with a lower --lr (or float32) and --overwrite"
+        )
 
     def _shard_loss(self, global_batch: list[Feature], table: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Summed loss and target tokens of this rank's shard of a global batch."""
@@ -267,10 +290,7 @@ class Trainer:
         # Checked after the backward passes, on the sum over ranks, so all ranks stop at the same step.
         total = self.dist.all_reduce_sum(total)
         if not math.isfinite(total):
-            raise NonFiniteLoss(
-                f"loss became {total} at step {self.state.step + 1}; training stopped, the last good "
-                f"checkpoint is in {self.output_dir / 'checkpoints'} (lower --lr, or use float32)"
-            )
+            raise self._non_finite(total)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = 0.0

@@ -10,7 +10,6 @@ Under torchrun every rank runs train_prompt; rank 0 alone prepares and writes th
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,11 +22,12 @@ from softtool.adapter import CONFIG_FILE, META_FILE, WEIGHTS_FILE, Adapter, Adap
 from softtool.data.options import DataOptions
 from softtool.distributed import DistributedContext, DistributedOptions, distributed_context, shard_base_fsdp
 from softtool.errors import SofttoolError
-from softtool.fileio import atomic_write_json
+from softtool.fileio import atomic_write_json, remove_stale_temps
 from softtool.prompts.encoder import PromptConfig, build_prompt_module
 from softtool.prompts.template import Template
 from softtool.training.batching import Feature, make_feature
-from softtool.training.checkpoint import CHECKPOINT_DIR
+from softtool.training.checkpoint import CHECKPOINT_DIR, clean_checkpoint_dir
+from softtool.training.checkpoint import FILES as CHECKPOINT_FILES
 from softtool.training.loop import Trainer, TrainResult
 from softtool.training.options import TrainOptions
 from softtool.training.report import LOSS_PLOT, METRICS_CSV, METRICS_JSONL, plot_loss, print_summary
@@ -45,12 +45,24 @@ def _run_identity(data: DataOptions, model_name: str, prompt: PromptConfig, opti
     return {"data": data_dict, "model": model_name, "prompt": asdict(prompt), "train": train}
 
 
-def prepare_output(output: Path, identity: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
-    """Refuse a folder holding another run; clear ours with overwrite; check identity on resume."""
+def _holds_run(output: Path) -> list[str]:
+    """The files of a run in `output` (relative names). run.json alone is not a run: it is written just before
+    training starts, so a folder holding only it comes from a run that stopped before its first step."""
+    names = [name for name in _OUTPUT_FILES if name != RUN_FILE and (output / name).is_file()]
+    names += [f"{CHECKPOINT_DIR}/{name}" for name in CHECKPOINT_FILES if (output / CHECKPOINT_DIR / name).is_file()]
+    return names
+
+
+def check_output(output: Path, identity: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder holding another run (unless overwrite), or, on resume, one that is not this run.
+
+    Writes nothing, so it runs before any work; prepare_output does the writing once the model and data loaded.
+    """
     import json
 
+    if output.exists() and not output.is_dir():
+        raise SofttoolError(f"--output {output} is a file; give a folder")
     run_file = output / RUN_FILE
-    ours = [p for p in (*_OUTPUT_FILES, CHECKPOINT_DIR) if (output / p).exists()]
     if resume:
         if not run_file.is_file():
             raise SofttoolError(f"--resume: {output} holds no run ({RUN_FILE} missing); start without --resume")
@@ -59,22 +71,40 @@ def prepare_output(output: Path, identity: dict[str, Any], *, resume: bool, over
         except (OSError, ValueError) as exc:
             raise SofttoolError(f"{run_file} is unreadable ({exc}); start again with --overwrite") from exc
         if previous != identity:
-            changed = sorted(k for k in identity if previous.get(k) != identity[k])
+            changed = sorted(k for k in identity if not isinstance(previous, dict) or previous.get(k) != identity[k])
             raise SofttoolError(
                 f"--resume: {output} holds a different run (differs in {', '.join(changed)}); "
                 "use the same options, or another --output"
             )
         return
-    if ours and not overwrite:
+    if _holds_run(output) and not overwrite:
         raise SofttoolError(
             f"{output} already holds a training run; pass --overwrite to replace it, "
             "--resume to continue it, or choose another --output"
         )
-    for name in ours:
-        target = output / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
+def prepare_output(output: Path, identity: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
+    """Check the folder (check_output), clear the files an earlier run wrote there, and write run.json.
+
+    Only files softtool writes are removed (the output files, the checkpoint, temporary files an interrupted
+    write left); anything else in the folder or in checkpoints/ stays, and so does checkpoints/ when it holds
+    anything else.
+    """
+    check_output(output, identity, resume=resume, overwrite=overwrite)
+    if output.is_dir():
+        for name in _OUTPUT_FILES:
+            remove_stale_temps(output, name)
+        clean_checkpoint_dir(output)
+    if resume:
+        return
+    for name in _holds_run(output):
+        (output / name).unlink()
+    checkpoints = output / CHECKPOINT_DIR
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()
     output.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_file, identity)
+    atomic_write_json(output / RUN_FILE, identity)
 
 
 def encode_features(
@@ -143,7 +173,7 @@ def train_prompt(
             f"--template {template}: field(s) {missing} are not fields of task {task.name} (it has {list(task.fields)})"
         )
     identity = _run_identity(data, model_name, prompt, options)
-    dist.on_main(prepare_output, output, identity, resume=resume, overwrite=overwrite)
+    dist.on_main(check_output, output, identity, resume=resume, overwrite=overwrite)
     device = dist.device
     torch.manual_seed(options.seed)
 
@@ -203,6 +233,8 @@ def train_prompt(
         main_metric=task.main_metric,
         dist=dist,
     )
+    # Only now, with the data and model loaded: a run that fails before this point leaves the folder as it was.
+    dist.on_main(prepare_output, output, identity, resume=resume, overwrite=overwrite)
     result = trainer.run(resume=resume, progress=progress)
     summary = TrainSummary(output, result, counts, time.perf_counter() - started)
     if dist.is_main:
