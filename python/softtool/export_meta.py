@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -173,3 +174,63 @@ class ExportMeta:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise SofttoolError(f"{folder / cls.FILE} is not valid JSON ({exc}); re-run softtool export") from exc
         return cls.from_json(data, str(folder / cls.FILE))
+
+    # -- against what the folder holds ----------------------------------------------------------------------
+    def check_contents(
+        self,
+        source: str,
+        graph_inputs: Mapping[str, Sequence[int | str | None]],
+        graph_outputs: Mapping[str, Sequence[int | str | None]],
+        table_shape: Sequence[int],
+        tokenizer_size: int,
+    ) -> None:
+        """Refuse metadata (read from `source`) that disagrees with the folder's graph, table or tokenizer.
+
+        `graph_inputs`/`graph_outputs` map the graph's names to their shapes (an int per fixed dimension, a
+        name or None per dynamic one). A record that was edited or copied from another export would otherwise
+        decode with the wrong vocabulary or cache shapes and still exit 0. One-line SofttoolError naming `source`.
+        """
+
+        def refuse(what: str) -> None:
+            raise SofttoolError(f"{source} disagrees with the export: {what}; re-run softtool export")
+
+        def fixed(shape: Sequence[int | str | None], axis: int) -> int | None:
+            """The size of a fixed dimension; None for a dynamic or absent one."""
+            dim = shape[axis] if -len(shape) <= axis < len(shape) else None
+            return dim if isinstance(dim, int) else None
+
+        if set(graph_inputs) != set(self.inputs) or set(graph_outputs) != set(self.outputs):
+            extra = sorted((set(graph_inputs) | set(graph_outputs)) ^ (set(self.inputs) | set(self.outputs)))
+            refuse(f"the graph's inputs/outputs differ from the recorded ones in {extra[:6]}")
+        past = [name for name in graph_inputs if name.startswith("past_key_values.")]
+        if len(past) != 2 * self.num_layers:
+            refuse(f"num_layers is {self.num_layers} but the graph takes {len(past)} past key/value inputs")
+        for name in past:
+            shape = graph_inputs[name]
+            if len(shape) != 4:
+                refuse(f"{name} has {len(shape)} dimensions, not 4 (batch, kv heads, capacity, head dim)")
+            for axis, key in ((1, "num_kv_heads"), (3, "head_dim")):
+                if fixed(shape, axis) not in (None, getattr(self, key)):
+                    refuse(f"{key} is {getattr(self, key)} but the graph's {name} has {shape[axis]}")
+        head = "topk_values" if self.top_k else "logits"
+        if head not in graph_outputs:
+            refuse(f"top_k is {self.top_k} but the graph has no {head} output")
+        width, expected = fixed(graph_outputs[head], -1), self.top_k or self.vocab_size
+        if width not in (None, expected):
+            key = "top_k" if self.top_k else "vocab_size"
+            refuse(f"{key} is {expected} but the graph's {head} are {width} wide")
+        if self.prompt_table_input:
+            width = fixed(graph_inputs.get("prompt_table", ()), -1)
+            if width not in (None, self.hidden_size):
+                refuse(f"hidden_size is {self.hidden_size} but the graph's prompt_table input is {width} wide")
+        rows = self.num_tasks * self.num_virtual_tokens
+        if tuple(table_shape) != (rows, self.hidden_size):
+            refuse(
+                f"{self.TABLE_FILE} has shape {tuple(table_shape)}, not ({rows}, {self.hidden_size}) "
+                f"({self.num_tasks} task(s) x {self.num_virtual_tokens} virtual tokens, hidden_size {self.hidden_size})"
+            )
+        if tokenizer_size > self.vocab_size:
+            refuse(f"the tokenizer has {tokenizer_size} tokens, more than vocab_size {self.vocab_size}")
+        ids = [*self.eos_token_ids, self.pad_token_id]
+        if any(not 0 <= i < self.vocab_size for i in ids):
+            refuse(f"eos/pad token ids {ids} are not all below vocab_size {self.vocab_size}")

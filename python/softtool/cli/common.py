@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from softtool.adapter import WEIGHTS_FILE
 from softtool.errors import SofttoolError
 from softtool.export_meta import ExportMeta
 from softtool.options import cli_options, click_type
@@ -49,6 +50,11 @@ def resolve_backend(path: str, backend: str | None) -> tuple[Path, str]:
     if not folder.exists():
         raise SofttoolError(f"adapter or export folder not found: {folder}")
     is_export = ExportMeta.is_export(folder)
+    if not is_export and (folder / ExportMeta.MODEL_FILE).is_file() and not (folder / WEIGHTS_FILE).is_file():
+        raise SofttoolError(
+            f"{folder} holds {ExportMeta.MODEL_FILE} but no {ExportMeta.FILE} (an unfinished export, or one that "
+            "failed verification); re-run softtool export"
+        )
     backend = backend or ("onnx" if is_export else "torch")
     if backend == "onnx" and not is_export:
         raise SofttoolError(

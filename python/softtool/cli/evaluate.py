@@ -82,6 +82,8 @@ def eval_command(
 
         meta = load_adapter(folder).meta if not is_export else None
         task_options = {**(meta.task_options if meta else {}), **task_options}
+    if template is not None and not is_export:
+        _check_template(folder, task_name, template)
     configure_threads(threads)
     # Under torchrun each rank generates for its share of the examples; rank 0 writes and prints.
     with distributed_context(device) as dist:
@@ -100,6 +102,17 @@ def eval_command(
         )
         if dist.is_main:
             _print_table(results, Path(output))
+
+
+def _check_template(folder: Path, task_name: str | None, template: str) -> None:
+    """A --template must use the task's input fields (else the prompt never sees the input), before any model loads."""
+    from softtool.adapter import load_adapter
+    from softtool.data import get_task
+    from softtool.prompts.template import Template
+
+    name = task_name or load_adapter(folder).meta.task
+    if name != "generic":
+        get_task(name).check_template(Template.parse(template))
 
 
 def _print_table(results: dict, output: Path) -> None:

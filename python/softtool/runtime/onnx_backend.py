@@ -96,34 +96,37 @@ class OnnxGenerator(Generator):
         """Load an export folder. device "cuda" falls back to the CPU with a warning unless `strict_device`."""
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
-        from transformers import AutoTokenizer
 
         from softtool.runtime.session import create_session, resolve_device
 
         folder = Path(path)
         meta = ExportMeta.read(folder)
         device = resolve_device(device, strict_device)
+        table_file = folder / ExportMeta.TABLE_FILE
         try:
-            table = load_file(str(folder / ExportMeta.TABLE_FILE))[ExportMeta.TABLE_KEY].astype(np.float32)
+            table = load_file(str(table_file))[ExportMeta.TABLE_KEY].astype(np.float32)
         except (SafetensorError, OSError, KeyError) as exc:
-            raise SofttoolError(
-                f"{folder / ExportMeta.TABLE_FILE} is unreadable ({exc}); re-run softtool export"
-            ) from exc
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        except (OSError, ValueError) as exc:
-            raise SofttoolError(
-                f"{folder}: tokenizer files are missing or broken ({exc}); re-run softtool export"
-            ) from exc
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+            raise SofttoolError(f"{table_file} is unreadable ({exc}); re-run softtool export") from exc
+        if table.ndim != 2 or not np.isfinite(table).all():
+            raise SofttoolError(f"{table_file} holds NaN or infinite values (or is not 2-D); re-run softtool export")
+        tokenizer = _load_tokenizer(folder)
         tmpl = Template.parse(template or meta.template)
         if tmpl.num_virtual_tokens != meta.num_virtual_tokens:
-            raise SofttoolError(
-                f"template {tmpl} has {tmpl.num_virtual_tokens} virtual tokens but the export "
-                f"{folder} has {meta.num_virtual_tokens}"
-            )
+            n, has = meta.num_virtual_tokens, tmpl.num_virtual_tokens
+            if template is None:  # the record contradicts itself
+                raise SofttoolError(
+                    f"{folder / ExportMeta.FILE} disagrees with itself: num_virtual_tokens is {n} but the template "
+                    f"{str(tmpl)!r} has {has}; re-run softtool export"
+                )
+            raise SofttoolError(f"template {str(tmpl)!r} has {has} virtual tokens but the export {folder} has {n}")
         session = create_session(folder / ExportMeta.MODEL_FILE, device, threads, optimization)
+        meta.check_contents(
+            str(folder / ExportMeta.FILE),
+            {i.name: list(i.shape) for i in session.get_inputs()},
+            {o.name: list(o.shape) for o in session.get_outputs()},
+            table.shape,
+            len(tokenizer),
+        )
         return cls(folder, meta, session, device, tokenizer, table, tmpl, precompute_prompt=precompute_prompt)
 
     # -- prompts ------------------------------------------------------------------------------------
@@ -168,3 +171,25 @@ class OnnxGenerator(Generator):
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return tuple(outputs[i].numpy() for i in range(len(self._head)))
+
+
+# Any one of these makes a tokenizer folder (fast tokenizers write tokenizer.json; slow ones a vocabulary file).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def _load_tokenizer(folder: Path):
+    """The export's own tokenizer; a one-line SofttoolError when its files are missing or broken."""
+    from transformers import AutoTokenizer
+
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise SofttoolError(
+            f"{folder} has no tokenizer ({' or '.join(_TOKENIZER_FILES)} missing); re-run softtool export"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:  # noqa: BLE001 - transformers and tokenizers raise many types for broken files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SofttoolError(f"{folder}: the tokenizer files are broken ({first}); re-run softtool export") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
