@@ -83,7 +83,13 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the CLI and turns user errors into a one-line message (exit status 2)."""
+    args = sys.argv[1:] if argv is None else argv
     try:
+        if args and not {"-h", "--help", "--version"} & set(args):
+            # Before any command imports torch: OpenMP reads its wait policy once, at load (softtool.threads).
+            from softtool.threads import prepare_process
+
+            prepare_process()
         cli.main(args=argv, prog_name="softtool", standalone_mode=False)
     except SofttoolError as exc:
         click.echo(f"error: {exc}", err=True)

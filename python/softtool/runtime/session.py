@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 
 from softtool.errors import SofttoolError
-from softtool.threads import current_threads
+from softtool.threads import current_threads, ort_wait_settings
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
 OPTIMIZATION_LEVELS = ("none", "basic", "extended", "all")
@@ -38,8 +38,8 @@ def create_session(
     """An InferenceSession on `device` ("cpu" or "cuda", already resolved); SofttoolError if the file won't load.
 
     Intra-op threads default to what softtool.threads.configure_threads set for this process (the `--threads`
-    of every command), else the cores this process may use; they do not spin while waiting: spinning threads
-    stall when another process holds one of the cores.
+    of every command), else the cores this process may use. Idle threads wait as softtool.threads' policy says
+    (by default they spin for at most 50 us, then sleep: long spinning stalls next to a busy core).
     """
     import onnxruntime as ort
 
@@ -55,7 +55,8 @@ def create_session(
     }[optimization]
     so.intra_op_num_threads = threads or current_threads()
     so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for key, value in ort_wait_settings().items():
+        so.add_session_config_entry(key, value)
     so.log_severity_level = 3  # warnings about unused initializers etc. are noise for users
     profile = os.environ.get("SOFTTOOL_ORT_PROFILE")
     if profile:  # ONNX Runtime's own per-node trace; benchmarks/ort_profile.py sums it by op type
