@@ -1,0 +1,78 @@
+"""Inputs are bounded: a 50,000-character line given to `softtool generate` (in a child process) is refused
+in one line, or cut with --truncate, and the process stays under 2 GB; eval cuts over-long examples at
+--max-length and counts them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from softtool.adapter import Adapter, AdapterMeta, save_adapter
+
+LONG = "A short line.\n" + "word " * 10_000 + "\n"  # line 2: 50,000 characters
+LIMIT_MB = 2048
+
+
+def _measured(args: list[str], tmp_path: Path, stdin: str = "") -> tuple[int, str, str, float]:
+    """Run `softtool ARGS` in a child process; (exit status, stdout, stderr, the child's peak RSS in MB)."""
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with open(out, "wb") as fo, open(err, "wb") as fe:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "softtool", *map(str, args)], stdin=subprocess.PIPE, stdout=fo, stderr=fe
+        )
+        child.stdin.write(stdin.encode())
+        child.stdin.close()
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, not all children's
+        child.returncode = os.waitstatus_to_exitcode(status)
+    return child.returncode, out.read_text(), err.read_text(), usage.ru_maxrss / 1024  # ru_maxrss is in KiB
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, tiny_model_dir):
+    meta = AdapterMeta(
+        base_model=str(tiny_model_dir),
+        num_virtual_tokens=2,
+        token_dim=32,
+        vocab_size=49152,
+        template="[P:2]English: {source}\nGerman:",
+        task="translation",
+        task_options={"src": "en", "tgt": "de"},
+    )
+    return save_adapter(tmp_path_factory.mktemp("adapter"), Adapter(torch.zeros(2, 32), meta))
+
+
+def test_a_50000_character_line_on_stdin_is_refused_in_one_line_within_2_gb(adapter, tmp_path):
+    code, out, err, peak = _measured(["generate", adapter, "--max-new-tokens", "4"], tmp_path, LONG)
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "stdin: line 2" in lines[0] and "--truncate" in lines[0], err
+    assert "Traceback" not in err and out == ""
+    assert peak < LIMIT_MB
+
+
+def test_a_50000_character_line_with_truncate_is_answered_within_2_gb(adapter, tmp_path):
+    args = ["generate", adapter, "--max-new-tokens", "4", "--truncate", "--output", "-"]
+    code, out, err, peak = _measured(args, tmp_path, LONG)
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 2 and all(row["tokens"] == 4 for row in rows)
+    assert peak < LIMIT_MB
+
+
+def test_eval_cuts_an_over_long_example_at_max_length_and_counts_it(adapter, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "dev.en").write_text(LONG)
+    (data / "dev.de").write_text("Eine kurze Zeile.\nWort Wort.\n")
+    args = ["eval", adapter, "--data", data, "--max-new-tokens", "4", "--max-length", "128", "--output", tmp_path / "e"]
+    code, _, err, peak = _measured([*args, "--quiet"], tmp_path, "")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["n"] == 2 and metrics["truncated"] == 1
+    assert peak < LIMIT_MB
