@@ -62,6 +62,35 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def lively_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """Like tiny_model_dir but with weights drawn wide (std 0.2): its greedy outputs depend on the input and
+    differ from row to row, where the default init (std 0.02) emits one token everywhere. For tests whose
+    meaning needs rows that diverge or end at different steps."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+        bos_token_id=smollm2_tokenizer.bos_token_id,
+        eos_token_id=smollm2_tokenizer.eos_token_id,
+        pad_token_id=smollm2_tokenizer.pad_token_id,
+    )
+    path = tmp_path_factory.mktemp("lively-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct, frozen, float32 (loaded once per session)."""
     from softtool.models import DEFAULT_MODEL, load_model

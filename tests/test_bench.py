@@ -49,7 +49,7 @@ def test_smoke_bench_writes_json_with_machine_and_backend_keys(smoke_result):
     for b in result["backends"]:
         # Every requested backend runs here: a skipped one is a failure, not a pass with fewer rows.
         assert b["status"] == "ok", f"{b['name']} was {b['status']}: {b.get('reason')}"
-        for key in ("tokens_per_s", "speedup_vs_peft", "speedup_vs_hf", "latency_p50_s", "ttft_s", "peak_rss_mb"):
+        for key in ("tokens_per_s", "examples_per_s", "speedup_vs_peft", "speedup_vs_hf", "ttft_s", "peak_rss_mb"):
             assert b[key] is not None and b[key] > 0, key
         assert len(b["outputs"]) == result["workload"]["examples"] == 6
     assert result["workload"]["untrained_prompt"] is True and any("untrained" in n for n in result["notes"])

@@ -2,14 +2,16 @@
 
     peft       the PEFT library's prompt tuning (PeftModelForCausalLM.generate), same prompt weights, no KV cache
     peft-cache the same with PEFT's default KV cache (wrong tokens with peft 0.21.2 + transformers 5.24)
-    hf         plain transformers generate on the same model, without any soft prompt (a reference row)
+    hf         plain transformers generate on the same model, without any soft prompt, static batches
+    hf-cb      transformers' own continuous batching (generate_batch) on the same texts, without the prompt
     torch      softtool's PyTorch backend (softtool.runtime, "torch")
     onnx       the exported ONNX graph on ONNX Runtime with the C++ search (softtool.runtime, "onnx")
-    onnx-int8  the same after dynamic int8 quantization
+    onnx-int8  the same with 8-bit weights
 
-Each returns, per row, the best sequence's new tokens cut after the first EOS. A backend whose code
-is missing from this build raises `BackendUnavailable` with the reason; the harness reports it as
-skipped instead of inventing numbers.
+`generate(indices, max_new_tokens)` gets a whole workload (or one batch, for warm-up and time to first token)
+and batches it the backend's own way. Each returns, per row, the best sequence's new tokens cut before the
+first EOS. A backend that cannot run here raises `BackendUnavailable` with the reason; the harness reports it
+as skipped instead of inventing numbers (and the smoke test fails on it).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def cut_at_eos(tokens: list[int], eos: int) -> list[int]:
 
 class Backend:
     name = ""
+    static_batches = True  # a batch runs until its longest row ends (row-steps are defined)
 
     def __init__(self, options: BenchOptions, workload: Workload) -> None:
         self.options = options
@@ -71,6 +74,12 @@ class _HfBackend(Backend):
             self.model.eval()
 
     def generate(self, indices: range, max_new_tokens: int) -> list[list[int]]:
+        out: list[list[int]] = []
+        for lo in range(indices.start, indices.stop, self.options.batch_size):
+            out += self._generate_batch(range(lo, min(lo + self.options.batch_size, indices.stop)), max_new_tokens)
+        return out
+
+    def _generate_batch(self, indices: range, max_new_tokens: int) -> list[list[int]]:
         import torch
 
         from softtool.search import BatchOptions, build_batch
@@ -125,10 +134,50 @@ class PeftCacheBackend(PeftBackend):
     use_cache = True
 
 
+class HfCbBackend(Backend):
+    """transformers' continuous batching (`generate_batch`, paged attention over SDPA) on the text-only rows,
+    with `batch_size` requests per batch: the peer of softtool's own continuous batching."""
+
+    name = "hf-cb"
+    static_batches = False
+
+    def load(self) -> None:
+        from softtool.models import load_model
+
+        self.model = load_model(
+            self.options.model, dtype=self.options.dtype, device=self.options.device, attn_implementation="sdpa"
+        )
+
+    def generate(self, indices: range, max_new_tokens: int) -> list[list[int]]:
+        import torch
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        rows = [self.workload.text_rows[i] for i in indices]
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=self.workload.eos_token_id,
+            pad_token_id=self.workload.pad_token_id,
+        )
+        batching = ContinuousBatchingConfig(max_requests_per_batch=self.options.batch_size)
+        with torch.inference_mode():
+            results = self.model.generate_batch(
+                rows, generation_config=config, continuous_batching_config=batching, progress_bar=False
+            )
+        # Request ids are "req_<position>"; its tokens include the EOS when it stopped.
+        ordered = sorted(results.values(), key=lambda r: int(str(r.request_id).rsplit("_", 1)[-1]))
+        return [cut_at_eos(list(r.generated_tokens), self.workload.eos_token_id) for r in ordered]
+
+
 class SofttoolBackend(Backend):
     """softtool.runtime's generators: the PyTorch backend on the adapter, ONNX Runtime on an export."""
 
     runtime = "torch"
+
+    @property
+    def static_batches(self) -> bool:
+        return self.options.num_beams > 1 or not self.options.continuous
 
     def source_dir(self) -> Path:
         return self.workload.adapter_dir
@@ -155,7 +204,9 @@ class SofttoolBackend(Backend):
             pad_token_id=self.workload.pad_token_id,
         )
         rows = [self.workload.pieces[i] for i in indices]
-        engine = EngineOptions(slots=self.options.batch_size * self.options.num_beams)
+        engine = EngineOptions(
+            slots=self.options.batch_size * self.options.num_beams, continuous=self.options.continuous
+        )
         beams = self.generator.generate(rows, [0] * len(rows), options, engine)
         return [cut_at_eos(list(row_beams[0]), self.workload.eos_token_id) for row_beams in beams]
 
@@ -188,7 +239,8 @@ class OnnxInt8Backend(OnnxBackend):
 
 
 BACKENDS: dict[str, type[Backend]] = {
-    b.name: b for b in (PeftBackend, PeftCacheBackend, HfBackend, TorchBackend, OnnxBackend, OnnxInt8Backend)
+    b.name: b
+    for b in (PeftBackend, PeftCacheBackend, HfBackend, HfCbBackend, TorchBackend, OnnxBackend, OnnxInt8Backend)
 }
 
 

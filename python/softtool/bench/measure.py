@@ -1,18 +1,24 @@
 """Timing one backend on the workload: load, warm up, time to first token, timed passes, peak memory.
 
-Definitions (the same for every backend):
-  tokens_per_s    generated tokens (each row's tokens and its EOS, if it stopped early) / timed wall time
-  sequences_per_s rows / timed wall time
-  latency p50/p95 of one `generate` call on one batch
-  ttft            latency of one batch with max_new_tokens=1 (prefill plus the first token), median
-  prefill_tokens_per_s  input tokens (virtual ones included) / the summed ttft
-  peak_rss_mb     the process's resident-memory high-water mark (getrusage), a clean number only when the
-                  backend ran in its own process
-  peak_gpu_mb     on cuda, PyTorch's peak allocated GPU memory (torch backends only)
-  row_steps_per_s greedy only: rows x decode steps each batch ran (finished rows included) / timed wall time,
-                  the engine's speed whatever the outputs' lengths (see row_steps_per_s below)
+The unit of work is the data set: each timed pass hands the backend every example at once, and the backend
+batches them its own way (softtool: continuous batching over `batch_size` slots; hf-cb: transformers'
+continuous batching; peft and hf: static batches of `batch_size`, each run until its longest row ends).
 
-On cuda every `generate` returns token lists on the host, so each timed call ends synchronized.
+Definitions (the same for every backend):
+  tokens_per_s    useful tokens (each row's tokens up to and including its EOS) / timed wall time
+  examples_per_s  examples / timed wall time
+  ttft            latency of one batch with max_new_tokens=1 (prefill plus the first token), median over the
+                  first `ttft_batches` batches
+  prefill_tokens_per_s  input tokens (virtual ones included) of those batches / their summed ttft
+  peak_rss_mb     the process's resident-memory high-water mark, a clean number only in its own process
+  peak_gpu_mb     on cuda, PyTorch's peak allocated GPU memory (torch backends only)
+  row_steps_per_s static batches only (peft, hf, softtool with --no-continuous), greedy: rows x decode steps
+                  each batch ran (finished rows included) / timed wall time, the engine's speed whatever the
+                  outputs' lengths; None for continuous engines, where a slot never idles on a finished row
+
+peft runs on the first `peft_limit` examples only (it is uncached and slow); its rates are per example, so
+they compare with the others'. On cuda every `generate` returns token lists on the host, so each timed call
+ends synchronized.
 """
 
 from __future__ import annotations
@@ -41,16 +47,6 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return ordered[0]
-    pos = (len(ordered) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
 def peak_rss_mb() -> float:
     """This process's peak resident memory. Linux's VmHWM starts afresh at exec, whereas ru_maxrss
     carries the forking parent's peak into the child."""
@@ -65,6 +61,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
+def examples_for(name: str, options: BenchOptions, workload: Workload) -> range:
+    """The examples a backend generates for: all of them, except the slow PEFT rows (the first peft_limit)."""
+    total = len(workload.rows)
+    return range(min(total, options.peft_limit) if name.startswith("peft") else total)
+
+
 def run_backend(name: str, options: BenchOptions, workload: Workload, isolated: bool) -> dict[str, Any]:
     """Measure one backend in this process; a skipped backend comes back with its reason."""
     set_threads(options.threads)
@@ -73,10 +75,11 @@ def run_backend(name: str, options: BenchOptions, workload: Workload, isolated: 
 
         torch.cuda.reset_peak_memory_stats()  # in one process (--no-isolate), each backend's own peak
     backend = BACKENDS[name](options, workload)
+    examples = examples_for(name, options, workload)
+    batches = [b for b in workload.batches(options.batch_size) if b.start < examples.stop]
     start = time.perf_counter()
     try:
         backend.load()
-        batches = workload.batches(options.batch_size)
         for idx in batches[: options.warmup]:
             backend.generate(idx, options.max_new_tokens)
     except BackendUnavailable as exc:
@@ -84,25 +87,23 @@ def run_backend(name: str, options: BenchOptions, workload: Workload, isolated: 
     load_s = time.perf_counter() - start
 
     ttft = []
-    for idx in batches:
+    for idx in batches[: options.ttft_batches]:
         t0 = time.perf_counter()
         backend.generate(idx, 1)
         ttft.append(time.perf_counter() - t0)
     # Plain transformers runs without the soft prompt, so its inputs are the text tokens only.
-    input_rows = workload.text_rows if name == "hf" else workload.rows
-    input_tokens = sum(map(len, input_rows))
+    input_rows = workload.text_rows if name.startswith("hf") else workload.rows
+    ttft_tokens = sum(len(input_rows[i]) for idx in batches[: options.ttft_batches] for i in idx)
 
-    latencies, outputs, tokens = [], [], 0
-    for repeat in range(options.repeats):
-        for idx in batches:
-            t0 = time.perf_counter()
-            out = backend.generate(idx, options.max_new_tokens)
-            latencies.append(time.perf_counter() - t0)
-            # Outputs exclude EOS; a row that stopped early did generate its EOS, so count it.
-            tokens += sum(len(o) + (len(o) < options.max_new_tokens) for o in out)
-            if repeat == 0:
-                outputs += out
-    total = sum(latencies)
+    passes, outputs = [], []
+    for _ in range(options.repeats):
+        t0 = time.perf_counter()
+        out = backend.generate(examples, options.max_new_tokens)
+        passes.append(time.perf_counter() - t0)
+        outputs = out
+    total = sum(passes)
+    # Outputs exclude EOS; a row that stopped early did generate its EOS, so count it.
+    tokens = sum(len(o) + (len(o) < options.max_new_tokens) for o in outputs)
     gpu_peak = None
     if options.device != "cpu" and name not in ("onnx", "onnx-int8"):
         import torch
@@ -111,29 +112,30 @@ def run_backend(name: str, options: BenchOptions, workload: Workload, isolated: 
     return {
         "name": name,
         "status": "ok",
-        "tokens_per_s": tokens / total,
-        "sequences_per_s": len(workload.rows) * options.repeats / total,
-        "generated_tokens": tokens // options.repeats,
-        "latency_p50_s": percentile(latencies, 0.5),
-        "latency_p95_s": percentile(latencies, 0.95),
+        "examples": len(examples),
+        "tokens_per_s": tokens * options.repeats / total,
+        "examples_per_s": len(examples) * options.repeats / total,
+        "generated_tokens": tokens,
+        "pass_s": passes,
         "ttft_s": statistics.median(ttft),
-        "prefill_tokens_per_s": input_tokens / sum(ttft),
-        "input_tokens": input_tokens,
+        "prefill_tokens_per_s": ttft_tokens / sum(ttft),
+        "input_tokens": sum(len(input_rows[i]) for i in examples),
         "load_s": load_s,
         "timed_s": total,
         "peak_rss_mb": peak_rss_mb(),
         "peak_rss_isolated": isolated,
         "peak_gpu_mb": gpu_peak,
+        "static_batches": getattr(backend, "static_batches", True),
         "outputs": outputs,
     }
 
 
 def row_steps_per_s(result: dict[str, Any], options: dict[str, Any]) -> float | None:
-    """Decode row-steps per second of a greedy backend: every batch runs until its longest row ends, and its
-    finished rows ride along, so rows x steps is the work done whatever the outputs say. tokens/s instead
-    counts only the tokens before each row's EOS, which favours backends whose outputs are longer (`hf`,
-    without the prompt, rarely stops). None for beam search, whose step count the outputs do not show."""
-    if result.get("status") != "ok" or options["num_beams"] != 1:
+    """Decode row-steps per second of a greedy backend with static batches: every batch runs until its longest
+    row ends, and its finished rows ride along, so rows x steps is the work done whatever the outputs say.
+    tokens/s instead counts only the tokens up to each row's EOS. None for beam search (whose step count the
+    outputs do not show) and for continuous engines (no finished row rides along)."""
+    if result.get("status") != "ok" or options["num_beams"] != 1 or not result.get("static_batches", True):
         return None
     outputs, size, limit = result["outputs"], options["batch_size"], options["max_new_tokens"]
     work = 0

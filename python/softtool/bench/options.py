@@ -14,8 +14,8 @@ from typing import Any
 
 from softtool.errors import SofttoolError
 
-ALL_BACKENDS = ("peft", "peft-cache", "hf", "torch", "onnx", "onnx-int8")
-DEFAULT_BACKENDS = ("peft", "hf", "torch", "onnx", "onnx-int8")
+ALL_BACKENDS = ("peft", "peft-cache", "hf", "hf-cb", "torch", "onnx", "onnx-int8")
+DEFAULT_BACKENDS = ("peft", "hf", "hf-cb", "torch", "onnx", "onnx-int8")
 TASKS = ("translation", "squad", "cnndm")
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -37,10 +37,27 @@ class BenchOptions:
     )
     split: str = field(default="val", metadata={"help": "Data split to read."})
     limit: int = field(default=64, metadata={"help": "Number of examples to generate for.", "min": 1})
-    batch_size: int = field(default=16, metadata={"help": "Rows per generate call.", "min": 1})
+    batch_size: int = field(
+        default=16,
+        metadata={
+            "help": "Rows decoded together: the slots of softtool's engine and of hf-cb, the static batch of peft and hf.",
+            "min": 1,
+        },
+    )
     max_new_tokens: int = field(default=64, metadata={"help": "Generated tokens per row at most.", "min": 1})
     num_beams: int = field(
         default=1, metadata={"help": "1 for greedy search, N for beam search with N beams.", "min": 1}
+    )
+    peft_limit: int = field(
+        default=32,
+        metadata={
+            "help": "The slow (uncached) PEFT rows run on the first N examples; rates are per example.",
+            "min": 1,
+        },
+    )
+    continuous: bool = field(
+        default=True,
+        metadata={"help": "softtool's rows use continuous batching (off: static batches, the reference)."},
     )
     backends: list[str] = field(
         default_factory=lambda: list(DEFAULT_BACKENDS),
@@ -63,6 +80,9 @@ class BenchOptions:
         default=None, metadata={"help": "Where on-the-fly exports and the untrained prompt go (default: a cache)."}
     )
     warmup: int = field(default=1, metadata={"help": "Untimed batches run first on each backend.", "min": 0})
+    ttft_batches: int = field(
+        default=4, metadata={"help": "Batches whose time to first token is measured (prefill + 1 token).", "min": 1}
+    )
     repeats: int = field(default=1, metadata={"help": "Timed passes over the workload per backend.", "min": 1})
     threads: int = field(default=2, metadata={"help": "CPU threads every backend and the limit probes use.", "min": 1})
     device: str = field(

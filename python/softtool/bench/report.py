@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from softtool.console import Column
+from softtool.console import print_table as print_rows
 from softtool.fileio import atomic_write_json
 
-REQUIRED_BACKEND_KEYS = ("name", "status", "tokens_per_s", "speedup_vs_peft", "speedup_vs_hf")
+REQUIRED_BACKEND_KEYS = ("name", "status", "tokens_per_s", "speedup_vs_peft", "speedup_vs_hf", "speedup_vs_hf_cb")
 
 
 def _fmt(value: Any, spec: str = ".1f", suffix: str = "") -> str:
@@ -24,97 +26,126 @@ def where(result: dict[str, Any]) -> str:
     return f"{opts['threads']} threads on {machine['cpu_model']}"
 
 
-def print_table(result: dict[str, Any], console=None) -> None:
+def _ratio(value: Any) -> str:
+    return _fmt(value, ".2f", "x")
+
+
+def print_table(result: dict[str, Any], console=None, path: str | None = None) -> None:
+    """The result as a table (narrowed at small widths, see softtool.console), then skipped rows, limits, notes."""
     from rich.console import Console
-    from rich.table import Table
 
     console = console or Console()
     if result.get("kind") == "train":
-        print_train_table(result, console)
+        print_train_table(result, console, path)
         return
     opts, metric = result["options"], result.get("main_metric") or "metric"
     search = "greedy" if opts["num_beams"] == 1 else f"beam {opts['num_beams']}"
     title = (
-        f"{opts['task']} x{result['workload']['examples']}, batch {opts['batch_size']}, "
+        f"{opts['task']} x{result['workload']['examples']}, {opts['batch_size']} slots/batch, "
         f"{opts['max_new_tokens']} new tokens, {search}, {where(result)}"
     )
-    table = Table(title=title)
-    for col in (
-        "backend",
-        "tok/s",
-        "seq/s",
-        "vs peft",
-        "vs hf",
-        "p50 s",
-        "p95 s",
-        "ttft s",
-        "peak MB",
-        metric,
-        "same as ref",
-    ):
-        table.add_column(col, justify="left" if col == "backend" else "right")
+    columns = [
+        Column("backend", "left", essential=True),
+        Column("tok/s", essential=True),
+        Column("ex/s"),
+        Column("vs peft"),
+        Column("vs hf", essential=True),
+        Column("vs hf-cb", essential=True),
+        Column("steps vs hf"),
+        Column("ttft s"),
+        Column("peak MB"),
+        Column(metric, essential=True),
+        Column("same"),
+    ]
+    rows = []
     for r in result["backends"]:
         if r["status"] != "ok":
-            table.add_row(r["name"], f"[yellow]{r['status']}[/yellow]")
+            rows.append([r["name"], f"[yellow]{r['status']}[/yellow]"] + ["-"] * (len(columns) - 2))
             continue
         same = r.get("identical_share")
-        table.add_row(
-            r["name"],
-            _fmt(r["tokens_per_s"]),
-            _fmt(r["sequences_per_s"], ".2f"),
-            _fmt(r.get("speedup_vs_peft"), ".2f", "x"),
-            _fmt(r.get("speedup_vs_hf"), ".2f", "x"),
-            _fmt(r["latency_p50_s"], ".2f"),
-            _fmt(r["latency_p95_s"], ".2f"),
-            _fmt(r["ttft_s"], ".3f"),
-            _fmt(r["peak_rss_mb"], ".0f"),
-            _fmt(r.get("metric"), ".2f"),
-            "-" if same is None else f"{same:.0%} vs {r['identical_to']}",
+        name = r["name"] + (f" ({r['examples']})" if r.get("examples") != result["workload"]["examples"] else "")
+        rows.append(
+            [
+                name,
+                _fmt(r["tokens_per_s"]),
+                _fmt(r.get("examples_per_s", r.get("sequences_per_s")), ".2f"),
+                _ratio(r.get("speedup_vs_peft")),
+                _ratio(r.get("speedup_vs_hf")),
+                _ratio(r.get("speedup_vs_hf_cb")),
+                _ratio(r.get("row_steps_speedup_vs_hf")),
+                _fmt(r["ttft_s"], ".3f"),
+                _fmt(r["peak_rss_mb"], ".0f"),
+                _fmt(r.get("metric"), ".2f"),
+                "-" if same is None else f"{same:.0%}",
+            ]
         )
-    console.print(table)
+    print_rows(console, title, columns, rows, rest_in=path)
+    reference = next((r.get("identical_to") for r in result["backends"] if r.get("identical_to")), None)
+    legend = "tok/s: useful tokens (to EOS) per second; steps vs hf: rows x decode steps of static batches"
+    if reference:
+        legend += f"; same: outputs identical to {reference}"
+    console.print(legend, soft_wrap=True)
     for r in result["backends"]:
         if r["status"] != "ok":
-            console.print(f"[yellow]{r['name']} {r['status']}:[/yellow] {r.get('reason', '')}")
+            console.print(f"[yellow]{r['name']} {r['status']}:[/yellow] {r.get('reason', '')}", soft_wrap=True)
     limits = result.get("limits") or {}
     if limits:
         console.print(
             f"machine limits ({where(result)}): {limits['memory_bandwidth_gbs']:.1f} GB/s copy bandwidth, "
             f"{limits['matmul_gflops']:.0f} GFLOP/s matmul; batch-1 decode bound "
             f"{limits.get('decode_bound_tokens_per_s_batch1', 0):.0f} tok/s, prefill bound "
-            f"{limits.get('prefill_bound_tokens_per_s', 0):.0f} tok/s"
+            f"{limits.get('prefill_bound_tokens_per_s', 0):.0f} tok/s",
+            soft_wrap=True,
         )
         for r in result["backends"]:
             if r["status"] == "ok" and "share_of_compute_bound_prefill" in r:
                 bw = r.get("share_of_bandwidth_bound")
                 console.print(
                     f"  {r['name']}: prefill at {r['share_of_compute_bound_prefill']:.0%} of the compute bound"
-                    + (f", batch-1 decode at {bw:.0%} of the bandwidth bound" if bw is not None else "")
+                    + (f", batch-1 decode at {bw:.0%} of the bandwidth bound" if bw is not None else ""),
+                    soft_wrap=True,
                 )
     for note in result.get("notes", []):
-        console.print(f"[bold]note:[/bold] {note}")
+        console.print(f"[bold]note:[/bold] {note}", soft_wrap=True)
 
 
-def print_train_table(result: dict[str, Any], console) -> None:
-    from rich.table import Table
-
+def print_train_table(result: dict[str, Any], console, path: str | None = None) -> None:
     opts = result["options"]
-    table = Table(title=f"training: {opts['task']}, batch {opts['batch_size']}, {opts['steps']} timed steps")
-    for col in ("virtual tokens", "backend", "samples/s", "tokens/s", "vs peft", "loss after K", "losses agree"):
-        table.add_column(col, justify="right")
+    title = f"training: {opts['task']}, batch {opts['batch_size']}, {opts['steps']} timed steps"
+    columns = [
+        Column("backend", "left", essential=True),
+        Column("N", essential=True),
+        Column("samples/s", essential=True),
+        Column("tokens/s"),
+        Column("vs peft", essential=True),
+        Column("loss after K"),
+        Column("agree", essential=True),
+    ]
+    rows = []
     for r in result["backends"]:
         if r["status"] != "ok":
-            table.add_row(str(r.get("num_virtual_tokens", "")), r["name"], f"[yellow]{r['status']}: {r['reason']}")
+            rows.append(
+                [r["name"], str(r.get("num_virtual_tokens", "")), f"[yellow]{r['status']}[/yellow]"] + ["-"] * 4
+            )
             continue
-        table.add_row(
-            str(r["num_virtual_tokens"]),
-            r["name"],
-            _fmt(r["samples_per_s"], ".2f"),
-            _fmt(r["tokens_per_s"], ".0f"),
-            _fmt(r.get("speedup_vs_peft"), ".2f", "x"),
-            _fmt(r["final_loss"], ".4f"),
-            {True: "yes", False: "[red]no[/red]", None: "-"}[r.get("losses_agree")],
+        rows.append(
+            [
+                r["name"],
+                str(r["num_virtual_tokens"]),
+                _fmt(r["samples_per_s"], ".2f"),
+                _fmt(r["tokens_per_s"], ".0f"),
+                _ratio(r.get("speedup_vs_peft")),
+                _fmt(r["final_loss"], ".4f"),
+                {True: "yes", False: "[red]no[/red]", None: "-"}[r.get("losses_agree")],
+            ]
         )
-    console.print(table)
+    print_rows(console, title, columns, rows, rest_in=path)
+    console.print(
+        "N: virtual tokens; agree: losses after K steps within the bench's tolerance of PEFT's", soft_wrap=True
+    )
+    for r in result["backends"]:
+        if r["status"] != "ok":
+            console.print(f"[yellow]{r['name']} {r['status']}:[/yellow] {r.get('reason', '')}", soft_wrap=True)
 
 
 def write_json(result: dict[str, Any], path: str | Path) -> Path:

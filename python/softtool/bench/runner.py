@@ -39,7 +39,9 @@ def _run_isolated(name: str, options: BenchOptions, workload: Workload) -> dict[
 
 
 def identical_share(outputs: list[list[int]], reference: list[list[int]]) -> float:
-    return sum(a == b for a, b in zip(outputs, reference, strict=True)) / len(reference)
+    """Share of the examples both ran (peft runs only the first few) whose outputs are identical."""
+    common = min(len(outputs), len(reference))
+    return sum(a == b for a, b in zip(outputs[:common], reference[:common], strict=True)) / common
 
 
 def run_bench(options: BenchOptions, command: str = "", progress=None) -> dict[str, Any]:
@@ -88,13 +90,14 @@ def run_bench(options: BenchOptions, command: str = "", progress=None) -> dict[s
         if task is not None and hasattr(task, "postprocess"):
             texts = [task.postprocess(t) for t in texts]
         r["predictions"] = texts
-        r["metrics"] = score(options, task, texts, workload.references)
+        r["metrics"] = score(options, task, texts, workload.references[: len(texts)])
         r["metric"] = r["metrics"].get(metric) if metric else None
         if reference and r["name"] != "hf":
             r["identical_to"] = reference
             r["identical_share"] = identical_share(r["outputs"], by_name[reference]["outputs"])
-        for base in ("peft", "hf"):
-            r[f"speedup_vs_{base}"] = r["tokens_per_s"] / by_name[base]["tokens_per_s"] if base in by_name else None
+        for base in ("peft", "hf", "hf-cb"):
+            key = f"speedup_vs_{base.replace('-', '_')}"
+            r[key] = r["tokens_per_s"] / by_name[base]["tokens_per_s"] if base in by_name else None
         r["row_steps_per_s"] = row_steps_per_s(r, option_values)
         r["row_steps_speedup_vs_hf"] = r["row_steps_per_s"] / hf_steps if r["row_steps_per_s"] and hf_steps else None
         _roofline(r, options, limits, len(workload.rows))
@@ -150,6 +153,7 @@ def _roofline(r: dict[str, Any], options: BenchOptions, limits: dict[str, Any], 
     if not limits or "weight_bytes" not in limits:
         return
     # Decoding time is the timed time less the prefills (measured separately as ttft per batch).
+    rows = r.get("examples", rows)
     batches = -(-rows // options.batch_size)
     decode_s = r["timed_s"] / options.repeats - r["ttft_s"] * batches
     decode_tokens = r["generated_tokens"] - rows

@@ -109,7 +109,7 @@ def bench(ctx: click.Context, config_path: str | None, train_mode: bool, **value
         options = build_options(BenchOptions, values, source)
         with console.status("preparing the workload") as status:
             result = _run(options, command, status)
-    print_table(result, Console())
+    print_table(result, Console(), path=options.output)
     if options.output:
         path = write_json(result, options.output)
         chart = write_chart(result, Path(options.output).with_suffix(".png"))

@@ -4,12 +4,15 @@ A backend is a `SlotModel` (softtool.runtime.slots): prefill these rows into the
 first B slots, reorder slots for beams. The C++ search (softtool.search) owns every row's state: its
 history, processors, the choice of the next token, when it ends. Python only moves tensors between them.
 
-Two schedules:
+Schedules:
 - continuous (the default for greedy search and sampling): a fixed number of slots; the moment a row ends
   (EOS or its token budget) the C++ `SlotSearch` hands its slot to the next waiting row, which is prefilled
   at once, so the batch stays full. `Engine` exposes this step by step for the server.
-- static (beam search, and the reference for greedy): rows go in batches of `slots`; a batch runs until
-  its last row ends. Beam search needs it: its rows are reordered every step.
+- static (the reference for greedy search and sampling): the same engine, but waiting rows are admitted
+  only when every slot is free, so rows go in batches of `slots` and a batch runs until its last row ends.
+  Rows are seeded by their own index either way, so sampling draws the same tokens in both.
+- beam search: static batches of `slots / num_beams` items through the C++ `BeamSearch`, whose rows are
+  reordered every step.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ class Engine:
     (item, Hypothesis) pairs that finished, so a caller can stream.
     """
 
-    def __init__(self, model: SlotModel, options: SearchOptions, slots: int, capacity: int):
+    def __init__(self, model: SlotModel, options: SearchOptions, slots: int, capacity: int, *, static: bool = False):
         if options.num_beams != 1:
             raise ValueError("continuous batching runs greedy search or sampling; beam search uses static batches")
         self.model = model
@@ -74,6 +77,7 @@ class Engine:
         self.positions = np.full(slots, model.scratch, dtype=np.int64)
         self._rows: dict[int, tuple[list[int], int]] = {}  # waiting or running item -> (ids, task)
         self._item_of: dict[int, int] = {}  # slot -> the item it holds
+        self.static = static  # admit only when every slot is free: static batches, the reference schedule
 
     def submit(self, row: Sequence[int], task_id: int = 0, options: SearchOptions | None = None) -> int:
         """Queue one row (full ids, virtual ones included); returns its item id (0, 1, 2, ...)."""
@@ -111,7 +115,7 @@ class Engine:
 
     def step(self) -> tuple[list[tuple[int, int]], list[tuple[int, Hypothesis]]]:
         emitted: list[tuple[int, int]] = []
-        admitted = self.search.admit()
+        admitted = self.search.admit() if not self.static or self.search.num_active() == 0 else []
         if admitted:
             slots = np.asarray([s for s, _ in admitted], dtype=np.int64)
             items = [i for _, i in admitted]
@@ -144,19 +148,20 @@ def decode(
     engine = engine or EngineOptions()
     if not rows:
         return []
-    if options.num_beams > 1 or not engine.continuous:
-        return _decode_static(model, rows, task_ids, options, engine.slots, progress)
-    return _decode_continuous(model, rows, task_ids, options, engine.slots, progress)
+    if options.num_beams > 1:
+        return _decode_beams(model, rows, task_ids, options, engine.slots, progress)
+    return _decode_slots(model, rows, task_ids, options, engine.slots, progress, static=not engine.continuous)
 
 
-def _decode_continuous(model, rows, task_ids, options, slots, progress) -> list[list[Hypothesis]]:
+def _decode_slots(model, rows, task_ids, options, slots, progress, static: bool) -> list[list[Hypothesis]]:
     copies = options.num_return_sequences if options.do_sample else 1
     per_copy = options
     if copies > 1:  # each sampled copy is its own item; item ids follow the static search's row numbering
         from dataclasses import replace
 
         per_copy = replace(options, num_return_sequences=1)
-    engine = Engine(model, per_copy, min(slots, len(rows) * copies), _capacity(rows, options.max_new_tokens))
+    capacity = _capacity(rows, options.max_new_tokens)
+    engine = Engine(model, per_copy, min(slots, len(rows) * copies), capacity, static=static)
     for row, task in zip(rows, task_ids, strict=True):
         for _ in range(copies):
             engine.submit(row, task)
@@ -174,12 +179,9 @@ def _decode_continuous(model, rows, task_ids, options, slots, progress) -> list[
     return [[results[i * copies + c] for c in range(copies)] for i in range(len(rows))]
 
 
-def _decode_static(model, rows, task_ids, options, slots, progress) -> list[list[Hypothesis]]:
+def _decode_beams(model, rows, task_ids, options, slots, progress) -> list[list[Hypothesis]]:
     out: list[list[Hypothesis]] = []
-    search_rows = (
-        options.num_beams if options.num_beams > 1 else (options.num_return_sequences if options.do_sample else 1)
-    )
-    per_batch = max(1, slots // search_rows)
+    per_batch = max(1, slots // options.num_beams)
     for start in range(0, len(rows), per_batch):
         batch = list(range(start, min(start + per_batch, len(rows))))
         out += _decode_batch(model, [rows[i] for i in batch], [task_ids[i] for i in batch], options)
