@@ -29,7 +29,7 @@ from softtool.errors import SofttoolError
 from softtool.training.batching import Feature, collate
 from softtool.training.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, set_rng_state
 from softtool.training.forward import batch_loss
-from softtool.training.options import TrainOptions
+from softtool.training.options import SCHEDULES, TrainOptions
 from softtool.training.report import write_metrics
 
 
@@ -67,19 +67,14 @@ def total_steps(options: TrainOptions, num_examples: int) -> int:
     return max(1, math.ceil(options.epochs * num_examples / per_step))
 
 
-def lr_lambda(options: TrainOptions, steps: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < options.warmup_steps:
-            return (step + 1) / (options.warmup_steps + 1)
-        if options.schedule == "constant":
-            return 1.0
-        progress = (step - options.warmup_steps) / max(1, steps - options.warmup_steps)
-        progress = min(1.0, progress)
-        if options.schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0 - progress
+def lr_scheduler(optimizer: torch.optim.Optimizer, options: TrainOptions, steps: int):
+    """transformers' schedule (`get_scheduler`): linear warmup from 0 over `warmup_steps`, then linear or cosine
+    decay to 0 at `steps`, or constant. A LambdaLR, so its state goes into the checkpoint."""
+    from transformers import get_scheduler
 
-    return factor
+    return get_scheduler(
+        SCHEDULES[options.schedule], optimizer, num_warmup_steps=options.warmup_steps, num_training_steps=steps
+    )
 
 
 class _StopRequest:
@@ -146,7 +141,7 @@ class Trainer:
         self.main_metric = main_metric
         self.steps = total_steps(options, len(self.train_features))
         self.optimizer = torch.optim.AdamW(self.prompt.parameters(), lr=options.lr, weight_decay=options.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(options, self.steps))
+        self.scheduler = lr_scheduler(self.optimizer, options, self.steps)
         self.scaler = torch.amp.GradScaler("cuda") if options.autocast and options.dtype == "float16" else None
         self.state = TrainState()
         self.saved_step: int | None = None  # the step of the checkpoint on disk, if this run has one

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 from softtool.adapter import PEFT_BASES
 
-SCHEDULES = ("linear", "cosine", "constant")
+# softtool's name -> transformers.get_scheduler's (each with linear warmup from 0 over warmup_steps).
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -22,9 +23,15 @@ class TrainOptions:
         default=0.03, metadata={"help": "AdamW learning rate of the prompt parameters", "min": 0, "min_open": True}
     )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "min": 0})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps", "min": 0})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps (the LR rises from 0)", "min": 0})
     schedule: str = field(
-        default="linear", metadata={"help": "decay after warmup: linear, cosine or constant", "choices": SCHEDULES}
+        default="linear",
+        metadata={
+            "help": "learning-rate schedule after warmup (transformers' get_scheduler): linear or cosine decay "
+            "to 0, or constant",
+            "choices": SCHEDULES,
+            "flag": ("--lr-scheduler", "--schedule"),  # --schedule: the name before transformers' schedules
+        },
     )
     max_grad_norm: float = field(
         default=1.0, metadata={"help": "clip the prompt gradient norm (0: no clipping)", "min": 0}
@@ -70,7 +77,7 @@ class TrainOptions:
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+            raise ValueError(f"schedule must be one of {tuple(SCHEDULES)}, got {self.schedule!r}")
         if self.peft_base not in PEFT_BASES:
             raise ValueError(f"peft_base must be one of {PEFT_BASES}, got {self.peft_base!r}")
         if self.dtype not in DTYPES:

@@ -28,7 +28,19 @@ def write_metrics(output_dir: Path, history: list[dict[str, Any]]) -> None:
 
 
 def plot_loss(output_dir: Path, history: list[dict[str, Any]], title: str = "") -> Path:
-    """loss.png: training loss (raw and smoothed) and dev loss over optimizer steps."""
+    """Write loss.png (see `loss_figure`) into `output_dir`; returns its path."""
+    fig = loss_figure(history, title)  # selects the Agg backend before pyplot is imported here
+    import matplotlib.pyplot as plt
+
+    path = output_dir / LOSS_PLOT
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def loss_figure(history: list[dict[str, Any]], title: str = ""):
+    """Training loss (raw and smoothed) and dev loss over optimizer steps, with each step's learning rate on a
+    second y axis (right). Returns the matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,17 +68,25 @@ def plot_loss(output_dir: Path, history: list[dict[str, Any]], title: str = "") 
     if dev:
         steps, losses = zip(*dev, strict=True)
         ax.plot(steps, losses, "o-", color="tab:orange", linewidth=2, label="dev loss")
+    handles, labels = ax.get_legend_handles_labels()
+    rates = [(r["step"], r["lr"]) for r in history if r.get("kind") == "train" and "lr" in r]
+    if rates:
+        lr_ax = ax.twinx()
+        steps, lrs = zip(*rates, strict=True)
+        lr_ax.plot(steps, lrs, color="tab:gray", linestyle="--", linewidth=1.2, label="learning rate")
+        lr_ax.set_ylabel("learning rate")
+        lr_ax.set_ylim(bottom=0)
+        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        more_handles, more_labels = lr_ax.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy per target token")
     ax.set_title(title or "soft prompt training")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(handles, labels)
     fig.tight_layout()
-    path = output_dir / LOSS_PLOT
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def print_summary(rows: list[tuple[str, str]], title: str = "training summary") -> None:
