@@ -93,18 +93,23 @@ class Eval:
         cmd = [sys.executable, "-m", "softtool", "eval", str(path), "--data", str(args.data)]
         cmd += ["--limit", str(args.limit), "--output", str(self.out), "--quiet", *extra]
         self.stderr = open(self.out / "stderr.txt", "w")  # noqa: SIM115
+        self.ended: float | None = None
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(cmd, env=_env(env), stdout=subprocess.DEVNULL, stderr=self.stderr)
 
-    def wait(self, deadline: float) -> dict[str, Any]:
-        try:
-            self.proc.wait(timeout=max(0.0, deadline - time.perf_counter()))
-            wall = time.perf_counter() - self.started
-        except subprocess.TimeoutExpired:
+    def poll(self) -> bool:
+        """Whether it has exited; the first time it has, its wall time is taken."""
+        if self.ended is None and self.proc.poll() is not None:
+            self.ended = time.perf_counter()
+        return self.ended is not None
+
+    def result(self) -> dict[str, Any]:
+        """Its row; an eval still running (past the deadline) is killed and has no wall time."""
+        if self.ended is None:
             self.proc.kill()
-            self.proc.wait()
-            wall = None
+        self.proc.wait()
         self.stderr.close()
+        wall = None if self.ended is None else self.ended - self.started
         row: dict[str, Any] = {"wall_s": None if wall is None else round(wall, 2), "exit": self.proc.returncode}
         metrics = self.out / "metrics.json"
         if wall is not None and metrics.is_file():
@@ -124,12 +129,14 @@ def run_scenario(kind: str, path: Path, args: argparse.Namespace, variant: str, 
     busy = None
     if kind == "busy":
         busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        time.sleep(1.0)  # running, so that a policy that looks at the load sees it
+        time.sleep(1.0)  # busy before the eval starts
     load = _load()
     try:
         evals = [Eval(path, args, variant, scratch) for _ in range(2 if kind == "pair" else 1)]
         deadline = time.perf_counter() + args.timeout
-        rows = [e.wait(deadline) for e in evals]
+        while not all([e.poll() for e in evals]) and time.perf_counter() < deadline:
+            time.sleep(0.05)  # each eval's end is taken when it exits, not when the other one does
+        rows = [e.result() for e in evals]
     finally:
         if busy is not None:
             busy.kill()
@@ -159,6 +166,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
 
+    commit = git_commit(REPO)  # the code the evals run (taken before, as others may commit meanwhile)
     paths = prepare(args.workdir, args.model, args.virtual_tokens)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as scratch:
@@ -177,7 +185,7 @@ def main() -> None:
         print(line)
     record = {
         "benchmark": "shared_machine",
-        "commit": git_commit(REPO),
+        "commit": commit,
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
         "machine": {
             "cpu": cpu_model(),
