@@ -167,6 +167,7 @@ def main() -> None:
     args = parser.parse_args()
 
     commit = git_commit(REPO)  # the code the evals run (taken before, as others may commit meanwhile)
+    load_before = _load()
     paths = prepare(args.workdir, args.model, args.virtual_tokens)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as scratch:
@@ -191,7 +192,7 @@ def main() -> None:
             "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "affinity": len(os.sched_getaffinity(0)),
-            "load_avg_1m_before": _load(),
+            "load_avg_1m_before": load_before,
         },
         "workload": {
             "eval": f"softtool eval PATH --data {args.data.name} --limit {args.limit} --quiet (default --threads)",
