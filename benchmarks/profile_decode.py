@@ -1,156 +1,175 @@
-"""Where one batch of greedy decoding goes: softtool's torch backend against transformers' generate.
+"""Where greedy decoding of a data set goes: softtool's engine (torch or onnx backend) against transformers.
 
-    python benchmarks/profile_decode.py --adapter runs/de --data ../shared/data/multi30k \\
-        [--device cuda --dtype float16] [--batch 16 --new-tokens 32] [--json out.json]
+    python benchmarks/profile_decode.py --adapter runs/de --data ../shared/data/multi30k --limit 128 \\
+        [--backends hf,torch,onnx] [--onnx-dir runs/de-onnx] [--slots 16] [--no-continuous] [--json out.json]
 
-For each of `hf` (transformers, text only) and `torch` (softtool, with the soft prompt), on the same
-batch of the bench workload: the wall time of one `generate`; the time inside the model's forward (a
-device sync around each call) and, for softtool, inside the C++ search step; and torch.profiler's
-operator totals (self CPU time, and self CUDA time on a GPU). The CPU comparison of `torch` and `hf` in
-docs/bench.md comes from this script; results/gpu_profile_h200.txt came from an uncommitted earlier
-form of it (the same measurements) run on the lent H200.
+For `hf` (transformers' generate, text only, static batches of --slots) it times `generate` and the model's
+forward calls. For softtool's backends it times the whole `generate` and splits it into the backend's
+forward calls at prefill (rows entering slots) and at decode steps (one token for every busy slot), the
+C++ search steps, and the rest (Python bookkeeping, cache copies at admission); it also counts the rows
+and tokens each kind of forward processed. torch.profiler's operator totals are printed with --ops.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import gzip
 import json
 import time
-from collections import defaultdict
 from pathlib import Path
 
 
-def _timed(store: dict, name: str, fn, sync):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        sync()
-        start = time.perf_counter()
-        out = fn(*args, **kwargs)
-        sync()
-        store[name] = store.get(name, 0.0) + time.perf_counter() - start
-        store[name + "_calls"] = store.get(name + "_calls", 0) + 1
-        return out
+class _Clock:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.rows: dict[str, int] = {}
+        self.tokens: dict[str, int] = {}
 
-    return wrapper
+    def wrap(self, name: str, fn, count=None):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if count is not None:
+                rows, tokens = count(*args, **kwargs)
+                self.rows[name] = self.rows.get(name, 0) + rows
+                self.tokens[name] = self.tokens.get(name, 0) + tokens
+            return out
+
+        return timed
+
+    def report(self) -> dict:
+        return {
+            name: {
+                "seconds": round(s, 3),
+                "calls": self.calls[name],
+                **({"rows": self.rows[name], "tokens": self.tokens[name]} if name in self.rows else {}),
+            }
+            for name, s in self.seconds.items()
+        }
 
 
-def profile_backend(name, options, workload, rows, sync) -> dict:
-    from torch.profiler import ProfilerActivity, profile
+def _softtool(gen, rows, options, engine) -> tuple[float, list, dict]:
+    import softtool.runtime.decode as decode
 
-    import softtool.runtime.torch_backend as torch_backend
-    from softtool.bench.backends import BACKENDS
+    clock = _Clock()
+    gen.prefill = clock.wrap(
+        "prefill", gen.prefill, lambda slots, rs, tasks: (len(rs), sum(len(r) for r in rs) - gen.num_virtual * len(rs))
+    )
+    gen.step = clock.wrap("decode_step", gen.step, lambda tokens, positions: (len(tokens), len(tokens)))
+    make = decode._search.make_slot_search
 
-    backend = BACKENDS[name](options, workload)
-    backend.load()
-    model = backend.model if name == "hf" else backend.generator.model
-    backend.generate(rows, options.max_new_tokens)  # warm up
-    sync()
-    start = time.perf_counter()
-    outputs = backend.generate(rows, options.max_new_tokens)
-    sync()
-    wall = time.perf_counter() - start
+    def make_timed(*args, **kwargs):
+        search = make(*args, **kwargs)
 
-    parts: dict = {}
-    forward = model.forward
-    model.forward = _timed(parts, "forward_s", forward, sync)
-    search = torch_backend._search
-    if name == "torch" and search is not None:
-        make = search.make_search
+        class Timed:
+            def __getattr__(self, name):
+                return getattr(search, name)
 
-        class TimedSearch:  # the C++ searcher with its step timed
-            def __init__(self, opts):
-                self._inner = make(opts)
-                self.step = _timed(parts, "search_step_s", self._inner.step, sync)
+        timed = Timed()
+        timed.step = clock.wrap("search_step", search.step)
+        timed.step_topk = clock.wrap("search_step", search.step_topk)
+        return timed
 
-            def __getattr__(self, attr):
-                return getattr(self._inner, attr)
-
-        torch_backend._search = type("TimedModule", (), {"make_search": staticmethod(TimedSearch)})
+    decode._search.make_slot_search = make_timed
     try:
-        backend.generate(rows, options.max_new_tokens)
+        start = time.perf_counter()
+        out = gen.generate(rows, None, options, engine)
+        wall = time.perf_counter() - start
     finally:
-        model.forward = forward
-        torch_backend._search = search
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if options.device != "cpu" else [])
-    with profile(activities=activities) as prof:
-        backend.generate(rows, options.max_new_tokens)
-    ops = defaultdict(lambda: {"self_cpu_ms": 0.0, "self_device_ms": 0.0, "calls": 0})
-    for event in prof.key_averages():
-        op = ops[event.key]
-        op["self_cpu_ms"] += event.self_cpu_time_total / 1e3
-        op["self_device_ms"] += getattr(event, "self_device_time_total", 0) / 1e3
-        op["calls"] += event.count
-    top = sorted(ops.items(), key=lambda kv: -kv[1]["self_cpu_ms"])[:15]
-    del backend
-    return {
-        "backend": name,
-        "wall_s": wall,
-        "generated_tokens": sum(len(o) for o in outputs),
-        **parts,
-        "profile_self_cpu_ms": sum(o["self_cpu_ms"] for o in ops.values()),
-        "profile_self_device_ms": sum(o["self_device_ms"] for o in ops.values()),
-        "top_ops": [{"op": k, **v} for k, v in top],
-    }
+        decode._search.make_slot_search = make
+    return wall, out, clock.report()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", required=True, help="trained prompt folder (translation)")
-    parser.add_argument("--data", required=True, help="Multi30k folder")
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", type=Path, help="write the result here")
-    args = parser.parse_args(argv)
-
+def _hf(model, texts, options, slots, pad) -> tuple[float, list, dict]:
     import torch
 
-    from softtool.bench.limits import machine_info
-    from softtool.bench.measure import set_threads
-    from softtool.bench.options import BenchOptions
-    from softtool.bench.workload import build_workload
-    from softtool.models import load_model, load_tokenizer
-
-    options = BenchOptions(
-        task="translation",
-        data=args.data,
-        limit=args.batch,
-        batch_size=args.batch,
-        max_new_tokens=args.new_tokens,
-        adapter=args.adapter,
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        threads=args.threads,
-        backends=["hf", "torch"],
-    )
-    set_threads(args.threads)
-    sync = torch.cuda.synchronize if args.device != "cpu" else (lambda: None)
-    workload = build_workload(options, load_model(args.model), load_tokenizer(args.model))
-    rows = range(args.batch)
-    results = [profile_backend(name, options, workload, rows, sync) for name in ("hf", "torch")]
-    for r in results:
-        parts = ", ".join(f"{k} {r[k]:.3f}" for k in ("forward_s", "search_step_s") if k in r)
-        print(f"{r['backend']}: {r['wall_s']:.3f} s for {r['generated_tokens']} tokens; {parts}")
-        for op in r["top_ops"][:8]:
-            print(
-                f"    {op['op']:<24} {op['self_cpu_ms']:9.1f} ms cpu {op['self_device_ms']:8.1f} ms device {op['calls']:7d}"
+    clock = _Clock()
+    forward = model.forward
+    model.forward = clock.wrap("forward", forward)
+    out = []
+    start = time.perf_counter()
+    for lo in range(0, len(texts), slots):
+        batch = texts[lo : lo + slots]
+        width = max(map(len, batch))
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in batch])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in batch])
+        with torch.inference_mode():
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=options.max_new_tokens,
+                do_sample=False,
+                eos_token_id=options.eos_token_ids,
+                pad_token_id=pad,
             )
-    if args.json:
-        record = {
-            "command": "python benchmarks/profile_decode.py " + " ".join(argv or __import__("sys").argv[1:]),
-            "machine": machine_info(args.threads),
-            "options": vars(args) | {"json": str(args.json)},
-            "results": results,
+        out += [[seq[width:].tolist()] for seq in gen]
+    wall = time.perf_counter() - start
+    model.forward = forward
+    return wall, out, clock.report()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--adapter", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--limit", type=int, default=128)
+    parser.add_argument("--slots", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--backends", default="hf,torch,onnx")
+    parser.add_argument("--onnx-dir", default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-continuous", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    from softtool.threads import configure_threads
+
+    configure_threads(args.threads)
+    from softtool.runtime.decode import EngineOptions
+    from softtool.runtime.torch_backend import TorchGenerator
+    from softtool.search import SearchOptions
+
+    torch_gen = TorchGenerator.from_adapter(args.adapter)
+    tok = torch_gen.tokenizer
+    with gzip.open(Path(args.data) / "val.en.gz", "rt") as fh:
+        sources = [line.strip() for _, line in zip(range(args.limit), fh, strict=False)]
+    rows = [torch_gen.encode({"source": s}) for s in sources]
+    options = SearchOptions(
+        max_new_tokens=args.max_new_tokens, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id
+    )
+    engine = EngineOptions(slots=args.slots, continuous=not args.no_continuous)
+    results = {}
+    for name in args.backends.split(","):
+        if name == "hf":
+            texts = [[t for piece in row for t in piece] for row in rows]
+            _hf(torch_gen.model, texts[:2], options, args.slots, tok.pad_token_id)  # warm-up
+            wall, out, parts = _hf(torch_gen.model, texts, options, args.slots, tok.pad_token_id)
+            eos = tok.eos_token_id
+            useful = sum((o[0].index(eos) + 1) if eos in o[0] else len(o[0]) for o in out)
+        else:
+            gen = torch_gen
+            if name == "onnx":
+                from softtool.runtime.onnx_backend import OnnxGenerator
+
+                gen = OnnxGenerator.from_export_dir(args.onnx_dir, threads=args.threads)
+            gen.generate(rows[:2], None, options, engine)  # warm-up
+            wall, out, parts = _softtool(gen, rows, options, engine)
+            useful = sum(len(o[0]) + (len(o[0]) < args.max_new_tokens) for o in out)
+        accounted = sum(p["seconds"] for p in parts.values())
+        results[name] = {
+            "wall_s": round(wall, 3),
+            "useful_tokens": useful,
+            "tokens_per_s": round(useful / wall, 1),
+            "parts": parts,
+            "other_s": round(wall - accounted, 3),
         }
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
-    return 0
+        print(name, json.dumps(results[name]), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

@@ -83,3 +83,25 @@ def test_greedy_equals_transformers_generate_on_smollm2(smollm2, smollm2_tokeniz
     rows = [generator.encode({"source": s}) for s in SOURCES[:2]]
     got = generator.generate(rows, None, SearchOptions(max_new_tokens=4, eos_token_ids=[2], pad_token_id=2))
     assert got == _reference(smollm2, generator, rows, max_new_tokens=4)
+
+
+def test_several_adapters_share_one_generator_and_a_mixed_batch_equals_each_alone(tmp_path, lively_model_dir):
+    """Tasks with different templates in one generator: each row uses its own task's prompt and template."""
+    from softtool.adapter import Adapter, AdapterMeta, save_adapter
+
+    model = load_model(str(lively_model_dir))
+    embed = model.get_input_embeddings().weight
+    paths = []
+    for k, template in enumerate(["[P:4]English: {source}\nGerman:", "[P:4]Summarize: {source}\nSummary:"]):
+        torch.manual_seed(k)
+        meta = AdapterMeta(str(lively_model_dir), 4, embed.shape[1], embed.shape[0], template)
+        paths.append(save_adapter(tmp_path / f"task{k}", Adapter(embed[torch.randint(0, 5000, (4,))] * 2, meta)))
+    both = TorchGenerator.from_adapters(paths)
+    assert both.num_tasks == 2 and both.shares_prefix
+    options = SearchOptions(max_new_tokens=8, eos_token_ids=[2], pad_token_id=2)
+    tasks = [0, 1, 1, 0, 1]
+    rows = [both.encode({"source": s}, task=t) for s, t in zip(SOURCES + SOURCES[:2], tasks, strict=True)]
+    mixed = both.generate(rows, tasks, options)
+    alone = [TorchGenerator.from_adapter(p, model=model, tokenizer=both.tokenizer) for p in paths]
+    assert mixed == [alone[t].generate([row], None, options)[0] for row, t in zip(rows, tasks, strict=True)]
+    assert rows[0] != both.encode({"source": SOURCES[0]}, task=1)  # the templates really differ

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from softtool.errors import SofttoolError
-from softtool.prompts.template import assemble_ids
+from softtool.prompts.template import Template, assemble_ids
 from softtool.runtime.decode import EngineOptions, Progress, decode
 from softtool.runtime.slots import SlotModel
 from softtool.search import SearchOptions
@@ -29,21 +29,37 @@ class Generator(SlotModel):
     meta: object  # softtool.adapter.AdapterMeta: task, task options, base model
     where: str = "the prompt table"  # names the source in errors
 
-    def encode(self, fields: Mapping[str, str]) -> list[list[int]]:
-        """Token ids of each text slot of the template filled with `fields` (tokenized separately, as in training)."""
-        return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in self.template.render(fields)]
+    # Tasks whose template differs from `template` (several adapters, or an export's tasks, in one generator);
+    # set empty by SlotModel._init_slots.
+    task_templates: dict[int, Template]
+
+    def template_of(self, task: int) -> Template:
+        return self.task_templates.get(int(task), self.template)
+
+    @property
+    def shares_prefix(self) -> bool:
+        """Whether every task's virtual tokens come first, so their keys/values are computed once per task."""
+        templates = [self.template_of(t) for t in range(max(self.num_tasks, 1))]
+        return bool(self.precompute_prompt and self.num_virtual and all(t.is_prefix for t in templates))
+
+    def encode(self, fields: Mapping[str, str], task: int = 0) -> list[list[int]]:
+        """Token ids of each text slot of the task's template filled with `fields` (tokenized separately, as in
+        training)."""
+        pieces = self.template_of(task).render(fields)
+        return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in pieces]
 
     def row_ids(self, rows: Rows, task_ids: Sequence[int]) -> list[list[int]]:
         """Each row's full ids (virtual ones included); SofttoolError on a row that does not fit the template."""
-        slots = sum(1 for kind, _ in self.template.layout if kind == "text")
         if len(task_ids) != len(rows):
             raise SofttoolError(f"got {len(task_ids)} task ids for {len(rows)} rows")
         out = []
         for i, (row, task) in enumerate(zip(rows, task_ids, strict=True)):
             if not 0 <= int(task) < max(self.num_tasks, 1):
                 raise SofttoolError(f"row {i}: task id {task} is outside the {self.num_tasks} task(s) of {self.where}")
+            template = self.template_of(task)
+            slots = sum(1 for kind, _ in template.layout if kind == "text")
             if len(row) != slots:
-                raise SofttoolError(f"row {i} has {len(row)} text pieces but the template {self.template} has {slots}")
+                raise SofttoolError(f"row {i} has {len(row)} text pieces but the template {template} has {slots}")
             for piece in row:
                 bad = [int(t) for t in piece if not 0 <= int(t) < self.vocab_size]
                 if bad:
@@ -51,7 +67,7 @@ class Generator(SlotModel):
                         f"row {i}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
                         "; text pieces hold normal tokens only"
                     )
-            out.append(assemble_ids(self.template, row, self.vocab_size, int(task)))
+            out.append(assemble_ids(template, row, self.vocab_size, int(task)))
         return out
 
     def generate(

@@ -78,6 +78,11 @@ class OnnxGenerator(Generator):
         self._init_slots()
         self.table = table
         self.num_tasks = table.shape[0] // max(self.num_virtual, 1)
+        self.task_names = [t.name for t in meta.tasks]
+        for task, entry in enumerate(meta.tasks[1:], start=1):  # each task of a multi-task export has its own
+            own = Template.parse(entry.template)
+            if own != template:
+                self.task_templates[task] = own
         self._refresh_prompt()
 
     # -- loading ------------------------------------------------------------------------------------
@@ -130,8 +135,9 @@ class OnnxGenerator(Generator):
         return cls(folder, meta, session, device, tokenizer, table, tmpl, precompute_prompt=precompute_prompt)
 
     # -- prompts ------------------------------------------------------------------------------------
-    def add_task(self, prompt_table) -> int:
-        """Append a task's prompt [N, H] (graphs exported with --prompt-table-input only); returns its task id."""
+    def add_task(self, prompt_table, template: Template | None = None, name: str | None = None) -> int:
+        """Append a task's prompt [N, H] and template (default: the first task's); graphs exported with
+        --prompt-table-input only. Returns its task id."""
         if not self.export_meta.prompt_table_input:
             raise SofttoolError(
                 f"{self.folder} has its prompt table baked in; re-export with --prompt-table-input "
@@ -142,8 +148,16 @@ class OnnxGenerator(Generator):
             raise SofttoolError(
                 f"a task prompt must have shape ({self.num_virtual}, {self.table.shape[1]}), got {rows.shape}"
             )
+        template = template or self.template
+        if template.num_virtual_tokens != self.num_virtual:
+            raise SofttoolError(
+                f"template {template} has {template.num_virtual_tokens} virtual tokens, not {self.num_virtual}"
+            )
         self.table = np.concatenate([self.table, rows])
         self.num_tasks += 1
+        if template != self.template:
+            self.task_templates[self.num_tasks - 1] = template
+        self.task_names.append(name or f"task{self.num_tasks - 1}")
         self._refresh_prompt()
         return self.num_tasks - 1
 

@@ -47,6 +47,7 @@ class SlotModel(ABC):
     precompute_prompt: bool = True
 
     def _init_slots(self) -> None:
+        self.task_templates: dict[int, Template] = {}
         self.kv: list[torch.Tensor] = []
         self.capacity = 0
         self._prefix: list[torch.Tensor] | None = None
@@ -74,6 +75,7 @@ class SlotModel(ABC):
 
     @property
     def shares_prefix(self) -> bool:
+        """Whether every task's virtual tokens come first, so their keys/values are computed once per task."""
         return bool(self.precompute_prompt and self.num_virtual and self.template.is_prefix)
 
     def prompt_changed(self) -> None:

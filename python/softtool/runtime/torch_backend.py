@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -47,6 +48,7 @@ class TorchGenerator(Generator):
         self.pad_token_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         self.num_virtual = template.num_virtual_tokens
         self._init_slots()
+        self.task_names = ["task0"]
         self.slot_lm = SlotLM(model, None, self.vocab_size, in_place=True)
         self.set_prompt(prompt_table)
 
@@ -81,7 +83,40 @@ class TorchGenerator(Generator):
             )
         generator = cls(model, tokenizer, tmpl, adapter.prompt_table, adapter.meta)
         generator.where = str(path)
+        generator.task_names = [Path(path).resolve().name]
         return generator
+
+    @classmethod
+    def from_adapters(cls, paths: Sequence[str | os.PathLike], **kwargs) -> TorchGenerator:
+        """Several adapters of one base model as tasks 0, 1, ... of one generator (one model, one cache)."""
+        first, *rest = paths
+        generator = cls.from_adapter(first, **kwargs)
+        for path in rest:
+            generator.add_adapter(path)
+        generator.where = ", ".join(str(p) for p in paths)
+        return generator
+
+    def add_adapter(self, path: str | os.PathLike) -> int:
+        """Load another adapter of the same base model as a new task; returns its task id."""
+        adapter = load_adapter(path)
+        check_compatible(adapter, self.model)
+        return self.add_task(adapter.prompt_table, Template.parse(adapter.meta.template), Path(path).resolve().name)
+
+    def add_task(self, prompt_table: torch.Tensor, template: Template | None = None, name: str | None = None) -> int:
+        """Append a task (its prompt [N, H] and template, default the first task's); returns its task id."""
+        template = template or self.template
+        n = self.template.num_virtual_tokens
+        if template.num_virtual_tokens != n or tuple(prompt_table.shape) != (n, self.table.shape[1]):
+            raise SofttoolError(
+                f"a task added to this generator needs {n} virtual tokens of size {self.table.shape[1]}; "
+                f"got a prompt of shape {tuple(prompt_table.shape)} with template {template}"
+            )
+        task = self.num_tasks
+        self.set_prompt(torch.cat([self.table, prompt_table.to(self.kv_device, self.kv_dtype)]))
+        if template != self.template:
+            self.task_templates[task] = template
+        self.task_names.append(name or f"task{task}")
+        return task
 
     def set_prompt(self, prompt_table: torch.Tensor | None) -> None:
         """Swap the prompt table (e.g. during training evaluation); drops the cached prompt keys/values."""
