@@ -5,7 +5,6 @@ in one line, or cut with --truncate, and the process stays under 2 GB; eval cuts
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,18 +18,23 @@ LONG = "A short line.\n" + "word " * 10_000 + "\n"  # line 2: 50,000 characters
 LIMIT_MB = 2048
 
 
+# Runs a command and writes its peak RSS (KiB) to argv[1]. A child's ru_maxrss counts the memory of the process
+# it was forked from (the hiwater mark survives fork and exec), so the measured command is forked from this
+# small launcher, not from pytest.
+_LAUNCHER = """
+import resource, subprocess, sys
+code = subprocess.run(sys.argv[2:]).returncode
+open(sys.argv[1], "w").write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+sys.exit(code)
+"""
+
+
 def _measured(args: list[str], tmp_path: Path, stdin: str = "") -> tuple[int, str, str, float]:
     """Run `softtool ARGS` in a child process; (exit status, stdout, stderr, the child's peak RSS in MB)."""
-    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-    with open(out, "wb") as fo, open(err, "wb") as fe:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "softtool", *map(str, args)], stdin=subprocess.PIPE, stdout=fo, stderr=fe
-        )
-        child.stdin.write(stdin.encode())
-        child.stdin.close()
-        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, not all children's
-        child.returncode = os.waitstatus_to_exitcode(status)
-    return child.returncode, out.read_text(), err.read_text(), usage.ru_maxrss / 1024  # ru_maxrss is in KiB
+    peak = tmp_path / "peak_kib.txt"
+    command = [sys.executable, "-c", _LAUNCHER, peak, sys.executable, "-m", "softtool", *args]
+    result = subprocess.run([str(a) for a in command], input=stdin, capture_output=True, text=True)
+    return result.returncode, result.stdout, result.stderr, int(peak.read_text()) / 1024
 
 
 @pytest.fixture(scope="module")

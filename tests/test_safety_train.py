@@ -44,6 +44,7 @@ def test_overwrite_removes_only_the_files_softtool_writes(tmp_path, data, tiny_m
         out / "checkpoints" / ".last.safetensors.k3j2.tmp",  # a save killed half way
         out / "checkpoints" / ".last.pt.x81a",  # the older writer's temporary name
         out / ".metrics.jsonl.a1b2.tmp",
+        out / ".metrics.csv.tmp",
     ]
     for path in litter:
         path.write_bytes(b"")

@@ -95,6 +95,7 @@ def prepare_output(output: Path, identity: dict[str, Any], *, resume: bool, over
     if output.is_dir():
         for name in _OUTPUT_FILES:
             remove_stale_temps(output, name)
+            (output / f".{name}.tmp").unlink(missing_ok=True)  # metrics.csv's writer uses one fixed name
         clean_checkpoint_dir(output)
     if resume:
         return
