@@ -4,6 +4,7 @@ The folder needs nothing else to run (its contract is softtool.export_meta.Expor
     model.onnx (+ model.onnx.data when large)   the graph: softtool.runtime.slot_model.SlotLM, traced
     prompt_table.safetensors                    {"prompt_table": [tasks*N, H]}: every task's prompt, in task order
     tokenizer files                             the base model's tokenizer
+    config.json, generation_config.json         the base model's transformers config and generation defaults
     softtool_export.json                        ExportMeta (written last, after verification passed)
 
 Nothing is deleted that softtool did not write: the export is built in a temporary folder beside the target
@@ -24,6 +25,7 @@ from typing import Any
 
 from softtool.errors import SofttoolError
 from softtool.export_meta import ExportMeta, ExportTask
+from softtool.fileio import atomic_write_bytes
 from softtool.runtime.session import resolve_device
 
 OPSET = 17
@@ -204,6 +206,22 @@ def _convert(path: Path, dtype: str, keep_fp32: list[str], int8_method: str) -> 
         quantize_int8(path, int8_method)
 
 
+def _make_readable(folder: Path) -> None:
+    """mkdtemp makes a folder only its owner can enter; an export gets a plain mkdir's mode (0755 by default)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+
+
+def _save_model_files(folder: Path, model, tokenizer) -> None:
+    """What other tools read from a model folder: the tokenizer, and the base model's config.json and
+    generation_config.json (architecture, sizes, special tokens, default generation settings)."""
+    tokenizer.save_pretrained(folder)
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+
+
 def _check_target(out: Path, inputs: list[Path], overwrite: bool) -> None:
     """Refuse to replace anything softtool did not write, or anything the export reads."""
     target = out.resolve()
@@ -252,6 +270,7 @@ def export_adapters(
     device = resolve_device(options.device, options.strict_device)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
+    _make_readable(tmp)
     try:
         meta = _build(adapters, [str(d) for d in adapter_dirs], base, tmp, device, options, say)
         _swap_in(tmp, out)
@@ -263,7 +282,7 @@ def export_adapters(
 
 def _build(adapters, adapter_dirs, base, folder: Path, device: str, options: ExportOptions, say) -> ExportMeta:
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from softtool import __version__
     from softtool.adapter import check_compatible
@@ -304,8 +323,8 @@ def _build(adapters, adapter_dirs, base, folder: Path, device: str, options: Exp
         _convert(
             model_path, options.dtype, ["logits", "topk_values", "topk_indices", "prompt_table"], options.int8_method
         )
-    save_file({ExportMeta.TABLE_KEY: table.contiguous()}, str(folder / ExportMeta.TABLE_FILE))
-    tokenizer.save_pretrained(folder)
+    atomic_write_bytes(folder / ExportMeta.TABLE_FILE, save({ExportMeta.TABLE_KEY: table.contiguous()}))
+    _save_model_files(folder, model, tokenizer)
     meta = ExportMeta(
         base_model=base,
         **facts,
