@@ -126,12 +126,29 @@ class SlotModel(ABC):
                 dst[slot, :, :length] = src[i, :, :length]
         return head
 
+    # A backend that can run on strided views of the cache (PyTorch) attends only to the columns in use;
+    # ONNX Runtime binds contiguous memory, so it gets whole rows.
+    views_ok = False
+
     def step(self, tokens: np.ndarray, positions: np.ndarray) -> Head:
-        """Feed token[i] at positions[i] to slot i, for the first len(tokens) slots; returns their head."""
+        """Feed token[i] at positions[i] to slot i, for the first len(tokens) slots; returns their head.
+
+        A slot at the scratch position is idle: it computes a pad token whose entry nobody reads.
+        """
         rows = len(tokens)
+        positions = np.asarray(positions, dtype=np.int64)
+        kv = [t[:rows] for t in self.kv]
+        if self.views_ok:
+            busy = positions[positions != self.scratch]
+            width = int(busy.max()) + 1 if len(busy) else 1
+            if width < self.capacity:
+                # Only columns 0..width-1 hold anything a busy row attends to; an idle row writes its pad
+                # token into the last of them (its own row, never read before a prefill overwrites it).
+                positions = np.where(positions == self.scratch, width - 1, positions)
+                kv = [t[:, :, :width] for t in kv]
         ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64)).view(rows, 1)
-        pos = torch.as_tensor(np.asarray(positions, dtype=np.int64)).view(rows, 1)
-        return self._forward(ids, pos, [t[:rows] for t in self.kv])
+        pos = torch.as_tensor(positions).view(rows, 1)
+        return self._forward(ids, pos, kv)
 
     def reorder(self, order: np.ndarray) -> None:
         """Beam search: slot i takes the cache of slot order[i] (for the first len(order) slots)."""

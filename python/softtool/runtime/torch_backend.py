@@ -24,6 +24,8 @@ from softtool.runtime.slots import Head
 class TorchGenerator(Generator):
     """Generate with `model` and a prompt table [tasks*N, H] placed by `template`."""
 
+    views_ok = True
+
     def __init__(
         self,
         model,
