@@ -21,6 +21,7 @@ _COMMANDS = {
     "generate": "softtool.cli.generate:generate",
     "export": "softtool.cli.export:export",
     "bench": "softtool.cli.bench:bench",
+    "serve": "softtool.cli.serve:serve",
 }
 
 _SHORT_HELP = {
@@ -29,6 +30,7 @@ _SHORT_HELP = {
     "generate": "Generate text for inputs given on the command line, in a file or on stdin.",
     "export": "Bake a trained soft prompt into an ONNX graph with KV cache.",
     "bench": "Measure speed against PEFT and plain transformers.",
+    "serve": "Serve soft prompts over an OpenAI-compatible HTTP API.",
 }
 
 

@@ -1,0 +1,172 @@
+"""The HTTP API's request and response shapes: pydantic models that mirror OpenAI's completions API.
+
+Validation lives here: a request that does not fit `CompletionRequest` (a wrong type, a missing prompt, an
+unknown field, a value out of range, an option softtool does not implement) is answered 400 with an
+`ErrorResponse`, built by the app from pydantic's error, never by hand-written checks in the routes.
+
+softtool's additions, passed by the openai client as `extra_body`: `fields` (the other fields of a template
+with several, e.g. {"context": "..."} while the prompt fills {question}), `top_k`, `repetition_penalty` and
+`min_tokens`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+
+Number = StrictInt | StrictFloat  # JSON numbers; "0.5" as a string is refused
+
+
+class Unsupported(ValueError):
+    """A field softtool accepts only at its neutral value (logprobs, echo, ...)."""
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: StrictBool = False
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions. Every field of OpenAI's API is known; those softtool cannot honour are refused
+    unless left at their neutral value, and unknown fields are refused (a typo is not silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr
+    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1)]
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    temperature: Number | None = Field(default=None, ge=0, le=2)
+    top_p: Number | None = Field(default=None, gt=0, le=1)
+    n: StrictInt = Field(default=1, ge=1)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
+    seed: StrictInt | None = Field(default=None, ge=0, lt=2**63)
+    user: StrictStr | None = None
+    # OpenAI fields softtool does not implement: accepted at their neutral value only.
+    best_of: StrictInt | None = None
+    echo: StrictBool | None = None
+    logprobs: StrictInt | None = None
+    suffix: StrictStr | None = None
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
+    logit_bias: dict[StrictStr, Number] | None = None
+    # softtool's own (extra_body in the openai client)
+    fields: dict[StrictStr, StrictStr] | None = None
+    top_k: StrictInt | None = Field(default=None, ge=0)
+    repetition_penalty: Number | None = Field(default=None, gt=0)
+    min_tokens: StrictInt | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _neutral_only(self) -> CompletionRequest:
+        refused = {
+            "best_of": self.best_of not in (None, self.n),
+            "echo": bool(self.echo),
+            "logprobs": self.logprobs is not None,
+            "suffix": bool(self.suffix),
+            "presence_penalty": bool(self.presence_penalty),
+            "frequency_penalty": bool(self.frequency_penalty),
+            "logit_bias": bool(self.logit_bias),
+        }
+        names = [name for name, bad in refused.items() if bad]
+        if names:
+            raise Unsupported(f"softtool does not support {', '.join(names)} (leave it unset)")
+        if isinstance(self.stop, list) and any(s == "" for s in self.stop) or self.stop == "":
+            raise ValueError("stop strings must not be empty")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options needs stream: true")
+        return self
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    @property
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+def completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=completion_id)
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class CompletionStreamResponse(BaseModel):
+    """One server-sent event of a streamed completion (the same `object` as OpenAI's chunks)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "softtool"
+    root: str | None = None  # the folder the task was loaded from
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+# HTTP status -> OpenAI's error type (what its clients show)
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+}
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    info = ErrorInfo(message=message, type=ERROR_TYPES.get(status, "server_error"), param=param, code=code)
+    return ErrorResponse(error=info).model_dump()
