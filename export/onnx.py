@@ -243,6 +243,20 @@ def _check_target(out: Path, inputs: list[Path], overwrite: bool) -> None:
             raise SofttoolError(f"-o {out} already holds an export; pass --overwrite to replace it")
 
 
+def _recover(out: Path) -> None:
+    """Clean up after an export that was killed: remove its half-built folder, and if it died between the two
+    renames of the swap (the old export moved aside, the new one not yet in place) put the old one back."""
+    if not out.parent.is_dir():
+        return
+    for building in out.parent.glob(f".{out.name}.building-*"):
+        shutil.rmtree(building, ignore_errors=True)
+    for old in sorted(out.parent.glob(f".{out.name}.old-*")):
+        kept = old / "export"
+        if not out.exists() and ExportMeta.is_export(kept):
+            os.replace(kept, out)
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _swap_in(tmp: Path, out: Path) -> None:
     """Move the finished export into place; the old one (an export, checked) goes only after the new one is there."""
     old = None
@@ -265,6 +279,7 @@ def export_adapters(
     options = options or ExportOptions()
     say = progress or (lambda msg: None)
     out = Path(out_dir)
+    _recover(out)
     _check_target(out, [Path(d) for d in adapter_dirs], options.overwrite)
     adapters, base = _load_tasks([str(d) for d in adapter_dirs], options.model)
     device = resolve_device(options.device, options.strict_device)

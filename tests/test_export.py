@@ -323,3 +323,17 @@ def test_bad_export_options_are_refused_in_one_line(tmp_path, capsys):
         main(["export", str(tmp_path), "-o", str(tmp_path / "o"), "--dtype", "int8", "--device", "cuda"])
     assert exit_info.value.code == 2
     assert "int8 is dynamic quantization for the CPU" in capsys.readouterr().err
+
+
+def test_an_export_killed_between_its_renames_is_put_back_and_its_litter_removed(tmp_path, tiny_export):
+    from softtool.export.onnx import _recover
+    from softtool.export_meta import ExportMeta
+
+    # The state a kill -9 leaves inside _swap_in: the old export moved aside, nothing at the target yet, and a
+    # half-built folder of the interrupted attempt.
+    old = tmp_path / ".onnx.old-abc"
+    shutil.copytree(tiny_export[0], old / "export")
+    (tmp_path / ".onnx.building-xyz").mkdir()
+    _recover(tmp_path / "onnx")
+    assert ExportMeta.read(tmp_path / "onnx") == ExportMeta.read(tiny_export[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]

@@ -199,7 +199,7 @@ class Trainer:
         if score > st.best_score:
             st.best_score, st.best_step, st.best_table = score, st.step, table.clone()
             st.best_metrics = {k: v for k, v in row.items() if k not in ("kind",)}
-        if self.dist.is_main:
+        if self.dist.is_main and self.verbose:  # --quiet: the rows are in metrics.jsonl
             tqdm.write("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
     def checkpoint(self) -> Path | None:
@@ -308,7 +308,10 @@ class Trainer:
             "tokens": tokens,
         }, order
 
+    verbose = True
+
     def run(self, resume: bool = False, progress: bool = True) -> TrainResult:
+        self.verbose = progress
         self.model.eval()
         self.prompt.train()
         if resume:
