@@ -63,13 +63,13 @@ def print_table(
     console.print(table)
     if dropped:
         where = f" (all of them in {rest_in})" if rest_in else ""
-        console.print(f"columns left out at this width{where}: {', '.join(dropped)}", soft_wrap=True)
+        console.print(f"columns left out at this width{where}: {', '.join(dropped)}")
 
 
 def _print_vertical(console, title: str, columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> None:
-    console.print(title, soft_wrap=True)
+    console.print(title)
     pad = max(len(c.header) for c in columns)
     for row in rows:
         console.print(f"[bold]{row[0]}[/bold]")
         for col, cell in zip(columns[1:], row[1:], strict=True):
-            console.print(f"  {col.header.ljust(pad)}  {cell}", soft_wrap=True)
+            console.print(f"  {col.header.ljust(pad)}  {cell}")

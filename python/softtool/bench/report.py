@@ -84,29 +84,27 @@ def print_table(result: dict[str, Any], console=None, path: str | None = None) -
     legend = "tok/s: useful tokens (to EOS) per second; steps vs hf: rows x decode steps of static batches"
     if reference:
         legend += f"; same: outputs identical to {reference}"
-    console.print(legend, soft_wrap=True)
+    console.print(legend)
     for r in result["backends"]:
         if r["status"] != "ok":
-            console.print(f"[yellow]{r['name']} {r['status']}:[/yellow] {r.get('reason', '')}", soft_wrap=True)
+            console.print(f"[yellow]{r['name']} {r['status']}:[/yellow] {r.get('reason', '')}")
     limits = result.get("limits") or {}
     if limits:
         console.print(
             f"machine limits ({where(result)}): {limits['memory_bandwidth_gbs']:.1f} GB/s copy bandwidth, "
             f"{limits['matmul_gflops']:.0f} GFLOP/s matmul; batch-1 decode bound "
             f"{limits.get('decode_bound_tokens_per_s_batch1', 0):.0f} tok/s, prefill bound "
-            f"{limits.get('prefill_bound_tokens_per_s', 0):.0f} tok/s",
-            soft_wrap=True,
+            f"{limits.get('prefill_bound_tokens_per_s', 0):.0f} tok/s"
         )
         for r in result["backends"]:
             if r["status"] == "ok" and "share_of_compute_bound_prefill" in r:
                 bw = r.get("share_of_bandwidth_bound")
                 console.print(
                     f"  {r['name']}: prefill at {r['share_of_compute_bound_prefill']:.0%} of the compute bound"
-                    + (f", batch-1 decode at {bw:.0%} of the bandwidth bound" if bw is not None else ""),
-                    soft_wrap=True,
+                    + (f", batch-1 decode at {bw:.0%} of the bandwidth bound" if bw is not None else "")
                 )
     for note in result.get("notes", []):
-        console.print(f"[bold]note:[/bold] {note}", soft_wrap=True)
+        console.print(f"[bold]note:[/bold] {note}")
 
 
 def print_train_table(result: dict[str, Any], console, path: str | None = None) -> None:
@@ -140,12 +138,10 @@ def print_train_table(result: dict[str, Any], console, path: str | None = None) 
             ]
         )
     print_rows(console, title, columns, rows, rest_in=path)
-    console.print(
-        "N: virtual tokens; agree: losses after K steps within the bench's tolerance of PEFT's", soft_wrap=True
-    )
+    console.print("N: virtual tokens; agree: losses after K steps within the bench's tolerance of PEFT's")
     for r in result["backends"]:
         if r["status"] != "ok":
-            console.print(f"[yellow]{r['name']} {r['status']}:[/yellow] {r.get('reason', '')}", soft_wrap=True)
+            console.print(f"[yellow]{r['name']} {r['status']}:[/yellow] {r.get('reason', '')}")
 
 
 def write_json(result: dict[str, Any], path: str | Path) -> Path:

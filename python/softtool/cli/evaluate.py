@@ -101,7 +101,7 @@ def eval_command(
             dist=dist,
         )
         if dist.is_main:
-            _print_table(results, Path(output))
+            print_scores(results, Path(output))
 
 
 def _check_template(folder: Path, task_name: str | None, template: str) -> None:
@@ -115,25 +115,26 @@ def _check_template(folder: Path, task_name: str | None, template: str) -> None:
         get_task(name).check_template(Template.parse(template))
 
 
-def _print_table(results: dict, output: Path) -> None:
+def print_scores(results: dict, output: Path, console=None) -> None:
+    """The prompts' scores side by side (softtool.console: readable at any width)."""
     from rich.console import Console
-    from rich.table import Table
+
+    from softtool.console import Column, print_table
 
     first = next(iter(results.values()))
     # Only scores: metrics.json also holds sacrebleu signatures and counts.
     names = [
         k for k, v in first["metrics"].items() if isinstance(v, int | float) and not isinstance(v, bool) and k != "n"
     ]
-    table = Table(title=f"{first['task']} on {first['split']} ({first['n']} examples)")
-    table.add_column("prompt")
-    for name in names:
-        table.add_column(name, justify="right")
-    table.add_column("tokens/s", justify="right")
+    columns = [Column("prompt", "left", essential=True), *(Column(n, essential=True) for n in names)]
+    columns.append(Column("tokens/s"))
+    rows = []
     for kind, record in results.items():
         cells = [
             f"{record['metrics'][n]:.2f}" if isinstance(record["metrics"].get(n), int | float) else "-" for n in names
         ]
-        table.add_row(kind.replace("_", "-"), *cells, f"{record['tokens_per_s'] or 0:.1f}")
-    console = Console()
-    console.print(table)
+        rows.append([kind.replace("_", "-"), *cells, f"{record['tokens_per_s'] or 0:.1f}"])
+    console = console or Console()
+    title = f"{first['task']} on {first['split']} ({first['n']} examples)"
+    print_table(console, title, columns, rows, rest_in=str(output / "metrics.json"))
     console.print(f"predictions and metrics in {output}")
