@@ -212,7 +212,7 @@ class CompletionService:
             row.index, row.events = index, queue
             self.engine.submit(row)
         self.inflight += rows
-        self.metrics.prompt_tokens.labels(prepared.task.name).inc(prepared.prompt_tokens * prepared.request.n)
+        self.metrics.prompt_tokens.labels(prepared.task.name).inc(prepared.prompt_tokens)
 
     async def generate(self, prepared: Prepared) -> AsyncIterator[tuple[int, str, _Choice]]:
         """Yield (choice index, new text, choice) as text arrives, and once more per choice when it ends.
@@ -257,7 +257,7 @@ class CompletionService:
                 self.metrics.latency.labels(prepared.task.name).observe(time.perf_counter() - prepared.arrived)
 
     def usage(self, prepared: Prepared) -> Usage:
-        prompt = prepared.prompt_tokens * prepared.request.n
+        prompt = prepared.prompt_tokens  # each prompt once, whatever n (as OpenAI counts)
         return Usage(
             prompt_tokens=prompt, completion_tokens=prepared.generated, total_tokens=prompt + prepared.generated
         )
