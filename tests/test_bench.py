@@ -280,3 +280,28 @@ def test_command_line_flags_override_the_config_with_real_types(monkeypatch):
     options = caught.value.args[0]
     assert (options.num_virtual_tokens, options.lr) == ([4, 8], 0.1)
     assert options.steps == config["train"]["steps"]
+
+
+@pytest.mark.slow
+def test_the_gpu_bench_script_runs_end_to_end_as_a_cpu_dry_run(tiny_model_dir, tmp_path, shared_data):
+    """benchmarks/gpu_bench.sh with DEVICE=cpu: every step runs and writes its result, every row ok."""
+    import os
+    import subprocess
+
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "DEVICE": "cpu",
+        "DTYPE": "float32",
+        "MODEL": str(tiny_model_dir),
+        "DATA": str(shared_data / "multi30k"),
+        "RESULTS": str(tmp_path),
+        "EXTRA": f"--limit 4 --peft-limit 2 --no-limits --cache-dir {tmp_path / 'cache'}",
+        "TRAIN_EXTRA": "--steps 1 --warmup 0 --num-virtual-tokens 4",
+    }
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_bench.sh")], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count(": exit 0 after") == 4, proc.stdout[-3000:]
+    for name in ("translation", "translation_b1", "translation_beam4", "train_translation"):
+        result = json.loads((tmp_path / f"bench_{name}_cuda.json").read_text())
+        assert all(b["status"] == "ok" for b in result["backends"]), (name, result["backends"])
