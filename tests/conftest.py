@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import save_tiny_llama
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SOFTTOOL_DATA", REPO.parent / "shared" / "data"))
 
@@ -37,28 +39,7 @@ def smollm2_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     """A small random Llama with SmolLM2's tokenizer, saved as a normal model folder."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(smollm2_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=smollm2_tokenizer.bos_token_id,
-        eos_token_id=smollm2_tokenizer.eos_token_id,
-        pad_token_id=smollm2_tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    smollm2_tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -66,28 +47,7 @@ def lively_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     """Like tiny_model_dir but with weights drawn wide (std 0.2): its greedy outputs depend on the input and
     differ from row to row, where the default init (std 0.02) emits one token everywhere. For tests whose
     meaning needs rows that diverge or end at different steps."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(smollm2_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        initializer_range=0.2,
-        bos_token_id=smollm2_tokenizer.bos_token_id,
-        eos_token_id=smollm2_tokenizer.eos_token_id,
-        pad_token_id=smollm2_tokenizer.pad_token_id,
-    )
-    path = tmp_path_factory.mktemp("lively-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    smollm2_tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("lively-llama"), smollm2_tokenizer, initializer_range=0.2)
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,12 @@
-"""What several test files share: running `softtool` in this process and reading its one-line errors."""
+"""What several test files share: running `softtool` in this process and reading its one-line errors, the tiny
+random Llama, a parallel en/de data folder and a translation soft prompt for that model."""
 
 from __future__ import annotations
 
 import hashlib
 import subprocess
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 
 class CliResult(NamedTuple):
@@ -70,3 +71,66 @@ def wait_for_line(child: subprocess.Popen, expected: str) -> None:
     raise AssertionError(
         f"the child exited ({child.returncode}) before {expected!r}: {seen[-5:]} {child.stderr.read()[-3000:]}"
     )
+
+
+# The tiny random Llama's shapes (hidden 32, 2 layers, GQA 4/2); the vocabulary is SmolLM2's tokenizer's.
+TINY_LLAMA = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+)
+
+
+def save_tiny_llama(path: Path, tokenizer, **config: Any) -> Path:
+    """A TINY_LLAMA with `tokenizer`'s vocabulary and special tokens, seeded (the same weights every time), saved
+    with the tokenizer as a normal model folder at `path`; `config` overrides LlamaConfig fields."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llama = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **{**TINY_LLAMA, **config},
+    )
+    LlamaForCausalLM(llama).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# Three short en/de sentence pairs: write_translation_data's default.
+SOURCES = ["A man rides a bike.", "Two dogs play.", "A girl reads."]
+TARGETS = ["Ein Mann fährt Rad.", "Zwei Hunde spielen.", "Ein Mädchen liest."]
+
+
+def write_translation_data(folder: Path, sources=SOURCES, targets=TARGETS, splits=("train", "dev")) -> Path:
+    """`folder` with SPLIT.en and SPLIT.de for each split, one sentence a line (the Multi30k layout)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in splits:
+        (folder / f"{split}.en").write_text("\n".join(sources) + "\n")
+        (folder / f"{split}.de").write_text("\n".join(targets) + "\n")
+    return folder
+
+
+def save_tiny_adapter(path: Path, model_dir: Path, table, template: str | None = None, task="translation"):
+    """Save `table` [n, hidden] as a soft prompt for the tiny model (SmolLM2's 49,152-token vocabulary): by default
+    en->de translation with the template `[P:n]English: {source}\nGerman:`. Returns the adapter folder."""
+    from softtool.adapter import Adapter, AdapterMeta, save_adapter
+
+    n, hidden = table.shape
+    meta = AdapterMeta(
+        base_model=str(model_dir),
+        num_virtual_tokens=n,
+        token_dim=hidden,
+        vocab_size=49152,
+        template=template or f"[P:{n}]English: {{source}}\nGerman:",
+        task=task,
+        task_options={"src": "en", "tgt": "de"} if task == "translation" else {},
+    )
+    return save_adapter(path, Adapter(table, meta))

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import error_line, run_cli, wait_for_line
+from helpers import error_line, run_cli, wait_for_line, write_translation_data
 from softtool.errors import SofttoolError
 from softtool.training.checkpoint import CHECKPOINT_DIR, checkpoint_path, load_checkpoint, save_checkpoint
 
@@ -112,12 +112,7 @@ def test_an_incomplete_or_foreign_checkpoint_is_refused_in_one_line(tmp_path, me
 
 @pytest.fixture
 def data(tmp_path):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for split in ("train", "dev"):
-        (folder / f"{split}.en").write_text("A man rides a bike.\nTwo dogs play.\nA girl reads.\n")
-        (folder / f"{split}.de").write_text("Ein Mann fährt Rad.\nZwei Hunde spielen.\nEin Mädchen liest.\n")
-    return folder
+    return write_translation_data(tmp_path / "data")
 
 
 def _train_args(data, model_dir, output, steps=2, *extra):

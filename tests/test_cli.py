@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from helpers import run_cli
+from helpers import run_cli, write_translation_data
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "generate", "export", "bench"])
@@ -28,12 +28,7 @@ def test_python_dash_m_softtool_runs_the_same_cli():
 
 @pytest.fixture
 def data(tmp_path):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for split in ("train", "val"):
-        (folder / f"{split}.en").write_text("A man rides a bike.\nTwo dogs play.\nA girl reads.\n")
-        (folder / f"{split}.de").write_text("Ein Mann fährt Rad.\nZwei Hunde spielen.\nEin Mädchen liest.\n")
-    return folder
+    return write_translation_data(tmp_path / "data", splits=("train", "val"))
 
 
 def test_train_eval_generate_from_the_command_line(tmp_path, data, tiny_model_dir, capsys):

@@ -16,8 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import run_cli, tree_digest, user_error
-from softtool.adapter import Adapter, AdapterMeta, save_adapter
+from helpers import run_cli, save_tiny_adapter, tree_digest, user_error
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / "smoke.json")
 TRAIN = ["train", "--task", "translation", "--data", "{data}", "--model", "{model}", "--max-steps", "1"]
@@ -139,16 +138,7 @@ CASES = [
 
 
 def _adapter(folder, model_dir, hidden: int = 32):
-    meta = AdapterMeta(
-        base_model=str(model_dir),
-        num_virtual_tokens=2,
-        token_dim=hidden,
-        vocab_size=49152,
-        template="[P:2]English: {source}\nGerman:",
-        task="translation",
-        task_options={"src": "en", "tgt": "de"},
-    )
-    return save_adapter(folder, Adapter(torch.zeros(2, hidden), meta))
+    return save_tiny_adapter(folder, model_dir, torch.zeros(2, hidden))
 
 
 def _fill(arg: str, places: dict) -> str:

@@ -5,18 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import error_line, run_cli
-from softtool.adapter import Adapter, AdapterMeta, save_adapter
+from helpers import error_line, run_cli, save_tiny_adapter, write_translation_data
 
 
 @pytest.fixture
 def data(tmp_path):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for split in ("train", "dev"):
-        (folder / f"{split}.en").write_text("A man rides a bike.\n\nTwo dogs play.\n   \nA girl reads a long book.\n")
-        (folder / f"{split}.de").write_text("Ein Mann fährt Rad.\nLeer.\nZwei Hunde spielen.\nX.\nEin Mädchen liest.\n")
-    return folder
+    return write_translation_data(
+        tmp_path / "data",
+        ["A man rides a bike.", "", "Two dogs play.", "   ", "A girl reads a long book."],
+        ["Ein Mann fährt Rad.", "Leer.", "Zwei Hunde spielen.", "X.", "Ein Mädchen liest."],
+    )
 
 
 def train_args(data, model_dir, output, *extra):
@@ -44,16 +42,7 @@ def train_args(data, model_dir, output, *extra):
 
 
 def _adapter(tmp_path, model_dir, hidden=32):
-    meta = AdapterMeta(
-        base_model=str(model_dir),
-        num_virtual_tokens=2,
-        token_dim=hidden,
-        vocab_size=49152,
-        template="[P:2]English: {source}\nGerman:",
-        task="translation",
-        task_options={"src": "en", "tgt": "de"},
-    )
-    return save_adapter(tmp_path / "adapter", Adapter(torch.zeros(2, hidden), meta))
+    return save_tiny_adapter(tmp_path / "adapter", model_dir, torch.zeros(2, hidden))
 
 
 def test_missing_model_path(tmp_path, data, capsys):

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from softtool.adapter import Adapter, AdapterMeta, save_adapter
+from helpers import save_tiny_adapter, write_translation_data
 from softtool.data import get_task
 from softtool.evaluate import EvalOptions, run_eval
 
@@ -15,37 +15,17 @@ SOURCES = ["A man rides a bike.", "Two dogs play in the snow near a tree.", "A g
 TARGETS = ["Ein Mann fährt Rad.", "Zwei Hunde spielen im Schnee.", "Ein Mädchen.", "Die Katze schläft."]
 
 
-def _adapter(tmp_path, model_dir):
+def _eval(tmp_path, model_dir, **options):
+    """Evaluate a random translation prompt for the tiny model on SOURCES/TARGETS into tmp_path/eval."""
     torch.manual_seed(0)
-    meta = AdapterMeta(
-        base_model=str(model_dir),
-        num_virtual_tokens=3,
-        token_dim=32,
-        vocab_size=49152,
-        template="[P:3]English: {source}\nGerman:",
-        task="translation",
-        task_options={"src": "en", "tgt": "de"},
-    )
-    return save_adapter(tmp_path / "adapter", Adapter(torch.randn(3, 32) * 0.1, meta))
-
-
-def _data(tmp_path):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    (folder / "val.en").write_text("\n".join(SOURCES) + "\n")
-    (folder / "val.de").write_text("\n".join(TARGETS) + "\n")
-    return folder
+    adapter = save_tiny_adapter(tmp_path / "adapter", model_dir, torch.randn(3, 32) * 0.1)
+    data = write_translation_data(tmp_path / "data", SOURCES, TARGETS, splits=("val",))
+    return run_eval(adapter, data, tmp_path / "eval", EvalOptions(**options), progress=False)
 
 
 def test_eval_writes_predictions_and_the_metrics_of_those_predictions(tmp_path, tiny_model_dir):
     out = tmp_path / "eval"
-    results = run_eval(
-        _adapter(tmp_path, tiny_model_dir),
-        _data(tmp_path),
-        out,
-        EvalOptions(limit=3, batch_size=2, max_new_tokens=5),
-        progress=False,
-    )
+    results = _eval(tmp_path, tiny_model_dir, limit=3, batch_size=2, max_new_tokens=5)
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["source"] for r in rows] == SOURCES[:3]  # file order, although batches were sorted by length
     assert [r["references"] for r in rows] == [[t] for t in TARGETS[:3]]
@@ -61,13 +41,7 @@ def test_eval_writes_predictions_and_the_metrics_of_those_predictions(tmp_path, 
 
 def test_eval_with_baseline_scores_the_instruction_and_zero_shot_prompts(tmp_path, tiny_model_dir):
     out = tmp_path / "eval"
-    results = run_eval(
-        _adapter(tmp_path, tiny_model_dir),
-        _data(tmp_path),
-        out,
-        EvalOptions(limit=2, max_new_tokens=3, baseline=True),
-        progress=False,
-    )
+    results = _eval(tmp_path, tiny_model_dir, limit=2, max_new_tokens=3, baseline=True)
     assert set(results) == {"soft_prompt", "baseline", "zero_shot"}
     baseline = json.loads((out / "baseline" / "metrics.json").read_text())
     zero = json.loads((out / "zero_shot" / "metrics.json").read_text())
@@ -78,13 +52,7 @@ def test_eval_with_baseline_scores_the_instruction_and_zero_shot_prompts(tmp_pat
 
 def test_inputs_longer_than_the_budget_are_truncated_and_counted(tmp_path, tiny_model_dir):
     out = tmp_path / "eval"
-    run_eval(
-        _adapter(tmp_path, tiny_model_dir),
-        _data(tmp_path),
-        out,
-        EvalOptions(max_new_tokens=4, max_length=20),
-        progress=False,
-    )
+    _eval(tmp_path, tiny_model_dir, max_new_tokens=4, max_length=20)
     metrics = json.loads((out / "metrics.json").read_text())
     # 20 tokens minus 4 to generate, 3 virtual and the template's own words leave ~8 for the source.
     assert metrics["truncated"] == 2

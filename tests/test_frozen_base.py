@@ -7,6 +7,7 @@ import hashlib
 
 import pytest
 
+from helpers import write_translation_data
 from softtool.prompts.encoder import PromptConfig
 from softtool.training import DataOptions, TrainOptions, train_prompt
 
@@ -17,11 +18,9 @@ def _digest(model) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_base_weights_are_bit_identical_after_training(tmp_path, smollm2, smollm2_tokenizer):
-    data = tmp_path / "data"
-    data.mkdir()
-    for split in ("train", "dev"):
-        (data / f"{split}.en").write_text("A man rides a bike.\nTwo dogs.\n")
-        (data / f"{split}.de").write_text("Ein Mann fährt Rad.\nZwei Hunde.\n")
+    data = write_translation_data(
+        tmp_path / "data", ["A man rides a bike.", "Two dogs."], ["Ein Mann fährt Rad.", "Zwei Hunde."]
+    )
     before = _digest(smollm2)
     summary = train_prompt(
         DataOptions(task="translation", data=str(data), task_options={"src": "en", "tgt": "de"}),

@@ -10,22 +10,12 @@ import sys
 import pytest
 import torch
 
-from helpers import run_cli
-from softtool.adapter import Adapter, AdapterMeta, save_adapter
+from helpers import run_cli, save_tiny_adapter
 from softtool.runtime.torch_backend import TorchGenerator
 
 
-def _adapter(folder, model_dir, template="[P:2]English: {source}\nGerman:", task="translation"):
-    meta = AdapterMeta(
-        base_model=str(model_dir),
-        num_virtual_tokens=2,
-        token_dim=32,
-        vocab_size=49152,
-        template=template,
-        task=task,
-        task_options={"src": "en", "tgt": "de"} if task == "translation" else {},
-    )
-    return save_adapter(folder, Adapter(torch.zeros(2, 32), meta))
+def _adapter(folder, model_dir, template=None, task="translation"):
+    return save_tiny_adapter(folder, model_dir, torch.zeros(2, 32), template, task)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from softtool.adapter import Adapter, AdapterMeta, save_adapter
+from helpers import save_tiny_adapter
 
 LONG = "A short line.\n" + "word " * 10_000 + "\n"  # line 2: 50,000 characters
 LIMIT_MB = 2048
@@ -39,16 +39,7 @@ def _measured(args: list[str], tmp_path: Path, stdin: str = "") -> tuple[int, st
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory, tiny_model_dir):
-    meta = AdapterMeta(
-        base_model=str(tiny_model_dir),
-        num_virtual_tokens=2,
-        token_dim=32,
-        vocab_size=49152,
-        template="[P:2]English: {source}\nGerman:",
-        task="translation",
-        task_options={"src": "en", "tgt": "de"},
-    )
-    return save_adapter(tmp_path_factory.mktemp("adapter"), Adapter(torch.zeros(2, 32), meta))
+    return save_tiny_adapter(tmp_path_factory.mktemp("adapter"), tiny_model_dir, torch.zeros(2, 32))
 
 
 def test_a_50000_character_line_on_stdin_is_refused_in_one_line_within_2_gb(adapter, tmp_path):

@@ -7,17 +7,14 @@ import json
 
 import pytest
 
-from helpers import error_line, run_cli, tree_digest
+from helpers import error_line, run_cli, tree_digest, write_translation_data
 
 
 @pytest.fixture
 def data(tmp_path):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for split in ("train", "dev"):
-        (folder / f"{split}.en").write_text("A man rides a bike.\nTwo dogs play.\n")
-        (folder / f"{split}.de").write_text("Ein Mann fährt Rad.\nZwei Hunde spielen.\n")
-    return folder
+    return write_translation_data(
+        tmp_path / "data", ["A man rides a bike.", "Two dogs play."], ["Ein Mann fährt Rad.", "Zwei Hunde spielen."]
+    )
 
 
 def _train(data, model, out, *extra):

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from helpers import save_tiny_llama, write_translation_data
 from softtool.adapter import load_adapter
 from softtool.prompts.encoder import PromptConfig, PromptEncoder
 from softtool.training import DataOptions, NonFiniteLoss, TrainOptions, train_prompt
@@ -39,38 +40,11 @@ TARGETS = [
 def responsive_model_dir(tmp_path_factory, smollm2_tokenizer):
     """A tiny Llama with large random weights: with the usual 0.02 init the tiny model's output barely
     depends on its input, so no prompt could lower its loss and the overfit test would prove nothing."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(smollm2_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        initializer_range=0.5,
-        eos_token_id=smollm2_tokenizer.eos_token_id,
-        pad_token_id=smollm2_tokenizer.pad_token_id,
-    )
-    path = tmp_path_factory.mktemp("responsive-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    smollm2_tokenizer.save_pretrained(path)
-    return path
-
-
-def write_translation_data(folder, sources=SOURCES, targets=TARGETS):
-    folder.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "dev"):
-        (folder / f"{split}.en").write_text("\n".join(sources) + "\n")
-        (folder / f"{split}.de").write_text("\n".join(targets) + "\n")
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("responsive-llama"), smollm2_tokenizer, initializer_range=0.5)
 
 
 def _train(tmp_path, model_dir, prompt=None, **opts):
-    data = write_translation_data(tmp_path / "data")
+    data = write_translation_data(tmp_path / "data", SOURCES, TARGETS)
     options = {
         "max_steps": 30,
         "batch_size": 4,
