@@ -168,7 +168,10 @@ def main() -> None:
         }
         print(name, json.dumps(results[name]), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+        from softtool.bench.limits import machine_info
+
+        record = {"args": vars(args), "machine": machine_info(args.threads), "results": results}
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

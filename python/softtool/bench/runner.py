@@ -92,9 +92,11 @@ def run_bench(options: BenchOptions, command: str = "", progress=None) -> dict[s
         r["predictions"] = texts
         r["metrics"] = score(options, task, texts, workload.references[: len(texts)])
         r["metric"] = r["metrics"].get(metric) if metric else None
-        if reference and r["name"] != "hf":
-            r["identical_to"] = reference
-            r["identical_share"] = identical_share(r["outputs"], by_name[reference]["outputs"])
+        # hf and hf-cb run the plain model (no prompt): hf-cb is checked against hf, hf against nothing.
+        same_as = "hf" if r["name"] == "hf-cb" else (None if r["name"] == "hf" else reference)
+        if same_as in by_name:
+            r["identical_to"] = same_as
+            r["identical_share"] = identical_share(r["outputs"], by_name[same_as]["outputs"])
         for base in ("peft", "hf", "hf-cb"):
             key = f"speedup_vs_{base.replace('-', '_')}"
             r[key] = r["tokens_per_s"] / by_name[base]["tokens_per_s"] if base in by_name else None

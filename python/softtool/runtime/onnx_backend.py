@@ -182,6 +182,11 @@ class OnnxGenerator(Generator):
             shape = tuple(buf.shape)
             binding.bind_input(past, self._ort_device, 0, self._np_kv_dtype, shape, buf.data_ptr())
             binding.bind_output(present, self._ort_device, 0, self._np_kv_dtype, shape, buf.data_ptr())
+        if self.kv_device.type == "cuda":
+            # The cache is torch's memory, written on torch's stream (admission copies the prefix KV into a
+            # slot); ONNX Runtime runs on its own stream and synchronizes only its own (run_with_iobinding
+            # syncs the bound inputs and outputs after), so torch's pending writes must land first.
+            torch.cuda.current_stream().synchronize()
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return tuple(outputs[i].numpy() for i in range(len(self._head)))
