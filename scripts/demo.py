@@ -96,8 +96,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="../shared/data", help="the folder holding multi30k/")
     parser.add_argument("--out", default="runs/demo", help="where everything goes")
-    parser.add_argument("--steps", type=int, default=150, help="training steps")
-    parser.add_argument("--eval-limit", type=int, default=100, help="validation sentences scored")
+    parser.add_argument("--steps", type=int, default=120, help="training steps")
+    parser.add_argument("--eval-limit", type=int, default=60, help="validation sentences scored")
     args = parser.parse_args()
     data = Path(args.data) / "multi30k"
     if not data.is_dir():
@@ -110,12 +110,12 @@ def main() -> None:
     demo.run(
         "train", f"training a 20-token soft prompt for English->German ({args.steps} steps)",
         "train", "--task", "translation", "--data", str(data), "--num-virtual-tokens", "20",
-        "--max-steps", str(args.steps), "--eval-every", "50", "--output", str(adapter), "--overwrite", "--quiet",
+        "--max-steps", str(args.steps), "--eval-every", "40", "--output", str(adapter), "--overwrite", "--quiet",
     )  # fmt: skip
     demo.run(
         "eval", f"scoring it on {args.eval_limit} validation sentences, next to the instruction prompt and zero-shot",
         "eval", str(adapter), "--data", str(data), "--limit", str(args.eval_limit), "--baseline",
-        "--output", str(out / "eval"), "--quiet",
+        "--batch-size", "16", "--output", str(out / "eval"), "--quiet",
     )  # fmt: skip
     demo.run(
         "export", "exporting it to ONNX (checked against PyTorch before it is written)",
@@ -124,7 +124,7 @@ def main() -> None:
     demo.run(
         "eval-onnx", "scoring the export with ONNX Runtime and the C++ search",
         "eval", str(export), "--data", str(data), "--limit", str(args.eval_limit),
-        "--output", str(out / "eval-onnx"), "--quiet",
+        "--batch-size", "16", "--output", str(out / "eval-onnx"), "--quiet",
     )  # fmt: skip
     generated = demo.run("generate", "translating two sentences with the export", "generate", str(export), *SENTENCES)
     for src, tgt in zip(SENTENCES, generated.strip().splitlines(), strict=False):
