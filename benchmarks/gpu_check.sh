@@ -15,7 +15,7 @@ import onnxruntime as ort, sys
 providers = ort.get_available_providers()
 print("onnxruntime", ort.__version__, providers)
 if "CUDAExecutionProvider" not in providers:
-    sys.exit("onnxruntime has no CUDAExecutionProvider: install softtool[gpu] (onnxruntime-gpu)")
+    sys.exit("onnxruntime has no CUDAExecutionProvider: install onnxruntime-gpu (the gpu extra)")
 PY
 # --strict-device semantics: the benchmark fails rather than silently measuring the CPU.
 timeout 280 "$PY" -c "
