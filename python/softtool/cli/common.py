@@ -1,5 +1,6 @@
-"""What several `softtool` commands share: --threads, the search flags of eval and generate, and how a
-model folder picks its backend."""
+"""What several `softtool` commands share: --threads, --output, the search flags and the adapter flags
+(--template, --model, --device, --backend's default) of eval and generate, and how a model folder picks its
+backend."""
 
 from __future__ import annotations
 
@@ -22,6 +23,30 @@ threads_option = click.option(
     show_default=True,
     help="CPU threads for torch and ONNX Runtime (0: one per core this process may use)",
 )
+
+device_option = click.option("--device", default="cpu", help="cpu or cuda (torch backend)")
+
+# eval and generate: --backend follows the folder unless given.
+BACKEND_OVERRIDE = {"backend": {"default": None, "show_default": "onnx for an export folder, else torch"}}
+
+
+def output_folder_option(help: str):
+    """--output/-o: the (required) folder a command writes its results to."""
+    return click.option("--output", "-o", type=click.Path(file_okay=False), required=True, help=help)
+
+
+def adapter_options(template_example: str):
+    """--template and --model, for the commands that run an adapter (eval, generate)."""
+
+    def decorate(command):
+        command = click.option(
+            "--model", "model_name", default=None, help="base model (default: the one the adapter names)"
+        )(command)
+        return click.option(
+            "--template", default=None, help=f"template, when the adapter does not record it, e.g. '{template_example}'"
+        )(command)
+
+    return decorate
 
 
 def search_options(fields: tuple[str, ...], override: dict | None = None):

@@ -12,8 +12,12 @@ from pathlib import Path
 import click
 
 from softtool.cli.common import (
+    BACKEND_OVERRIDE,
     SAMPLING_FIELDS,
+    adapter_options,
     configure_threads,
+    device_option,
+    output_folder_option,
     resolve_backend,
     search_options,
     threads_option,
@@ -27,10 +31,7 @@ from softtool.options import build, cli_options, given_on_command_line
 @click.command(name="eval", context_settings={"show_default": True})
 @click.argument("path", type=click.Path())
 @click.option("--data", required=True, help="data folder (or a Hugging Face dataset name)")
-@cli_options(
-    EvalOptions,
-    override={"backend": {"default": None, "show_default": "onnx for an export folder, else torch"}},
-)
+@cli_options(EvalOptions, override=BACKEND_OVERRIDE)
 @search_options(SAMPLING_FIELDS)
 @click.option(
     "--task",
@@ -39,20 +40,13 @@ from softtool.options import build, cli_options, given_on_command_line
     default=None,
     help="task, when the adapter does not record it (a PEFT adapter)",
 )
-@click.option("--template", default=None, help="template, when the adapter does not record it, e.g. '[P:20]{source}'")
-@click.option("--model", "model_name", default=None, help="base model (default: the one the adapter names)")
+@adapter_options("[P:20]{source}")
 @cli_options(
     TranslationOptions, override={f: {"default": None, "show_default": "the adapter's"} for f in ("src", "tgt")}
 )
-@click.option("--device", default="cpu", help="cpu or cuda (torch backend)")
+@device_option
 @threads_option
-@click.option(
-    "--output",
-    "-o",
-    type=click.Path(file_okay=False),
-    required=True,
-    help="folder for predictions.jsonl and metrics.json",
-)
+@output_folder_option("folder for predictions.jsonl and metrics.json")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
 @click.pass_context
 def eval_command(

@@ -16,8 +16,11 @@ from pathlib import Path
 import click
 
 from softtool.cli.common import (
+    BACKEND_OVERRIDE,
     SAMPLING_FIELDS,
+    adapter_options,
     configure_threads,
+    device_option,
     resolve_backend,
     search_options,
     threads_option,
@@ -51,17 +54,12 @@ SEARCH_FIELDS = ("num_beams", "max_new_tokens", "num_return_sequences", *SAMPLIN
     default=None,
     help="write JSONL here (per input: its fields, 'output' and 'tokens'), chunk by chunk; - for stdout",
 )
-@cli_options(
-    EvalOptions,
-    only=("backend", "max_length"),
-    override={"backend": {"default": None, "show_default": "onnx for an export folder, else torch"}},
-)
+@cli_options(EvalOptions, only=("backend", "max_length"), override=BACKEND_OVERRIDE)
 @click.option("--truncate", is_flag=True, help="cut inputs longer than --max-length allows instead of refusing them")
 @search_options(SEARCH_FIELDS, override={"max_new_tokens": {"min": 1}})
 @click.option("--field", "fields", multiple=True, help="NAME=VALUE for a template field (repeatable)")
-@click.option("--template", default=None, help="template, when the adapter does not record it, e.g. '[P:20]{input}'")
-@click.option("--model", "model_name", default=None, help="base model (default: the one the adapter names)")
-@click.option("--device", default="cpu", help="cpu or cuda (torch backend)")
+@adapter_options("[P:20]{input}")
+@device_option
 @click.option(
     "--chunk-size",
     type=click_type(int, {"min": 1}),

@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 import click
 
-from softtool.cli.common import configure_threads, threads_option, unescape_template
+from softtool.cli.common import configure_threads, output_folder_option, threads_option, unescape_template
 from softtool.data.options import DataOptions
 from softtool.data.tasks import TranslationOptions
 from softtool.distributed import DistributedOptions
@@ -43,13 +43,7 @@ _TRAIN_OVERRIDES = {
 @click.option(
     "--trust-remote-code", is_flag=True, help="allow the model folder's own Python code (only if you trust it)"
 )
-@click.option(
-    "--output",
-    "-o",
-    type=click.Path(file_okay=False),
-    required=True,
-    help="output folder: adapter, metrics, loss.png, checkpoints/",
-)
+@output_folder_option("output folder: adapter, metrics, loss.png, checkpoints/")
 @click.option("--resume", is_flag=True, help="continue the run in --output from its last checkpoint")
 @click.option("--overwrite", is_flag=True, help="replace a run already in --output")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars or summary")
