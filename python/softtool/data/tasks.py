@@ -75,6 +75,7 @@ class Task:
     max_target_tokens: ClassVar[int]  # generation budget
     instruction: str  # the discrete instruction of the baseline prompt
     input_text: str  # the input format, with {field} placeholders, ending where the output starts
+    columns: ClassVar[dict[str, tuple[str, ...]]]  # what column_choices returns, for a task with fixed columns
 
     @property
     def options(self) -> dict[str, Any]:
@@ -84,7 +85,7 @@ class Task:
     # -- records -> examples ------------------------------------------------------------------
     def column_choices(self) -> dict[str, tuple[str, ...]]:
         """For each value the task needs, the column names accepted for it (first found wins)."""
-        raise NotImplementedError
+        return dict(self.columns)
 
     def resolve_columns(self, available: Sequence[str], where: str) -> dict[str, str]:
         """Map each needed value to a column of `available`; SofttoolError names what is missing."""
@@ -153,7 +154,15 @@ class Task:
         return generated.strip().split("\n", 1)[0].strip()
 
     def score(self, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, Any]:
-        raise NotImplementedError
+        """The task's own metrics (_metrics), then corpus BLEU and its signature, then n."""
+        out = dict(self._metrics(predictions, references))
+        out.update(self._bleu(predictions, references))
+        out["n"] = len(predictions)
+        return out
+
+    def _metrics(self, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> Mapping[str, Any]:
+        """The scores besides BLEU (none unless the task has its own)."""
+        return {}
 
     def sentence_score(self, prediction: str, references: Sequence[str]) -> float:
         """Sentence BLEU (0-100, smoothed, effective order) of one prediction."""
@@ -175,6 +184,10 @@ class Task:
         return f"get_task({self.name!r}{', ' if opts else ''}{opts})"
 
 
+# SQuAD records (JSON, the Hugging Face dataset, CSV/JSONL), read by both SQuAD tasks.
+_SQUAD_COLUMNS = {"context": ("context",), "question": ("question",), "answers": ("answers", "answer")}
+
+
 class SquadTask(Task):
     name = "squad"
     fields = ("context", "question")
@@ -183,18 +196,13 @@ class SquadTask(Task):
     max_target_tokens = 32
     instruction = "Answer the question with a short span copied from the context."
     input_text = "Context: {context}\nQuestion: {question}\nAnswer:"
-
-    def column_choices(self):
-        return {"context": ("context",), "question": ("question",), "answers": ("answers", "answer")}
+    columns = _SQUAD_COLUMNS
 
     def _example(self, example_id, values, answers):
         return Example(example_id, {"context": values["context"], "question": values["question"]}, answers)
 
-    def score(self, predictions, references):
-        out: dict[str, Any] = dict(metrics.squad_scores(predictions, references))
-        out.update(self._bleu(predictions, references))
-        out["n"] = len(predictions)
-        return out
+    def _metrics(self, predictions, references):
+        return metrics.squad_scores(predictions, references)
 
 
 class SquadQuestionGenerationTask(Task):
@@ -205,18 +213,11 @@ class SquadQuestionGenerationTask(Task):
     max_target_tokens = 48
     instruction = "Write the question that the answer answers, given the context."
     input_text = "Context: {context}\nAnswer: {answer}\nQuestion:"
-
-    def column_choices(self):
-        return {"context": ("context",), "question": ("question",), "answers": ("answers", "answer")}
+    columns = _SQUAD_COLUMNS
 
     def _example(self, example_id, values, answers):
         # Every gold answer of a SQuAD question is a span for the same question; the first is the input.
         return Example(example_id, {"context": values["context"], "answer": answers[0]}, [values["question"]])
-
-    def score(self, predictions, references):
-        out = self._bleu(predictions, references)
-        out["n"] = len(predictions)
-        return out
 
 
 class CnnDmTask(Task):
@@ -227,9 +228,7 @@ class CnnDmTask(Task):
     max_target_tokens = 96
     instruction = "Summarize the news article in three short sentences, one per line."
     input_text = "Article: {article}\nSummary:"
-
-    def column_choices(self):
-        return {"article": ("article", "document"), "highlights": ("highlights", "summary")}
+    columns = {"article": ("article", "document"), "highlights": ("highlights", "summary")}
 
     def _example(self, example_id, values, answers):
         highlights = "\n".join(line.strip() for line in values["highlights"].strip().splitlines() if line.strip())
@@ -239,11 +238,8 @@ class CnnDmTask(Task):
         # Newlines separate summary sentences (rougeLsum needs them); drop blank lines only.
         return "\n".join(line.strip() for line in generated.strip().splitlines() if line.strip())
 
-    def score(self, predictions, references):
-        out: dict[str, Any] = dict(metrics.rouge(predictions, references))
-        out.update(self._bleu(predictions, references))
-        out["n"] = len(predictions)
-        return out
+    def _metrics(self, predictions, references):
+        return metrics.rouge(predictions, references)
 
 
 class TranslationTask(Task):
