@@ -17,8 +17,6 @@ namespace py = pybind11;
 namespace softtool_py {
 namespace {
 
-using IdArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
-
 struct PyBatch {
   py::array_t<int64_t> input_ids, attention_mask, position_ids, lengths;
 
@@ -70,11 +68,8 @@ PyBatch build_batch_py(const py::sequence& rows, const py::object& task_ids,
   if (py::isinstance<py::int_>(task_ids)) {
     tasks.assign(spans.size(), task_ids.cast<int64_t>());
   } else {
-    IdArray t = IdArray::ensure(task_ids);
-    if (!t || t.ndim() != 1) {
-      PyErr_Clear();
-      throw std::invalid_argument("build_batch: task_ids must be an int or a 1-D sequence of ints");
-    }
+    const IdArray t =
+        id_array(task_ids, 1, "build_batch: task_ids must be an int or a 1-D sequence of ints");
     tasks.assign(t.data(), t.data() + t.size());
   }
   const auto parsed = parse_layout(layout);

@@ -23,9 +23,6 @@ using softtool::SearchOptions;
 using softtool::SearchStrategy;
 using softtool::StepResult;
 
-using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
-using IdArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
-
 struct PyStepResult {
   py::array_t<int64_t> next_tokens, beam_indices;
   py::array finished;
@@ -41,12 +38,8 @@ void start(SearchStrategy& s, const py::sequence& prompts,
            const std::vector<int64_t>& left_padding) {
   std::vector<std::vector<int64_t>> ids;
   for (const py::handle& p : prompts) {
-    IdArray arr = IdArray::ensure(p);
-    if (!arr || arr.ndim() != 1) {
-      PyErr_Clear();
-      throw std::invalid_argument(
-          "start: each prompt must be a 1-D array or list of int token ids");
-    }
+    const IdArray arr =
+        id_array(p, 1, "start: each prompt must be a 1-D array or list of int token ids");
     ids.emplace_back(arr.data(), arr.data() + arr.size());
   }
   s.start(ids, left_padding);

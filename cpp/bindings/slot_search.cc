@@ -25,9 +25,6 @@ using softtool::SlotAssignment;
 using softtool::SlotSearch;
 using softtool::SlotStepResult;
 
-using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
-using IdArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
-
 struct PySlotStepResult {
   py::array_t<int64_t> next_tokens;
   py::array finished;
@@ -37,15 +34,6 @@ PySlotStepResult wrap(SlotStepResult&& r) {
   const py::ssize_t n = static_cast<py::ssize_t>(r.next_tokens.size());
   return PySlotStepResult{to_numpy(std::move(r.next_tokens), {n}),
                           bool_array(std::move(r.finished))};
-}
-
-IdArray id_array(const py::handle& obj, int ndim, const char* message) {
-  IdArray arr = IdArray::ensure(obj);
-  if (!arr || arr.ndim() != ndim) {
-    PyErr_Clear();
-    throw std::invalid_argument(message);
-  }
-  return arr;
 }
 
 std::optional<SearchOptions> item_options(const py::object& options) {

@@ -45,16 +45,10 @@ void BeamSearch::reset(const std::vector<std::vector<int64_t>>& prompts) {
   finished_.assign(static_cast<size_t>(batch_size_),
                    std::vector<Finished>(static_cast<size_t>(nb), Finished{{}, kMask, false}));
   improvable_.assign(static_cast<size_t>(batch_size_), 1);
-  scratch_.assign(static_cast<size_t>(num_threads_), {});
-  step_ = 0;
-  started_ = true;
-  done_ = options_.max_new_tokens == 0 || batch_size_ == 0;
 }
 
 StepResult BeamSearch::step(const float* logits, int64_t rows, int64_t vocab) {
-  check_started();
-  check_rows(rows);
-  if (done_) return idle_result();
+  if (idle_step(rows)) return idle_result();
   if (vocab <= 0) throw std::invalid_argument("step: logits need at least one column");
   const int64_t kr = std::min(beams_to_keep_, vocab);
   std::vector<std::vector<Scored>> candidates(static_cast<size_t>(rows));
@@ -109,19 +103,14 @@ void BeamSearch::candidates_for_row(const float* row, int64_t vocab, int64_t r, 
 
 StepResult BeamSearch::step_topk(const float* values, const int64_t* indices, int64_t rows,
                                  int64_t k) {
-  check_started();
-  check_rows(rows);
-  if (done_) return idle_result();
-  if (k <= 0) throw std::invalid_argument("step_topk: need at least one candidate per row");
+  if (idle_step(rows)) return idle_result();
+  check_topk(indices, rows, k);
   const int64_t kr = std::min(beams_to_keep_, k);
   std::vector<std::vector<Scored>> candidates(static_cast<size_t>(rows));
   std::vector<float> buf;
   std::vector<Scored> best;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t* ids = indices + r * k;
-    for (int64_t i = 0; i < k; ++i) {
-      if (ids[i] < 0) throw std::invalid_argument("step_topk: token ids must be >= 0");
-    }
     buf.assign(values + r * k, values + (r + 1) * k);
     const RowHistory h{history_[r].data(), history_[r].size(), step_,
                        padding_[r / options_.num_beams]};

@@ -21,16 +21,10 @@ void GreedySearch::reset(const std::vector<std::vector<int64_t>>& prompts) {
   }
   hyps_.assign(static_cast<size_t>(num_rows_), Hypothesis{});
   finished_.assign(static_cast<size_t>(num_rows_), 0);
-  scratch_.assign(static_cast<size_t>(num_threads_), {});
-  step_ = 0;
-  started_ = true;
-  done_ = options_.max_new_tokens == 0 || num_rows_ == 0;
 }
 
 StepResult GreedySearch::step(const float* logits, int64_t rows, int64_t vocab) {
-  check_started();
-  check_rows(rows);
-  if (done_) return idle_result();
+  if (idle_step(rows)) return idle_result();
   if (vocab <= 0) throw std::invalid_argument("step: logits need at least one column");
   std::vector<int64_t> chosen(static_cast<size_t>(rows), options_.pad_token_id);
   std::vector<float> log_probs(static_cast<size_t>(rows), 0.0f);
@@ -49,13 +43,8 @@ StepResult GreedySearch::step(const float* logits, int64_t rows, int64_t vocab) 
 
 StepResult GreedySearch::step_topk(const float* values, const int64_t* indices, int64_t rows,
                                    int64_t k) {
-  check_started();
-  check_rows(rows);
-  if (done_) return idle_result();
-  if (k <= 0) throw std::invalid_argument("step_topk: need at least one candidate per row");
-  for (int64_t i = 0; i < rows * k; ++i) {
-    if (indices[i] < 0) throw std::invalid_argument("step_topk: token ids must be >= 0");
-  }
+  if (idle_step(rows)) return idle_result();
+  check_topk(indices, rows, k);
   std::vector<int64_t> chosen(static_cast<size_t>(rows), options_.pad_token_id);
   std::vector<float> log_probs(static_cast<size_t>(rows), 0.0f);
   for (int64_t r = 0; r < rows; ++r) {

@@ -29,6 +29,10 @@ void SearchStrategy::start(const std::vector<std::vector<int64_t>>& prompts,
     histories.push_back(std::move(h));
   }
   reset(histories);
+  scratch_.assign(static_cast<size_t>(num_threads_), {});
+  step_ = 0;
+  started_ = true;
+  done_ = options_.max_new_tokens == 0 || num_rows_ == 0;
 }
 
 void SearchStrategy::check_started() const {
@@ -40,6 +44,19 @@ void SearchStrategy::check_rows(int64_t rows) const {
     throw std::invalid_argument("step: got scores for " + std::to_string(rows) +
                                 " rows but the search has " + std::to_string(num_rows_) +
                                 " (batch * num_beams)");
+  }
+}
+
+bool SearchStrategy::idle_step(int64_t rows) const {
+  check_started();
+  check_rows(rows);
+  return done_;
+}
+
+void SearchStrategy::check_topk(const int64_t* indices, int64_t rows, int64_t k) {
+  if (k <= 0) throw std::invalid_argument("step_topk: need at least one candidate per row");
+  for (int64_t i = 0; i < rows * k; ++i) {
+    if (indices[i] < 0) throw std::invalid_argument("step_topk: token ids must be >= 0");
   }
 }
 

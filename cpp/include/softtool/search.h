@@ -44,7 +44,7 @@ class SearchStrategy {
   // top-k) and their token ids; processors only see these k candidates.
   virtual StepResult step_topk(const float* values, const int64_t* indices, int64_t rows,
                                int64_t k) = 0;
-  virtual bool is_done() const = 0;
+  bool is_done() const { return done_; }
   virtual std::vector<std::vector<Hypothesis>> finalize() const = 0;
 
   int64_t num_rows() const { return num_rows_; }
@@ -52,10 +52,16 @@ class SearchStrategy {
   const SearchOptions& options() const { return options_; }
 
  protected:
-  // histories: per batch item, its left padding followed by its prompt.
+  // histories: per batch item, its left padding followed by its prompt. Sets batch_size_,
+  // num_rows_, history_ and the strategy's own state; start() then resets what every search shares.
   virtual void reset(const std::vector<std::vector<int64_t>>& histories) = 0;
   void check_started() const;
   void check_rows(int64_t rows) const;
+  // The checks every step() and step_topk() begin with; true when the search is already done
+  // (the step then returns idle_result()).
+  bool idle_step(int64_t rows) const;
+  // step_topk()'s checks of its candidates: at least one per row, no negative token id.
+  static void check_topk(const int64_t* indices, int64_t rows, int64_t k);
   StepResult idle_result() const;  // what step() returns once the search is done
 
   SearchOptions options_;
@@ -64,6 +70,10 @@ class SearchStrategy {
   int64_t num_rows_ = 0;
   bool started_ = false;
   int64_t num_threads_ = 1;
+  std::vector<std::vector<int64_t>> history_;  // [num_rows] prompt + generated
+  std::vector<std::vector<float>> scratch_;    // per thread, one vocabulary row
+  int64_t step_ = 0;
+  bool done_ = false;
 };
 
 class GreedySearch : public SearchStrategy {
@@ -73,7 +83,6 @@ class GreedySearch : public SearchStrategy {
   StepResult step(const float* logits, int64_t rows, int64_t vocab) override;
   StepResult step_topk(const float* values, const int64_t* indices, int64_t rows,
                        int64_t k) override;
-  bool is_done() const override { return done_; }
   std::vector<std::vector<Hypothesis>> finalize() const override;
 
  protected:
@@ -85,12 +94,8 @@ class GreedySearch : public SearchStrategy {
   DrawKey draw_key(int64_t r) const;
 
   int64_t copies_ = 1;  // rows per batch item (num_return_sequences when sampling)
-  std::vector<std::vector<int64_t>> history_;
   std::vector<Hypothesis> hyps_;
   std::vector<uint8_t> finished_;
-  std::vector<std::vector<float>> scratch_;  // per thread, one vocabulary row
-  int64_t step_ = 0;
-  bool done_ = false;
 };
 
 class BeamSearch : public SearchStrategy {
@@ -100,7 +105,6 @@ class BeamSearch : public SearchStrategy {
   StepResult step(const float* logits, int64_t rows, int64_t vocab) override;
   StepResult step_topk(const float* values, const int64_t* indices, int64_t rows,
                        int64_t k) override;
-  bool is_done() const override { return done_; }
   std::vector<std::vector<Hypothesis>> finalize() const override;
 
  protected:
@@ -140,14 +144,10 @@ class BeamSearch : public SearchStrategy {
   void update_early_stop(bool all_hit, StepResult& result);
 
   int64_t beams_to_keep_ = 0;
-  std::vector<std::vector<int64_t>> history_;    // [num_rows] prompt + generated
   std::vector<size_t> prompt_len_;               // [num_rows]
   std::vector<float> running_scores_;            // [num_rows]
   std::vector<std::vector<Finished>> finished_;  // [batch][num_beams], best first
   std::vector<uint8_t> improvable_;  // [batch] transformers' is_early_stop_heuristic_unsatisfied
-  std::vector<std::vector<float>> scratch_;
-  int64_t step_ = 0;
-  bool done_ = false;
 };
 
 std::unique_ptr<SearchStrategy> make_search(const SearchOptions& options);
