@@ -51,6 +51,14 @@ def lively_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    """tiny_model_dir loaded (shared by the session: read it, do not change it)."""
+    from softtool.models import load_model
+
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct, frozen, float32 (loaded once per session)."""
     from softtool.models import DEFAULT_MODEL, load_model

@@ -33,13 +33,6 @@ def make_adapter(path, model_dir, template=PREFIX, seed=0, hidden=32, vocab=None
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tiny_model_dir):
-    from softtool.models import load_model
-
-    return load_model(str(tiny_model_dir))
-
-
-@pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory, tiny_model_dir):
     """One fp32 export of a prefix prompt, shared by the tests that only read it."""
     from softtool.export.onnx import export_adapters

@@ -34,21 +34,14 @@ def _adapter(path, model, template, seed, n=6):
 
 
 @pytest.fixture(scope="session")
-def tiny(tiny_model_dir):
-    from softtool.models import load_model
-
-    return load_model(str(tiny_model_dir))
-
-
-@pytest.fixture(scope="session")
-def exports(tmp_path_factory, tiny):
+def exports(tmp_path_factory, tiny_model):
     """A prefix export, a split (P-tuning) export, and a two-task export with the table as a graph input."""
     from softtool.export.onnx import ExportOptions, export_adapters
 
     root = tmp_path_factory.mktemp("onnx-backend")
-    a = _adapter(root / "a", tiny, PREFIX, seed=1)
-    b = _adapter(root / "b", tiny, PREFIX, seed=2)
-    split = _adapter(root / "split", tiny, SPLIT, seed=3)
+    a = _adapter(root / "a", tiny_model, PREFIX, seed=1)
+    b = _adapter(root / "b", tiny_model, PREFIX, seed=2)
+    split = _adapter(root / "split", tiny_model, SPLIT, seed=3)
     fast = ExportOptions(verify_steps=4)
     export_adapters([a], root / "prefix", fast)
     export_adapters([split], root / "split-onnx", fast)
@@ -97,25 +90,25 @@ def _options(**kw):
     return SearchOptions(max_new_tokens=kw.pop("max_new_tokens", 10), eos_token_ids=[2], pad_token_id=2, **kw)
 
 
-def test_greedy_tokens_equal_transformers_generate(exports, tiny):
+def test_greedy_tokens_equal_transformers_generate(exports, tiny_model):
     from softtool.runtime import load_generator
 
     gen = load_generator(exports / "prefix", backend="onnx")
     rows = _rows(gen, [{"source": s} for s in SENTENCES])
     options = _options()
     got = gen.generate(rows, None, options)
-    assert got == hf_generate(tiny, gen.table, gen, rows, [0, 0, 0], options)
+    assert got == hf_generate(tiny_model, gen.table, gen, rows, [0, 0, 0], options)
     assert all(len(item[0]) > 0 for item in got)
 
 
-def test_beam_search_results_equal_transformers_generate(exports, tiny):
+def test_beam_search_results_equal_transformers_generate(exports, tiny_model):
     from softtool.runtime.onnx_backend import OnnxGenerator
 
     gen = OnnxGenerator.from_export_dir(exports / "prefix")
     rows = _rows(gen, [{"source": s} for s in SENTENCES[:2]])
     options = _options(num_beams=3, num_return_sequences=2, length_penalty=1.2)
     got = gen.generate(rows, [0, 0], options)
-    assert got == hf_generate(tiny, gen.table, gen, rows, [0, 0], options)
+    assert got == hf_generate(tiny_model, gen.table, gen, rows, [0, 0], options)
     assert got[0][0] != got[0][1]  # two different beams came back
 
 
@@ -163,14 +156,14 @@ def test_tasks_added_at_run_time_need_no_re_export(exports):
         baked.add_task(second)
 
 
-def test_ptuning_split_template_generation_equals_transformers(exports, tiny):
+def test_ptuning_split_template_generation_equals_transformers(exports, tiny_model):
     from softtool.runtime.onnx_backend import OnnxGenerator
 
     gen = OnnxGenerator.from_export_dir(exports / "split-onnx")
     assert not gen.shares_prefix  # virtual tokens inside the text: nothing to share
     rows = _rows(gen, [{"context": s, "question": "Who is there?"} for s in SENTENCES])
     options = _options()
-    assert gen.generate(rows, None, options) == hf_generate(tiny, gen.table, gen, rows, [0, 0, 0], options)
+    assert gen.generate(rows, None, options) == hf_generate(tiny_model, gen.table, gen, rows, [0, 0, 0], options)
 
 
 def test_topk_graph_decodes_like_the_full_logits_graph(exports):
