@@ -131,7 +131,7 @@ def main() -> None:
         print(f"          {src} -> {tgt}")
     demo.run(
         "bench", "measuring speed against plain transformers (32 sentences, 16 slots)",
-        "bench", "--config", "benchmarks/configs/translation.json", "--adapter", str(adapter), "--limit", "32",
+        "bench", "--config", "benchmarks/configs/translation.json", "--adapter", str(adapter), "--data", str(data), "--limit", "32",
         "--backends", "hf,torch,onnx", "--no-limits", "--onnx-dir", str(export), "--output", str(out / "bench.json"),
     )  # fmt: skip
     served = _serve_one_request(demo, adapter)
