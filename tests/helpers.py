@@ -73,6 +73,34 @@ def wait_for_line(child: subprocess.Popen, expected: str) -> None:
     )
 
 
+# The random Llama the C++ search is held to transformers' generate() with: its vocabulary and pad token.
+PARITY_VOCAB = 97
+PARITY_PAD = 0
+
+
+def parity_llama():
+    """A seeded random Llama (vocabulary 97, no EOS, wide weights), in eval mode: test_search_parity's model and
+    the one tests/cpp/make_golden.py records ctest's golden files with."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=PARITY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,  # spread-out logits: no near-ties that float rounding could flip
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=PARITY_PAD,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
 # The tiny random Llama's shapes (hidden 32, 2 layers, GQA 4/2); the vocabulary is SmolLM2's tokenizer's.
 TINY_LLAMA = dict(
     hidden_size=32,

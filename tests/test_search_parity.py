@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import PARITY_PAD, PARITY_VOCAB, parity_llama
 from softtool import search
 
 
@@ -89,29 +90,13 @@ def hf_generate(model, prompts: list[list[int]], opts: search.SearchOptions, pad
     return [[(_strip(new[i * k + j], eos), scores[i * k + j]) for j in range(k)] for i in range(len(prompts))]
 
 
-VOCAB = 97
-PAD = 0
+VOCAB = PARITY_VOCAB
+PAD = PARITY_PAD
 
 
 @pytest.fixture(scope="module")
 def model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,  # spread-out logits: no near-ties that float rounding could flip
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=PAD,
-    )
-    return LlamaForCausalLM(config).eval()
+    return parity_llama()
 
 
 @pytest.fixture(scope="module")

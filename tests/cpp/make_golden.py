@@ -9,14 +9,18 @@ Regenerate with:  .venv/bin/python tests/cpp/make_golden.py
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
+from helpers import PARITY_PAD, PARITY_VOCAB, parity_llama  # noqa: E402
 
 VERSION = 1
-VOCAB = 97
-PAD = 0
+VOCAB = PARITY_VOCAB
+PAD = PARITY_PAD
 OUT = Path(__file__).resolve().parent / "golden"
 
 CASES = {
@@ -26,24 +30,6 @@ CASES = {
         num_beams=4, num_return_sequences=4, max_new_tokens=6, early_stopping="never", no_repeat_ngram_size=2
     ),
 }
-
-
-def model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=PAD,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def strip(tokens: list[int], eos: int) -> list[int]:
@@ -114,7 +100,7 @@ def write_case(m: LlamaForCausalLM, name: str, opts: dict) -> None:
 
 def main() -> None:
     OUT.mkdir(exist_ok=True)
-    m = model()
+    m = parity_llama()
     for name, opts in CASES.items():
         write_case(m, name, opts)
         print(f"wrote {OUT / name}.txt")
