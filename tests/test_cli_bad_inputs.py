@@ -117,7 +117,7 @@ CASES = [
     ("generate export long line", ["generate", "{inputs}/onnx", "-i", "{inputs}/long.txt"], None, "line 2"),
     # export
     ("export verify steps zero", [*EXPORT, "--verify-steps", "0"], None, "0 is not in the range x>=1"),
-    ("export negative top-k", [*EXPORT, "--top-k", "-1"], None, "-1 is not in the range x>=0"),
+    ("export negative top-k", [*EXPORT, "--top-k", "-2"], None, "-2 is not in the range x>=-1"),
     ("export unknown dtype", [*EXPORT, "--dtype", "int4"], None, "'int4' is not one of"),
     ("export int8 on cuda", [*EXPORT, "--dtype", "int8", "--device", "cuda"], None, "int8"),
     ("export into its adapter", ["export", "{adapter}", "-o", "{adapter}"], None, "would replace the input"),

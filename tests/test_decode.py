@@ -196,7 +196,7 @@ def test_continuous_batching_on_smollm2_equals_static_batches(smollm2, smollm2_t
 
     with gzip.open(shared_data / "multi30k" / "val.en.gz", "rt") as fh:
         sources = [next(fh).strip() for _ in range(24)]
-    table = initial_table(PromptConfig(num_virtual_tokens=8), smollm2.get_input_embeddings().weight)
+    table = initial_table(PromptConfig(num_virtual_tokens=8), smollm2.get_input_embeddings())
     gen = TorchGenerator(smollm2, smollm2_tokenizer, Template.parse("[P:8]English: {source}\nGerman:"), table)
     rows = [gen.encode({"source": s}) for s in sources]
     newline = smollm2_tokenizer("\n", add_special_tokens=False)["input_ids"][-1]  # ends rows at different steps

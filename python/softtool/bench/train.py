@@ -137,7 +137,9 @@ def run_train_bench(options: TrainBenchOptions, command: str = "", progress=None
         template = task.default_template(n)
         features = _features(options, tokenizer, task, template, examples, vocab)
         batches = [features[i * options.batch_size : (i + 1) * options.batch_size] for i in range(total)]
-        table = initial_table(PromptConfig(num_virtual_tokens=n, init="vocab"), embed, seed=options.seed)
+        table = initial_table(
+            PromptConfig(num_virtual_tokens=n, init="vocab"), model.get_input_embeddings(), seed=options.seed
+        )
         table = table.to(embed.device)
         tokens_per_pass = sum(len(f.input_ids) + len(f.target_ids) for b in batches[options.warmup :] for f in b)
         side_runs = {}

@@ -88,7 +88,9 @@ def make_untrained_adapter(options: BenchOptions, model, out_dir: Path, template
 
     n = Template.parse(template).num_virtual_tokens
     embed = model.get_input_embeddings().weight
-    table = initial_table(PromptConfig(num_virtual_tokens=n, init="vocab"), embed, seed=options.seed)
+    table = initial_table(
+        PromptConfig(num_virtual_tokens=n, init="vocab"), model.get_input_embeddings(), seed=options.seed
+    )
     meta = AdapterMeta(
         base_model=options.model,
         num_virtual_tokens=n,

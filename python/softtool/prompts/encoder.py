@@ -75,25 +75,43 @@ class PromptConfig:
             self.num_virtual_tokens = n
 
 
-def initial_table(config: PromptConfig, embeddings: torch.Tensor, tokenizer=None, seed: int = 0) -> torch.Tensor:
-    """The starting prompt table [N, H] (float32) drawn from the frozen input embeddings [V, H]."""
+def initial_table(config: PromptConfig, embed: nn.Module | torch.Tensor, tokenizer=None, seed: int = 0) -> torch.Tensor:
+    """The starting prompt table [N, H] (float32), in the space the decoder layers see.
+
+    `embed` is the model's input-embedding module: rows are looked up through it, so a module that scales
+    its output (Gemma multiplies by sqrt(hidden)) gives scaled rows, exactly what its tokens become; a
+    text-initialized prompt then reproduces that text's logits. A bare [V, H] tensor is taken as those rows.
+    """
     n = config.num_virtual_tokens
-    vocab, hidden = embeddings.shape
+    if isinstance(embed, nn.Module):
+        vocab = embed.weight.shape[0]
+        device = embed.weight.device
+
+        def rows(ids: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return embed(ids.to(device)).detach().float().cpu()
+    else:
+        vocab = embed.shape[0]
+        weight = embed.detach().float().cpu()
+
+        def rows(ids: torch.Tensor) -> torch.Tensor:
+            return weight[ids].clone()
+
     gen = torch.Generator().manual_seed(seed)
-    weight = embeddings.detach().float().cpu()
     if config.init == "random":
-        # Match the embedding scale: a unit-variance table would dwarf the real tokens.
-        return torch.randn(n, hidden, generator=gen) * weight.std()
+        # Match the embedding scale (measured on 4096 rows): a unit-variance table would dwarf the real tokens.
+        sample = rows(torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))[:4096])
+        return torch.randn(n, sample.shape[1], generator=gen) * sample.std()
     if config.init == "vocab":
         ids = torch.randint(0, min(vocab, VOCAB_INIT_RANGE), (n,), generator=gen)
-        return weight[ids].clone()
+        return rows(ids)
     if tokenizer is None:
         raise ValueError("init=text needs the tokenizer")
     ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"init_text {config.init_text!r} tokenizes to nothing")
     ids = (ids * (n // len(ids) + 1))[:n]  # repeat a short phrase, truncate a long one
-    return weight[torch.tensor(ids)].clone()
+    return rows(torch.tensor(ids))
 
 
 class PromptTable(nn.Module):
@@ -138,7 +156,7 @@ class PromptEncoder(nn.Module):
 
 def build_prompt_module(config: PromptConfig, model, tokenizer=None, seed: int = 0) -> nn.Module:
     """The trainable module for `config`, initialized from `model`'s input embeddings (seeded)."""
-    table = initial_table(config, model.get_input_embeddings().weight, tokenizer, seed)
+    table = initial_table(config, model.get_input_embeddings(), tokenizer, seed)
     if config.method == "prompt":
         return PromptTable(table)
     torch.manual_seed(seed)  # the encoder's layers draw from the global generator

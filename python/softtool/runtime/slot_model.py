@@ -29,15 +29,22 @@ from softtool.prompts.embedding import merge_embeddings
 SLOT_ATTENTION = "softtool_slots"
 
 
-def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
     """Attention of query [B, Hq, S, D] over the slot buffers key/value [B, Hkv, C, D] with an additive mask
-    [B, 1, S, C]; returns ([B, S, Hq, D], None) like transformers' attention functions."""
+    [B, 1, S, C]; returns ([B, S, Hq, D], None) like transformers' attention functions.
+
+    The caller's module keeps its own projections, query/key norms and rotary embedding; `scaling` (Gemma's
+    query_pre_attn_scalar**-0.5) and `softcap` (Gemma 2's attention logit capping) are applied as transformers'
+    eager attention applies them. A sliding window arrives in the mask (see slot_masks), not as `sliding_window`.
+    """
     b, hq, s, d = query.shape
     hkv = key.shape[1]
     groups = hq // hkv
     # Query head h uses key/value head h // groups (transformers' repeat_kv order): fold the group into rows.
     q = query.reshape(b, hkv, groups * s, d)
     scores = torch.matmul(q, key.transpose(2, 3)) * (scaling if scaling is not None else d**-0.5)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.view(b, hkv, groups, s, -1) + attention_mask.unsqueeze(2)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     out = torch.matmul(probs.view(b, hkv, groups * s, -1), value)
@@ -65,13 +72,31 @@ def _attention(model: nn.Module, name: str) -> Iterator[None]:
         config._attn_implementation = previous
 
 
-def slot_mask(positions: torch.Tensor, capacity: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask [B, 1, S, C]: the query at position p sees buffer entries 0..p of its own row."""
-    keys = torch.arange(capacity, device=positions.device)
-    allowed = keys.view(1, 1, -1) <= positions.unsqueeze(-1)
+def slot_mask(positions: torch.Tensor, capacity: int, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
+    """Additive mask [B, 1, S, C]: the query at position p sees buffer entries 0..p of its own row, and with a
+    sliding `window` only the last `window` of them (p - window < k <= p, as transformers' sliding layers)."""
+    keys = torch.arange(capacity, device=positions.device).view(1, 1, -1)
+    query = positions.unsqueeze(-1)
+    allowed = keys <= query
+    if window is not None:
+        allowed = allowed & (keys > query - window)
     # The dtype's minimum, not -inf, so no row is ever all -inf (as in transformers' eager masks).
     neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=positions.device)
     return torch.where(allowed, torch.zeros((), dtype=dtype, device=positions.device), neg).unsqueeze(1)
+
+
+def slot_masks(config, positions: torch.Tensor, capacity: int, dtype: torch.dtype):
+    """The mask the decoder takes: one tensor, or for models with sliding-window layers (Gemma 2/3, whose
+    config lists `layer_types`) transformers' mapping {"full_attention": ..., "sliding_attention": ...}, which
+    the decoder hands to each layer by its type instead of building its own masks."""
+    full = slot_mask(positions, capacity, dtype)
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    window = getattr(config, "sliding_window", None)
+    if "sliding_attention" not in layer_types or not window:
+        return full
+    masks = {kind: full for kind in layer_types}
+    masks["sliding_attention"] = slot_mask(positions, capacity, dtype, int(window))
+    return masks
 
 
 class _SlotCache:
@@ -148,7 +173,7 @@ class SlotLM(nn.Module):
             table, flat = self.prompt_table, rest
         past = [(flat[2 * i], flat[2 * i + 1]) for i in range(self.num_layers)]
         embeds = merge_embeddings(self.model.get_input_embeddings(), input_ids, table, self.vocab_size)
-        mask = slot_mask(position_ids, past[0][0].shape[2], embeds.dtype)
+        mask = slot_masks(self.model.config, position_ids, past[0][0].shape[2], embeds.dtype)
         cache = _SlotCache(past, position_ids, self.in_place)
         with _attention(self.model, SLOT_ATTENTION):
             out = self.model.get_decoder()(

@@ -44,6 +44,9 @@ def _target_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     shifted = labels[:, 1:].to(hidden.device)
     keep = shifted != IGNORE
     logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if softcap:  # Gemma 2: the model's own forward caps its logits so
+        logits = torch.tanh(logits.float() / softcap) * softcap
     return F.cross_entropy(logits.float(), shifted[keep].to(logits.device), reduction="sum"), int(keep.sum())
 
 
