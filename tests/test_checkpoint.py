@@ -189,3 +189,20 @@ def test_kill_9_during_a_checkpoint_save_leaves_the_previous_checkpoint_and_resu
     assert result.code == 0, result.err
     assert not litter[0].exists()
     assert load_checkpoint(out)["state"]["step"] == 5
+
+
+def test_a_base_model_folder_with_only_pytorch_model_bin_is_refused(tmp_path, tiny_model_dir):
+    """Base weights load from safetensors only: a valid pickled pytorch_model.bin is not loaded."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from softtool.models import load_model
+
+    folder = tmp_path / "bin-only"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    torch.save(weights, folder / "pytorch_model.bin")  # the same weights, as a pickle
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(SofttoolError, match="cannot load model"):
+        load_model(str(folder))

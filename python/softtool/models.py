@@ -223,7 +223,10 @@ def load_model(
     }.get(dtype)
     if torch_dtype is None:
         raise SofttoolError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
-    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None)
+    # Only safetensors from a folder: a pytorch_model.bin is a pickle and could run code when loaded.
+    # (A GGUF file is read by transformers' own GGUF reader, which takes no such flag.)
+    safetensors_only = None if source.gguf_file else True
+    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=safetensors_only)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if device_map:
