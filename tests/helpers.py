@@ -162,3 +162,49 @@ def save_tiny_adapter(path: Path, model_dir: Path, table, template: str | None =
         task_options={"src": "en", "tgt": "de"} if task == "translation" else {},
     )
     return save_adapter(path, Adapter(table, meta))
+
+
+def hf_generate_rows(model, generator, rows, eos: int = 2, **generate_kwargs) -> list[list[list[int]]]:
+    """transformers' generate, one row at a time (no padding), on the embeddings `generator`'s template and
+    prompt table define: per row, its returned sequences, each cut before its first `eos`."""
+    import torch
+
+    from softtool.prompts.embedding import merge_embeddings
+
+    out = []
+    for row in rows:
+        ids = torch.tensor([generator.row_ids([row], [0])[0]])
+        embeds = merge_embeddings(model, ids, generator.table, generator.vocab_size)
+        sequences = model.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            eos_token_id=[eos],
+            pad_token_id=eos,
+            **generate_kwargs,
+        ).tolist()
+        out.append([seq[: seq.index(eos)] if eos in seq else seq for seq in sequences])
+    return out
+
+
+def training_features(tokenizer, template, vocab: int, sources, targets) -> list:
+    """Training features of (source, target) pairs under `template`, the target ending in EOS."""
+    from softtool.training.batching import make_feature
+
+    feats = []
+    for src, tgt in zip(sources, targets, strict=True):
+        pieces = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in template.render({"source": src})]
+        target = tokenizer(tgt, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        feats.append(make_feature(template, pieces, target, vocab))
+    return feats
+
+
+def loss_and_grad(model, feats, table, prefix_tokens: int, vocab: int, pad: int = 2):
+    """The mean loss of `feats` and its gradient with respect to the prompt table (a copy)."""
+    from softtool.training.batching import collate
+    from softtool.training.forward import batch_loss
+
+    table = table.clone().requires_grad_(True)
+    loss, n = batch_loss(model, collate(feats, pad, prefix_tokens), table, vocab)
+    (loss / n).backward()
+    return (loss / n).item(), table.grad

@@ -67,9 +67,27 @@ def test_backends_with_the_same_prompt_generate_the_same_tokens(smoke_result):
     assert ok["hf"]["input_tokens"] == ok["peft"]["input_tokens"] - 4 * 6
 
 
+def _generate_after_prompt(model, tokenizer, table, ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy generate on [prompt table; embedded ids], cut before the first EOS (PEFT's layout)."""
+    import torch
+
+    ids = torch.tensor([ids])
+    embeds = torch.cat([table.unsqueeze(0), model.get_input_embeddings()(ids)], dim=1)
+    with torch.inference_mode():
+        out = model.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0].tolist()
+    eos = tokenizer.eos_token_id
+    return out[: out.index(eos)] if eos in out else out
+
+
 def test_peft_backend_generates_what_the_prompt_prepended_by_hand_generates(tiny_model_dir, smoke_result):
     """The anchor itself is wired right: PEFT's generate equals transformers' generate on [prompt; text] embeddings."""
-    import torch
 
     from softtool.adapter import load_adapter
     from softtool.models import load_model
@@ -84,18 +102,7 @@ def test_peft_backend_generates_what_the_prompt_prepended_by_hand_generates(tiny
     template = adapter.meta.template.split("]", 1)[1]
     for text, expected in zip(json.loads(SMOKE.read_text())["inputs"][:2], peft_row["outputs"][:2], strict=True):
         pieces = [tokenizer(template.format(source=text), add_special_tokens=False)["input_ids"]]
-        ids = torch.tensor([pieces[0]])
-        embeds = torch.cat([adapter.prompt_table.unsqueeze(0), model.get_input_embeddings()(ids)], dim=1)
-        out = model.generate(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
-            max_new_tokens=8,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )[0].tolist()
-        got = out[: out.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in out else out
-        assert got == expected
+        assert _generate_after_prompt(model, tokenizer, adapter.prompt_table, pieces[0], 8) == expected
 
 
 def test_each_backend_can_run_in_a_fresh_process_with_its_own_peak_memory(tiny_model_dir, tmp_path):
@@ -192,7 +199,6 @@ def test_cuda_bench_refuses_to_time_onnx_on_the_cpu(tiny_model_dir, tmp_path):
 def test_peft_anchor_on_smollm2_generates_what_the_prompt_prepended_by_hand_generates(smollm2, tmp_path):
     """On the real model (where a tiny random one only repeats a token): PEFT's uncached generate, the
     `peft` row, equals transformers' generate on [prompt; text] embeddings, token for token."""
-    import torch
 
     from softtool.bench.backends import PeftBackend
     from softtool.bench.options import BenchOptions
@@ -210,18 +216,7 @@ def test_peft_anchor_on_smollm2_generates_what_the_prompt_prepended_by_hand_gene
     from softtool.adapter import load_adapter
 
     table = load_adapter(workload.adapter_dir).prompt_table
-    ids = torch.tensor([workload.text_rows[0]])
-    embeds = torch.cat([table.unsqueeze(0), smollm2.get_input_embeddings()(ids)], dim=1)
-    with torch.inference_mode():
-        out = smollm2.generate(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
-            max_new_tokens=10,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )[0].tolist()
-    expected = out[: out.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in out else out
+    expected = _generate_after_prompt(smollm2, tokenizer, table, workload.text_rows[0], 10)
     assert got == expected and len(set(got)) > 1
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import hf_generate_rows, loss_and_grad, training_features
 from softtool.models import load_model
 from softtool.prompts.embedding import merge_embeddings
 from softtool.prompts.encoder import PromptConfig, build_prompt_module, initial_table
@@ -72,24 +73,6 @@ def gemma(tiny_gemma_dir):
     return load_model(str(tiny_gemma_dir))
 
 
-def _hf_greedy(model, gen, rows, max_new_tokens):
-    """transformers' generate, one row at a time, on the embeddings the template and prompt table define."""
-    out = []
-    for row in rows:
-        ids = torch.tensor([gen.row_ids([row], [0])[0]])
-        embeds = merge_embeddings(model, ids, gen.table, gen.vocab_size)
-        seq = model.generate(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=[EOS],
-            pad_token_id=EOS,
-        )[0].tolist()
-        out.append([seq[: seq.index(EOS)] if EOS in seq else seq])
-    return out
-
-
 def _generator(model, tokenizer, template, seed=0):
     n = Template.parse(template).num_virtual_tokens
     table = initial_table(PromptConfig(num_virtual_tokens=n), model.get_input_embeddings(), seed=seed)
@@ -132,7 +115,7 @@ def test_torch_backend_greedy_equals_transformers_generate(gemma, smollm2_tokeni
     gen = _generator(gemma, smollm2_tokenizer, template)
     rows = [gen.encode({"source": s}) for s in SOURCES]
     got = gen.generate(rows, None, _options(max_new_tokens=12))
-    assert got == _hf_greedy(gemma, gen, rows, 12)
+    assert got == hf_generate_rows(gemma, gen, rows, EOS, max_new_tokens=12)
     assert len({tuple(item[0]) for item in got}) > 1  # the rows really differ
 
 
@@ -148,26 +131,7 @@ def test_plain_model_greedy_equals_transformers_generate_on_token_ids(gemma, smo
         assert item == [seq[: seq.index(EOS)] if EOS in seq else seq]
 
 
-def _features(tokenizer, template):
-    from softtool.training.batching import make_feature
-
-    targets = [" Ein Mann fährt Rad.", " Zwei Hunde.", " Eine Frau wartet auf den Bus."]
-    feats = []
-    for src, tgt in zip(SOURCES, targets, strict=True):
-        pieces = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in template.render({"source": src})]
-        target = tokenizer(tgt, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        feats.append(make_feature(template, pieces, target, VOCAB))
-    return feats
-
-
-def _loss_and_grad(model, feats, table, prefix_tokens):
-    from softtool.training.batching import collate
-    from softtool.training.forward import batch_loss
-
-    table = table.clone().requires_grad_(True)
-    loss, n = batch_loss(model, collate(feats, EOS, prefix_tokens), table, VOCAB)
-    (loss / n).backward()
-    return (loss / n).item(), table.grad
+TRAIN_TARGETS = [" Ein Mann fährt Rad.", " Zwei Hunde.", " Eine Frau wartet auf den Bus."]
 
 
 def test_training_loss_is_the_models_own_loss_on_both_paths(gemma, smollm2_tokenizer):
@@ -177,10 +141,10 @@ def test_training_loss_is_the_models_own_loss_on_both_paths(gemma, smollm2_token
     from softtool.training.batching import IGNORE, collate
 
     template = Template.parse(PREFIX)
-    feats = _features(smollm2_tokenizer, template)
+    feats = training_features(smollm2_tokenizer, template, VOCAB, SOURCES, TRAIN_TARGETS)
     table = initial_table(PromptConfig(num_virtual_tokens=6), gemma.get_input_embeddings(), seed=3)
-    naive_loss, naive_grad = _loss_and_grad(gemma, feats, table, 0)
-    cached_loss, cached_grad = _loss_and_grad(gemma, feats, table, 6)
+    naive_loss, naive_grad = loss_and_grad(gemma, feats, table, 0, VOCAB, EOS)
+    cached_loss, cached_grad = loss_and_grad(gemma, feats, table, 6, VOCAB, EOS)
     batch = collate(feats, EOS)
     with torch.no_grad():
         logits = gemma(
@@ -257,7 +221,7 @@ def test_onnx_greedy_equals_torch_greedy(exports, gemma, smollm2_tokenizer, name
     options = _options(max_new_tokens=12)
     got = onnx_gen.generate(rows, None, options)
     assert got == torch_gen.generate(rows, None, options)
-    assert got == _hf_greedy(gemma, torch_gen, rows, 12)
+    assert got == hf_generate_rows(gemma, torch_gen, rows, EOS, max_new_tokens=12)
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnx"])

@@ -6,38 +6,22 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import loss_and_grad, training_features
 from softtool.models import load_model
 from softtool.prompts.template import Template
-from softtool.training.batching import collate, make_feature
-from softtool.training.forward import batch_loss
 
-
-def _features(tokenizer, template, vocab):
-    sources = ["A man rides a red bike.", "Two dogs.", "A woman in a blue coat waits for the bus near a shop."]
-    targets = [" Ein Mann fährt ein rotes Fahrrad.", " Zwei Hunde.", " Eine Frau wartet."]
-    feats = []
-    for src, tgt in zip(sources, targets, strict=True):
-        pieces = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in template.render({"source": src})]
-        target = tokenizer(tgt, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        feats.append(make_feature(template, pieces, target, vocab))
-    return feats
-
-
-def _loss_and_grad(model, feats, table, prefix_tokens, vocab):
-    table = table.clone().requires_grad_(True)
-    loss, n = batch_loss(model, collate(feats, 2, prefix_tokens), table, vocab)
-    (loss / n).backward()
-    return (loss / n).item(), table.grad
+SOURCES = ["A man rides a red bike.", "Two dogs.", "A woman in a blue coat waits for the bus near a shop."]
+TARGETS = [" Ein Mann fährt ein rotes Fahrrad.", " Zwei Hunde.", " Eine Frau wartet."]
 
 
 def _check(model, tokenizer, n=6):
     vocab = model.get_input_embeddings().weight.shape[0]
     template = Template.prefix(n, "English: {source}\nGerman:")
-    feats = _features(tokenizer, template, vocab)
+    feats = training_features(tokenizer, template, vocab, SOURCES, TARGETS)
     torch.manual_seed(0)
     table = model.get_input_embeddings().weight[torch.randint(0, 5000, (n,))].detach()
-    naive_loss, naive_grad = _loss_and_grad(model, feats, table, 0, vocab)
-    cached_loss, cached_grad = _loss_and_grad(model, feats, table, n, vocab)
+    naive_loss, naive_grad = loss_and_grad(model, feats, table, 0, vocab)
+    cached_loss, cached_grad = loss_and_grad(model, feats, table, n, vocab)
     assert cached_loss == pytest.approx(naive_loss, rel=1e-5)
     assert torch.allclose(cached_grad, naive_grad, rtol=1e-4, atol=1e-5 * naive_grad.abs().max().item())
     return naive_grad

@@ -6,34 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import hf_generate_rows
 from softtool.models import load_model
-from softtool.prompts.embedding import merge_embeddings
 from softtool.prompts.template import Template
 from softtool.runtime.torch_backend import TorchGenerator
 from softtool.search import SearchOptions
 
 SOURCES = ["A man rides a bike.", "Two dogs.", "A woman in a blue coat waits for the bus."]
-
-
-def _reference(model, generator, rows, **kw):
-    """transformers generate, one row at a time (no padding), on the embeddings the template defines."""
-    out = []
-    for row in rows:
-        ids = torch.tensor([generator.row_ids([row], [0])[0]])
-        embeds = merge_embeddings(model, ids, generator.table, generator.vocab_size)
-        gen = model.generate(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            eos_token_id=[2],
-            pad_token_id=2,
-            **kw,
-        )
-        seqs = []
-        for seq in gen.tolist():
-            seqs.append(seq[: seq.index(2)] if 2 in seq else seq)
-        out.append(seqs)
-    return out
 
 
 def _generator(model, tokenizer, template):
@@ -53,7 +32,7 @@ def test_greedy_equals_transformers_generate(tiny, smollm2_tokenizer, template):
     generator = _generator(tiny, smollm2_tokenizer, template)
     rows = [generator.encode({"source": s}) for s in SOURCES]
     got = generator.generate(rows, None, SearchOptions(max_new_tokens=12, eos_token_ids=[2], pad_token_id=2))
-    assert got == _reference(tiny, generator, rows, max_new_tokens=12)
+    assert got == hf_generate_rows(tiny, generator, rows, max_new_tokens=12)
     assert all(len(item[0]) > 0 for item in got)
 
 
@@ -62,7 +41,7 @@ def test_beam_search_equals_transformers_generate(tiny, smollm2_tokenizer):
     rows = [generator.encode({"source": s}) for s in SOURCES]
     options = SearchOptions(max_new_tokens=8, eos_token_ids=[2], pad_token_id=2, num_beams=3, num_return_sequences=2)
     got = generator.generate(rows, None, options)
-    assert got == _reference(tiny, generator, rows, max_new_tokens=8, num_beams=3, num_return_sequences=2)
+    assert got == hf_generate_rows(tiny, generator, rows, max_new_tokens=8, num_beams=3, num_return_sequences=2)
 
 
 def test_the_prefix_cache_is_computed_once_per_prompt(tiny, smollm2_tokenizer):
@@ -82,7 +61,7 @@ def test_greedy_equals_transformers_generate_on_smollm2(smollm2, smollm2_tokeniz
     generator = _generator(smollm2, smollm2_tokenizer, "[P:4]English: {source}\nGerman:")
     rows = [generator.encode({"source": s}) for s in SOURCES[:2]]
     got = generator.generate(rows, None, SearchOptions(max_new_tokens=4, eos_token_ids=[2], pad_token_id=2))
-    assert got == _reference(smollm2, generator, rows, max_new_tokens=4)
+    assert got == hf_generate_rows(smollm2, generator, rows, max_new_tokens=4)
 
 
 def test_several_adapters_share_one_generator_and_a_mixed_batch_equals_each_alone(tmp_path, lively_model_dir):
