@@ -29,18 +29,13 @@ class Generator(SlotModel):
     meta: object  # softtool.adapter.AdapterMeta: task, task options, base model
     where: str = "the prompt table"  # names the source in errors
 
-    # Tasks whose template differs from `template` (several adapters, or an export's tasks, in one generator);
-    # set empty by SlotModel._init_slots.
-    task_templates: dict[int, Template]
+    task_names: list[str]  # one per task, in task-id order
 
-    def template_of(self, task: int) -> Template:
-        return self.task_templates.get(int(task), self.template)
-
-    @property
-    def shares_prefix(self) -> bool:
-        """Whether every task's virtual tokens come first, so their keys/values are computed once per task."""
-        templates = [self.template_of(t) for t in range(max(self.num_tasks, 1))]
-        return bool(self.precompute_prompt and self.num_virtual and all(t.is_prefix for t in templates))
+    def _name_task(self, task: int, template: Template, name: str | None) -> None:
+        """Record a newly added task's template (when it differs from the first task's) and its name."""
+        if template != self.template:
+            self.task_templates[task] = template
+        self.task_names.append(name or f"task{task}")
 
     def encode(self, fields: Mapping[str, str], task: int = 0) -> list[list[int]]:
         """Token ids of each text slot of the task's template filled with `fields` (tokenized separately, as in

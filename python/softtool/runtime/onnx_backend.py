@@ -155,9 +155,7 @@ class OnnxGenerator(Generator):
             )
         self.table = np.concatenate([self.table, rows])
         self.num_tasks += 1
-        if template != self.template:
-            self.task_templates[self.num_tasks - 1] = template
-        self.task_names.append(name or f"task{self.num_tasks - 1}")
+        self._name_task(self.num_tasks - 1, template, name)
         self._refresh_prompt()
         return self.num_tasks - 1
 

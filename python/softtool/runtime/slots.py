@@ -73,10 +73,16 @@ class SlotModel(ABC):
         self.kv = self._empty(slots, capacity)
         self.capacity = capacity
 
+    def template_of(self, task: int) -> Template:
+        """Task `task`'s template: its own when it differs from `template` (several adapters or an export's
+        tasks in one generator), else `template`."""
+        return self.task_templates.get(int(task), self.template)
+
     @property
     def shares_prefix(self) -> bool:
         """Whether every task's virtual tokens come first, so their keys/values are computed once per task."""
-        return bool(self.precompute_prompt and self.num_virtual and self.template.is_prefix)
+        templates = [self.template_of(t) for t in range(max(self.num_tasks, 1))]
+        return bool(self.precompute_prompt and self.num_virtual and all(t.is_prefix for t in templates))
 
     def prompt_changed(self) -> None:
         """Drop the per-task prompt cache (the prompt table changed)."""

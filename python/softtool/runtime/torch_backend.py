@@ -115,9 +115,7 @@ class TorchGenerator(Generator):
             )
         task = self.num_tasks
         self.set_prompt(torch.cat([self.table, prompt_table.to(self.kv_device, self.kv_dtype)]))
-        if template != self.template:
-            self.task_templates[task] = template
-        self.task_names.append(name or f"task{task}")
+        self._name_task(task, template, name)
         return task
 
     def set_prompt(self, prompt_table: torch.Tensor | None) -> None:
