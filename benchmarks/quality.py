@@ -1,12 +1,21 @@
-"""Quality table: the discrete instruction prompt vs prompt tuning vs P-tuning on SmolLM2-135M, per task.
+"""Quality benchmark: a learning-rate grid per method, chosen on dev, scored once on held-out examples
+next to the discrete prompts of the same model.
 
-For each task it trains a prompt-tuning and a P-tuning prompt on the task's train split (a short
-budget: the machine is shared), evaluates both on the first --eval-limit dev examples with greedy
-decoding, evaluates the instruction prompt and the bare input on the same examples, and writes
-benchmarks/results/quality_<task>.json with the commit, the machine, the command and the budget.
+For one task and one model:
+  1. grid    trains each method at each learning rate of its grid for the same step budget (every run
+             generates on the first --curve-limit dev examples every --eval-every steps: the curves);
+  2. select  scores every run on the first --select-limit dev examples; the best main metric per method wins;
+  3. decode  scores the overall winner on the same examples under each --decode setting (no-repeat-ngram
+             size, repetition penalty) and keeps the best (the task's decoding defaults are chosen from this);
+  4. test    scores each method's winner, under the chosen decoding, on held-out examples (--test-split, or
+             the dev examples after the selection ones), beside the instruction prompt, the bare input, the
+             instruction through the model's chat template (instruct models) and a k-shot prompt (--shots).
+Every stage keeps its outputs under --runs, so a stopped run resumes where it stopped. Writes
+benchmarks/results/quality_<task>_<model>.json (commit, machine, command, budget, every score) and a plot of
+the dev metric against steps per method and learning rate (quality_<task>_<model>.png).
 
-    python benchmarks/quality.py --task translation --steps 150
-    python benchmarks/quality.py --task squad --task cnndm --steps 100 --eval-limit 100
+    python benchmarks/quality.py --task squad --grid prompt=0.03,0.1,0.3 --grid ptuning=3e-4,1e-3,3e-3
+    python benchmarks/quality.py --task translation --model gemma3-270m --grid prompt=0.03,0.1,0.3 --shots 2
 """
 
 from __future__ import annotations
@@ -21,15 +30,16 @@ from pathlib import Path
 from softtool.bench.limits import cpu_model, git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMIT, MACHINE = "", {}
 DATA_FOLDERS = {"squad": "squad", "squad-qg": "squad", "cnndm": "cnn_dailymail", "translation": "multi30k"}
-# Templates: prompt tuning puts every virtual token first; P-tuning also splits them around the input.
+# Prompt tuning puts every virtual token first; P-tuning also splits them around the input.
 PTUNING_TEMPLATES = {
     "squad": "[P:12]Context: {context}\nQuestion: {question}[P:8]\nAnswer:",
     "squad-qg": "[P:12]Context: {context}\nAnswer: {answer}[P:8]\nQuestion:",
     "cnndm": "[P:12]Article: {article}[P:8]\nSummary:",
     "translation": "[P:12]English: {source}[P:8]\nGerman:",
 }
+# Decoding settings tried on dev: (no_repeat_ngram_size, repetition_penalty).
+DECODE_GRID = ((0, 1.0), (3, 1.0), (0, 1.2), (4, 1.1))
 
 
 def machine() -> dict:
@@ -44,122 +54,264 @@ def machine() -> dict:
     }
 
 
-def commit() -> str:
-    return git_commit(ROOT) or "unknown"
+def parse_grid(values: list[str]) -> dict[str, list[float]]:
+    grid: dict[str, list[float]] = {}
+    for value in values:
+        method, _, rates = value.partition("=")
+        if method not in ("prompt", "ptuning") or not rates:
+            raise SystemExit(f"error: --grid {value!r}: write METHOD=LR,LR,... with METHOD prompt or ptuning")
+        grid[method] = [float(r) for r in rates.split(",")]
+    return grid
 
 
-def run_task(task: str, args, output: Path) -> dict:
-    from softtool.evaluate import EvalOptions, run_eval
-    from softtool.prompts.encoder import PromptConfig
-    from softtool.training import DataOptions, TrainOptions, train_prompt
+class Quality:
+    """The four stages for one (task, model); results accumulate in self.result and are written after each step."""
 
-    data = Path(args.data) / DATA_FOLDERS[task]
-    runs = Path(args.runs) / task
-    task_options = {"src": "en", "tgt": "de"} if task == "translation" else {}
-    budget = {
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "max_length": args.max_length,
-        "lr": args.lr,
-        "num_virtual_tokens": 20,
-        "eval_limit": args.eval_limit,
-        "train_limit": args.train_limit,
-        "decoding": "greedy",
-        "model": args.model,
-    }
-    result: dict = {"task": task, "data": str(data), "budget": budget, "methods": {}}
-    eval_options = EvalOptions(limit=args.eval_limit, batch_size=args.eval_batch_size, max_length=args.eval_max_length)
-    for method in args.methods:
+    def __init__(self, args):
+        from softtool.data import get_task
+
+        self.args = args
+        self.task = get_task(args.task, **({"src": "en", "tgt": "de"} if args.task == "translation" else {}))
+        self.data = Path(args.data) / DATA_FOLDERS[args.task]
+        self.runs = Path(args.runs) / args.model / args.task
+        self.output = Path(args.output) / f"quality_{args.task}_{args.model}.json"
+        self.grid = parse_grid(args.grid)
+        self.result: dict = {
+            "commit": git_commit(ROOT) or "unknown",
+            "machine": machine(),
+            "command": " ".join([sys.executable, *sys.argv]),
+            "task": args.task,
+            "model": args.model,
+            "main_metric": self.task.main_metric,
+            "budget": {
+                "steps": args.steps,
+                "batch_size": args.batch_size,
+                "max_length": args.max_length,
+                "num_virtual_tokens": 20,
+                "init": "vocab",
+                "eval_every": args.eval_every,
+                "curve_limit": args.curve_limit,
+                "select_limit": args.select_limit,
+                "test": self.test_where(),
+                "decoding": "greedy",
+            },
+            "grid": {},
+            "selected": {},
+            "decode": [],
+            "test": {},
+        }
+
+    # -- bookkeeping ----------------------------------------------------------------------------------
+    def write(self) -> None:
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        self.output.write_text(json.dumps(self.result, indent=2) + "\n")
+        print(f"wrote {self.output}", file=sys.stderr)
+
+    def test_where(self) -> dict:
+        if self.args.test_split:
+            return {"split": self.args.test_split, "offset": 0, "limit": self.args.test_limit}
+        return {"split": "dev", "offset": self.args.select_limit, "limit": self.args.test_limit}
+
+    def evaluate(self, path: Path, folder: Path, *, offset: int, limit: int, split=None, **kw) -> dict:
+        """run_eval's records, reused from `folder` when it already holds this evaluation."""
+        from softtool.evaluate import EvalOptions, run_eval
+
+        cached = folder / "quality_eval.json"
+        if cached.exists():
+            return json.loads(cached.read_text())
+        options = EvalOptions(
+            split=split,
+            offset=offset,
+            limit=limit,
+            batch_size=self.args.eval_batch_size,
+            max_length=self.args.eval_max_length,
+            **kw,
+        )
+        records = run_eval(path, self.data, folder, options, progress=not self.args.quiet)
+        cached.write_text(json.dumps(records, indent=2) + "\n")
+        return records
+
+    # -- 1. grid ----------------------------------------------------------------------------------------
+    def train(self, method: str, lr: float) -> Path:
+        from softtool.data.options import DataOptions
+        from softtool.prompts.encoder import PromptConfig
+        from softtool.training import TrainOptions, train_prompt
+
+        out = self.runs / f"{method}-lr{lr:g}"
+        if (out / "softtool.json").exists():
+            return out
         prompt = PromptConfig(
             method=method,
             num_virtual_tokens=20,
-            encoder="lstm",
-            template=PTUNING_TEMPLATES[task] if method == "ptuning" else None,
+            template=PTUNING_TEMPLATES[self.args.task] if method == "ptuning" else None,
         )
         options = TrainOptions(
-            max_steps=args.steps,
-            batch_size=args.batch_size,
-            lr=args.lr if method == "prompt" else args.ptuning_lr,
-            warmup_steps=max(1, args.steps // 10),
-            eval_every=args.eval_every,
-            eval_limit=32,
+            max_steps=self.args.steps,
+            batch_size=self.args.batch_size,
+            lr=lr,
+            warmup_steps=max(1, self.args.steps // 10),
+            eval_every=self.args.eval_every,
+            eval_limit=self.args.curve_limit,
+            eval_generate=True,
             checkpoint_every=0,
-            max_length=args.max_length,
+            max_length=self.args.max_length,
             seed=0,
         )
+        data = DataOptions(task=self.args.task, data=str(self.data), task_options=self.task.options)
         start = time.perf_counter()
-        summary = train_prompt(
-            DataOptions(task=task, data=str(data), train_limit=args.train_limit, task_options=task_options),
-            prompt,
-            options,
-            runs / method,
-            model_name=args.model,
-            overwrite=True,
-        )
-        train_seconds = time.perf_counter() - start
+        summary = train_prompt(data, prompt, options, out, model_name=self.args.model, overwrite=True,
+                               progress=not self.args.quiet)  # fmt: skip
         if summary.result.interrupted:
             sys.exit(130)  # stopped by the user: no partial result is written as if it were complete
-        baseline = args.baseline and method == args.methods[0]
-        scores = run_eval(
-            runs / method, data, runs / method / "eval", EvalOptions(**{**eval_options.__dict__, "baseline": baseline})
-        )
-        result["methods"][method] = {
-            "metrics": scores["soft_prompt"]["metrics"],
-            "template": scores["soft_prompt"]["template"],
-            "lr": options.lr,
-            "train_seconds": round(train_seconds, 1),
-            "best_dev_loss": summary.result.state.best_metrics.get("dev_loss"),
-            "best_step": summary.result.state.best_step,
-            "eval_seconds": scores["soft_prompt"]["seconds"],
-            "n": scores["soft_prompt"]["n"],
-        }
-        for kind in ("baseline", "zero_shot"):
-            if kind in scores:
-                result["methods"][kind] = {
-                    "metrics": scores[kind]["metrics"],
-                    "template": scores[kind]["template"],
-                    "n": scores[kind]["n"],
+        (out / "quality_train.json").write_text(json.dumps({"seconds": round(time.perf_counter() - start, 1)}))
+        return out
+
+    def curve(self, out: Path) -> list[dict]:
+        metric = self.task.main_metric
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        return [
+            {"step": r["step"], "dev_loss": r.get("dev_loss"), metric: r.get(metric)}
+            for r in rows
+            if r.get("kind") == "eval"
+        ]
+
+    # -- 2. select --------------------------------------------------------------------------------------
+    def run_grid(self) -> dict[str, Path]:
+        metric = self.task.main_metric
+        winners: dict[str, Path] = {}
+        for method, rates in self.grid.items():
+            best = None
+            for lr in rates:
+                out = self.train(method, lr)
+                scores = self.evaluate(out, out / "select", offset=0, limit=self.args.select_limit)["soft_prompt"]
+                seconds = json.loads((out / "quality_train.json").read_text())["seconds"]
+                row = {
+                    "lr": lr,
+                    "select": _scores(scores),
+                    "curve": self.curve(out),
+                    "train_seconds": seconds,
+                    "adapter": str(out),
                 }
-        write(output, result, args)  # after each method, so a stopped run keeps what it finished
-    return result
+                self.result["grid"].setdefault(method, []).append(row)
+                self.write()
+                if best is None or scores["metrics"][metric] > best[0]:
+                    best = (scores["metrics"][metric], lr, out)
+            self.result["selected"][method] = {"lr": best[1], metric: best[0]}
+            winners[method] = best[2]
+        self.write()
+        return winners
+
+    # -- 3. decode --------------------------------------------------------------------------------------
+    def choose_decoding(self, winners: dict[str, Path]) -> dict:
+        metric = self.task.main_metric
+        method = max(self.result["selected"], key=lambda m: self.result["selected"][m][metric])
+        path = winners[method]
+        best = None
+        for ngram, penalty in DECODE_GRID:
+            search = {"no_repeat_ngram_size": ngram, "repetition_penalty": penalty}
+            folder = path / f"decode-ngram{ngram}-rp{penalty:g}"
+            scores = self.evaluate(path, folder, offset=0, limit=self.args.select_limit, search=search)
+            row = {**search, "method": method, **_scores(scores["soft_prompt"])}
+            self.result["decode"].append(row)
+            self.write()
+            # A penalty must earn its place: ties keep the plainer setting (listed first).
+            if best is None or row[metric] > best[metric] + self.args.decode_margin:
+                best = row
+        chosen = {
+            "no_repeat_ngram_size": best["no_repeat_ngram_size"],
+            "repetition_penalty": best["repetition_penalty"],
+        }
+        self.result["decoding_chosen"] = chosen
+        self.write()
+        return chosen
+
+    # -- 4. test ----------------------------------------------------------------------------------------
+    def test(self, winners: dict[str, Path], search: dict) -> None:
+        where = self.test_where()
+        split = self.args.test_split
+        tag = f"test-ngram{search['no_repeat_ngram_size']}-rp{search['repetition_penalty']:g}"
+        for i, (method, path) in enumerate(winners.items()):
+            baseline = i == 0  # the discrete prompts once, beside the first method
+            records = self.evaluate(
+                path, path / tag, offset=where["offset"], limit=where["limit"], split=split,
+                baseline=baseline, shots=self.args.shots if baseline else 0, search=search,
+            )  # fmt: skip
+            self.result["test"][method] = {"lr": self.result["selected"][method]["lr"],
+                                           **_scores(records["soft_prompt"])}  # fmt: skip
+            for kind, record in records.items():
+                if kind != "soft_prompt":
+                    self.result["test"][kind] = {"template": record["template"], **_scores(record)}
+            self.write()
+
+    def plot(self) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        metric = self.task.main_metric
+        fig, axes = plt.subplots(1, len(self.result["grid"]), figsize=(6 * len(self.result["grid"]), 4), dpi=110,
+                                 squeeze=False)  # fmt: skip
+        for ax, (method, rows) in zip(axes[0], self.result["grid"].items(), strict=True):
+            chosen = self.result["selected"].get(method, {}).get("lr")
+            for row in rows:
+                points = [(c["step"], c[metric]) for c in row["curve"] if c.get(metric) is not None]
+                if points:
+                    steps, values = zip(*points, strict=True)
+                    ax.plot(steps, values, marker="o", linewidth=2.5 if row["lr"] == chosen else 1.2,
+                            label=f"lr {row['lr']:g}" + (" (chosen)" if row["lr"] == chosen else ""))  # fmt: skip
+            ax.set_title(f"{'prompt tuning' if method == 'prompt' else 'P-tuning'}")
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel(f"dev {metric} (first {self.args.curve_limit} examples)")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"{self.args.task} on {self.args.model}: dev {metric} against steps")
+        fig.tight_layout()
+        path = self.output.with_suffix(".png")
+        fig.savefig(path)
+        plt.close(fig)
+        return path
 
 
-def write(output: Path, result: dict, args) -> None:
-    record = {"commit": COMMIT, "machine": MACHINE, "command": " ".join([sys.executable, *sys.argv]), **result}
-    path = output / f"quality_{result['task']}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {path}", file=sys.stderr)
+def _scores(record: dict) -> dict:
+    keep = {k: v for k, v in record["metrics"].items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    return {**keep, "seconds": record["seconds"], "tokens_per_s": record["tokens_per_s"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", action="append", choices=sorted(DATA_FOLDERS), help="task(s); default all three")
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="the shared data folder")
+    parser.add_argument("--task", required=True, choices=sorted(DATA_FOLDERS))
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--methods", default="prompt,ptuning", type=lambda s: s.split(","))
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="the shared data folder")
+    parser.add_argument("--grid", action="append", required=True, help="METHOD=LR,LR,... (repeat per method)")
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=0.03, help="prompt tuning learning rate")
-    parser.add_argument("--ptuning-lr", type=float, default=1e-3, help="P-tuning (encoder) learning rate")
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--train-limit", type=int, default=None)
-    parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--eval-limit", type=int, default=100)
+    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--curve-limit", type=int, default=24, help="dev examples generated for the curves")
+    parser.add_argument("--select-limit", type=int, default=50, help="dev examples that choose the winners")
+    parser.add_argument("--test-split", default=None, help="held-out split (default: dev after the selection ones)")
+    parser.add_argument("--test-limit", type=int, default=100)
+    parser.add_argument("--shots", type=int, default=0, help="demonstrations of the k-shot baseline (0: none)")
+    parser.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True, help="run stage 3")
+    parser.add_argument("--decode-margin", type=float, default=0.5, help="metric points a penalty must gain")
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--eval-max-length", type=int, default=512)
-    parser.add_argument("--no-baseline", dest="baseline", action="store_false")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores, at most 2)")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "quality"), help="where adapters and predictions go")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     import torch
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1)) if not torch.cuda.is_available() else None
-    global COMMIT, MACHINE
-    COMMIT, MACHINE = commit(), machine()  # at the start: the code that produced the numbers
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    for task in args.task or ["squad", "cnndm", "translation"]:
-        run_task(task, args, output)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
+    quality = Quality(args)
+    winners = quality.run_grid()
+    quality.plot()
+    search = quality.choose_decoding(winners) if args.decode else {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0}
+    quality.test(winners, search)
+    quality.plot()
 
 
 if __name__ == "__main__":

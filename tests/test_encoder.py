@@ -58,7 +58,7 @@ def test_prompt_config_takes_the_token_count_from_the_template():
     "kwargs",
     [
         {"method": "prefix"},
-        {"init": "text"},
+        {"init": "text", "init_text": "  "},
         {"num_virtual_tokens": 0},
         {"encoder": "gru"},
         {"template": "Context: {context}"},
@@ -67,3 +67,39 @@ def test_prompt_config_takes_the_token_count_from_the_template():
 def test_prompt_config_rejects_bad_combinations(kwargs):
     with pytest.raises(ValueError):
         PromptConfig(**kwargs)
+
+
+@pytest.mark.parametrize("task_name", ["squad", "cnndm", "translation"])
+def test_text_init_starts_as_exactly_the_tasks_instruction_prompt(task_name, tiny_model, smollm2_tokenizer):
+    """--init text without a text or N: the step-0 soft prompt is the instruction prompt, N its token count,
+    and the model's logits equal those of the discrete instruction prompt on the same input."""
+    from softtool.data import encode_example, get_task
+    from softtool.data.example import Example
+    from softtool.prompts.embedding import merge_embeddings
+    from softtool.prompts.template import assemble_ids
+
+    task = get_task(task_name)
+    config = PromptConfig(init="text").resolved(task.instruction_prompt, smollm2_tokenizer)
+    instruction_ids = smollm2_tokenizer(task.instruction_prompt, add_special_tokens=False)["input_ids"]
+    assert config.init_text == task.instruction_prompt and config.num_virtual_tokens == len(instruction_ids)
+    fields = {"context": "The cat sat on the mat.", "question": "Where did the cat sit?",
+              "article": "A cat sat on a mat all day.", "source": "A cat sits on a mat."}  # fmt: skip
+    example = Example("0", {f: fields[f] for f in task.fields}, ["x"])
+    soft = task.default_template(config.num_virtual_tokens)
+    vocab = tiny_model.get_input_embeddings().weight.shape[0]
+    soft_ids = assemble_ids(soft, encode_example(smollm2_tokenizer, soft, task, example, with_target=False).pieces,
+                            vocab)  # fmt: skip
+    plain = encode_example(smollm2_tokenizer, task.baseline_template(), task, example, with_target=False).pieces
+    table = build_prompt_module(config, tiny_model, smollm2_tokenizer)()
+    with torch.no_grad():
+        got = tiny_model(inputs_embeds=merge_embeddings(tiny_model, torch.tensor([soft_ids]), table, vocab)).logits
+        want = tiny_model(input_ids=torch.tensor([[i for piece in plain for i in piece]])).logits
+    assert torch.equal(got, want)
+
+
+def test_text_init_keeps_a_given_size_and_ptuning_keeps_twenty(smollm2_tokenizer):
+    given = PromptConfig(init="text", num_virtual_tokens=7).resolved("Translate this.\n", smollm2_tokenizer)
+    assert given.num_virtual_tokens == 7 and given.init_text == "Translate this.\n"
+    ptuning = PromptConfig(method="ptuning", init="text").resolved("Translate this.\n", smollm2_tokenizer)
+    assert ptuning.num_virtual_tokens == 20  # the encoder's output cannot reproduce the text anyway
+    assert PromptConfig(init="vocab").resolved("ignored", smollm2_tokenizer).init_text is None

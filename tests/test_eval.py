@@ -39,15 +39,56 @@ def test_eval_writes_predictions_and_the_metrics_of_those_predictions(tmp_path, 
     assert results["soft_prompt"]["metrics"] == metrics["metrics"]
 
 
-def test_eval_with_baseline_scores_the_instruction_and_zero_shot_prompts(tmp_path, tiny_model_dir):
+def test_eval_with_baseline_scores_the_instruction_zero_shot_and_chat_prompts(tmp_path, tiny_model_dir):
     out = tmp_path / "eval"
     results = _eval(tmp_path, tiny_model_dir, limit=2, max_new_tokens=3, baseline=True)
-    assert set(results) == {"soft_prompt", "baseline", "zero_shot"}
+    # The tiny model carries SmolLM2-Instruct's tokenizer, chat template included: the chat row appears.
+    assert set(results) == {"soft_prompt", "baseline", "zero_shot", "chat"}
     baseline = json.loads((out / "baseline" / "metrics.json").read_text())
     zero = json.loads((out / "zero_shot" / "metrics.json").read_text())
+    chat = json.loads((out / "chat" / "metrics.json").read_text())
     assert baseline["template"].startswith("Translate the English sentence into German.")
     assert zero["template"] == "English: {source}\nGerman:"
+    user_turn = "<|im_start|>user\n" + baseline["template"] + "<|im_end|>\n<|im_start|>assistant\n"
+    assert chat["template"].startswith("<|im_start|>system\n") and chat["template"].endswith(user_turn)
     assert (out / "baseline" / "predictions.jsonl").read_text().count("\n") == 2
+
+
+def test_chat_prompt_encodes_as_the_tokenizers_own_chat_formatting(smollm2_tokenizer):
+    from softtool.data import encode_example
+    from softtool.data.example import Example
+    from softtool.evaluate import chat_template
+
+    task = get_task("translation", src="en", tgt="de")
+    template = chat_template(smollm2_tokenizer, task.baseline_template())
+    example = Example("0", {"source": "A {curly} dog."}, ["Ein Hund."])
+    ids = [i for piece in encode_example(smollm2_tokenizer, template, task, example, with_target=False).pieces
+           for i in piece]  # fmt: skip
+    message = task.baseline_template().render(example.fields)[0]
+    expected = smollm2_tokenizer.apply_chat_template([{"role": "user", "content": message}],
+                                                     add_generation_prompt=True, tokenize=True)  # fmt: skip
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected  # a BatchEncoding in transformers 5
+    assert ids == list(expected)
+
+
+def test_few_shot_prompt_puts_the_first_train_examples_after_the_instruction(tmp_path, tiny_model_dir):
+    torch.manual_seed(0)
+    adapter = save_tiny_adapter(tmp_path / "adapter", tiny_model_dir, torch.randn(3, 32) * 0.1)
+    data = write_translation_data(tmp_path / "data", SOURCES, TARGETS, splits=("train", "val"))
+    options = EvalOptions(limit=2, max_new_tokens=3, baseline=True, shots=2)
+    results = run_eval(adapter, data, tmp_path / "eval", options, progress=False)
+    assert results["few_shot"]["template"] == (
+        "Translate the English sentence into German.\n"
+        f"English: {SOURCES[0]}\nGerman: {TARGETS[0]}\n\nEnglish: {SOURCES[1]}\nGerman: {TARGETS[1]}\n\n"
+        "English: {source}\nGerman:"
+    )
+    assert results["few_shot"]["n"] == 2
+
+
+def test_offset_skips_the_first_examples_of_the_split(tmp_path, tiny_model_dir):
+    _eval(tmp_path, tiny_model_dir, offset=1, limit=2, max_new_tokens=2)
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["source"] for r in rows] == SOURCES[1:3]
 
 
 def test_inputs_longer_than_the_budget_are_truncated_and_counted(tmp_path, tiny_model_dir):

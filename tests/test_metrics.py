@@ -101,3 +101,36 @@ def test_metrics_reject_mismatched_or_empty_inputs():
         metrics.bleu([], [])
     with pytest.raises(ValueError, match="at least one reference"):
         metrics.rouge(["a"], [[]])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Ein Mann mit einem einem einem",  # a one-word loop
+        "Kinder spielen in the park in the park in the park",  # a three-word loop
+        "a b c d a b c d a b c d a b",  # a loop cut by the budget mid-n-gram still counts
+    ],
+)
+def test_ends_in_loop_finds_a_trailing_repeated_ngram(text):
+    assert metrics.ends_in_loop(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Ein Mann fährt Fahrrad.",
+        "einem einem",  # two repeats are not a loop
+        "the park the park and more",  # the repetition does not reach the end
+        "a b c d e f g h i a b c d e f g h i a b c d e f g h i",  # a 9-gram: longer than max_ngram
+        "",
+    ],
+)
+def test_ends_in_loop_leaves_ordinary_endings_alone(text):
+    assert not metrics.ends_in_loop(text)
+
+
+def test_loop_share_is_the_percentage_of_looping_predictions():
+    preds = ["Ein Hund.", "einem einem einem", "Zwei Kinder.", "ja ja ja ja"]
+    assert metrics.loop_share(preds) == 50.0
+    with pytest.raises(ValueError):
+        metrics.loop_share([])

@@ -119,16 +119,16 @@ def test_missing_columns_error_names_the_needed_and_present_columns():
 
 def test_each_task_scores_its_main_metric_and_the_listed_metrics():
     expected = {
-        "squad": {"exact_match", "f1", "bleu", "bleu_signature", "n"},
-        "squad-qg": {"bleu", "bleu_signature", "n"},
-        "cnndm": {"rouge1", "rouge2", "rougeL", "bleu", "bleu_signature", "n"},
-        "translation": {"bleu", "chrf", "bleu_signature", "chrf_signature", "n"},
+        "squad": {"exact_match", "f1", "bleu", "bleu_signature", "loop_share", "n"},
+        "squad-qg": {"bleu", "bleu_signature", "loop_share", "n"},
+        "cnndm": {"rouge1", "rouge2", "rougeL", "bleu", "bleu_signature", "loop_share", "n"},
+        "translation": {"bleu", "chrf", "bleu_signature", "chrf_signature", "loop_share", "n"},
     }
     for name, keys in expected.items():
         task = get_task(name)
         scores = task.score(["a b c d", "e f g h"], [["a b c d"], ["x y z w", "e f g h"]])
         assert set(scores) == keys and task.main_metric in scores
-        assert scores["n"] == 2
+        assert scores["n"] == 2 and scores["loop_share"] == 0.0
         assert scores[task.main_metric] == pytest.approx(100.0)
         for key, value in scores.items():
             if key.endswith("_signature"):

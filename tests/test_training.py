@@ -133,3 +133,18 @@ def test_a_nonfinite_loss_stops_training_and_says_so(tmp_path, tiny_model_dir):
     # The checkpoint on disk is from before the bad step and holds finite values.
     ckpt = load_checkpoint(tmp_path / "out")
     assert all(torch.isfinite(t).all() for t in ckpt["prompt"].values())
+
+
+def test_text_init_records_the_instruction_it_started_from_and_peft_reads_it(tmp_path, tiny_model_dir):
+    from peft import PeftConfig
+
+    from softtool.data import get_task
+
+    _train(tmp_path, tiny_model_dir, PromptConfig(init="text"), max_steps=1, eval_every=0)
+    instruction = get_task("translation", src="en", tgt="de").instruction_prompt
+    meta = load_adapter(tmp_path / "out").meta
+    n = len(load_adapter(tmp_path / "out").prompt_table)
+    assert meta.init == "text" and meta.init_text == instruction
+    assert meta.template.startswith(f"[P:{n}]") and n == meta.num_virtual_tokens < 20  # the instruction's tokens
+    config = PeftConfig.from_pretrained(str(tmp_path / "out"))
+    assert config.prompt_tuning_init == "TEXT" and config.prompt_tuning_init_text == instruction

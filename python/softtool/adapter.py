@@ -58,6 +58,7 @@ class AdapterMeta:
     method: str = "prompt"  # prompt (Lester et al.) or ptuning (Liu et al.)
     task_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"src": "en", "tgt": "de"}
     init: str = "vocab"
+    init_text: str | None = None  # the text a text-initialized prompt started from (PEFT's prompt_tuning_init_text)
     metrics: dict[str, Any] = field(default_factory=dict)  # best dev metrics, filled by training
     train_options: dict[str, Any] = field(default_factory=dict)
     softtool_version: str = __version__
@@ -107,7 +108,7 @@ def peft_config(meta: AdapterMeta, model_config: Any | None = None, peft_base: s
         "num_attention_heads": getattr(model_config, "num_attention_heads", None),
         "num_layers": getattr(model_config, "num_hidden_layers", None),
         "prompt_tuning_init": init,
-        "prompt_tuning_init_text": None,
+        "prompt_tuning_init_text": meta.init_text if init == "TEXT" else None,
         "tokenizer_kwargs": None,
         "inference_mode": True,
         "revision": None,
@@ -267,6 +268,7 @@ def _meta_from_peft(cfg: dict[str, Any], table: Any) -> AdapterMeta:
         vocab_size=-1,  # unknown until the base model is loaded
         template=f"[P:{n}]{{input}}",
         init={"SAMPLE_VOCAB": "vocab", "TEXT": "text"}.get(cfg.get("prompt_tuning_init"), "random"),
+        init_text=cfg.get("prompt_tuning_init_text"),
     )
 
 

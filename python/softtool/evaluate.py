@@ -34,6 +34,9 @@ class EvalOptions:
 
     split: str | None = field(default=None, metadata={"help": "split to evaluate (default: the dev/validation split)"})
     limit: int | None = field(default=None, metadata={"help": "evaluate the first N examples only", "min": 1})
+    offset: int = field(
+        default=0, metadata={"help": "skip the split's first N examples (e.g. those a setting was chosen on)", "min": 0}
+    )
     backend: str = field(
         default="torch", metadata={"help": "generation backend: torch or onnx", "choices": ("torch", "onnx")}
     )
@@ -52,8 +55,17 @@ class EvalOptions:
         default=512, metadata={"help": "longest input in tokens incl. virtual tokens and output", "min": 8}
     )
     baseline: bool = field(
-        default=False, metadata={"help": "also evaluate the discrete instruction prompt and zero-shot input"}
+        default=False,
+        metadata={
+            "help": "also evaluate the discrete prompts: the instruction, the bare input, and the instruction through "
+            "the model's chat template when its tokenizer has one"
+        },
     )
+    shots: int = field(
+        default=0,
+        metadata={"help": "with --baseline, also a k-shot prompt: the instruction and the train split's first k "
+                  "examples (0: none)", "min": 0},
+    )  # fmt: skip
     search: dict[str, Any] = field(
         default_factory=dict,
         metadata={"cli": False, "help": "more SearchOptions fields (sampling, penalties), e.g. {'do_sample': True}"},
@@ -66,6 +78,8 @@ class EvalOptions:
             raise ValueError("num_beams and batch_size must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be positive, got {self.limit}")
+        if self.offset < 0 or self.shots < 0:
+            raise ValueError(f"offset and shots must be >= 0, got {self.offset} and {self.shots}")
         if self.max_new_tokens < 0 or self.max_length < 8:
             raise ValueError("max_new_tokens must be >= 0 and max_length >= 8")
         owned = {"num_beams", "max_new_tokens", "eos_token_ids", "pad_token_id"} & set(self.search)
@@ -188,7 +202,8 @@ def run_eval(
 ) -> dict[str, dict[str, Any]]:
     """Evaluate the adapter/export at `path` (and, with options.baseline, the discrete prompts).
 
-    Returns {"soft_prompt": record, "baseline": record, "zero_shot": record} (baselines only when asked).
+    Returns {"soft_prompt": record, "baseline": record, "zero_shot": record, ...} (the discrete prompts of
+    `discrete_prompts` only when asked).
     Under torchrun the examples are shared out over the ranks (or `dist`'s); rank 0 writes the files and
     every rank returns the same records.
     """
@@ -215,9 +230,14 @@ def run_eval(
         raise SofttoolError(f"{path} does not say which task it was trained for; pass --task")
     task = get_task(name, **(task_options or (meta.task_options if meta is not None and not task_name else {})))
     split_name = options.split or default_dev_split(data)
-    split = load_split(data, split_name, task=task, limit=options.limit)
+    limit = None if options.limit is None else options.offset + options.limit
+    split = load_split(data, split_name, task=task, limit=limit)
+    split = replace(split, examples=split.examples[options.offset :])
     if not split.examples:
-        raise SofttoolError(f"{data}: split {split_name} has no usable examples")
+        raise SofttoolError(
+            f"{data}: split {split_name} has no usable examples"
+            + (f" after the first {options.offset} (--offset)" if options.offset else "")
+        )
     max_new = options.max_new_tokens or task.max_target_tokens
     so = options.search_options(generator.tokenizer, max_new)
     common = {
@@ -260,8 +280,46 @@ def run_eval(
             if not base:
                 raise SofttoolError(f"{path} does not name its base model; pass --model for --baseline")
             model = load_model(base, device=device)
-        for kind, tmpl in (("baseline", task.baseline_template()), ("zero_shot", task.zero_shot_template())):
+        for kind, tmpl in discrete_prompts(task, generator.tokenizer, data, options.shots).items():
             plain = TorchGenerator(model, generator.tokenizer, tmpl, None, meta)
             info = {"backend": "torch", "adapter": None, "template": str(tmpl)}
             results[kind] = run(plain, kind.replace("_", "-"), output / kind, info)
     return results
+
+
+def discrete_prompts(task, tokenizer, data: str | Path, shots: int = 0) -> dict[str, Any]:
+    """The discrete prompts a soft prompt is compared with, by name: the instruction prompt (baseline), the
+    bare input (zero_shot), the instruction through the tokenizer's chat template (chat, for an instruct
+    model: the way its makers prompt it), and with `shots` the instruction followed by the train split's
+    first `shots` worked examples (few_shot)."""
+    from softtool.data import load_split
+
+    prompts: dict[str, Any] = {"baseline": task.baseline_template(), "zero_shot": task.zero_shot_template()}
+    chat = chat_template(tokenizer, task.baseline_template())
+    if chat is not None:
+        prompts["chat"] = chat
+    if shots:
+        try:
+            demos = load_split(data, "train", task=task, limit=shots).examples
+        except SofttoolError as exc:
+            raise SofttoolError(f"--shots {shots} takes its examples from the train split: {exc}") from exc
+        prompts["few_shot"] = task.few_shot_template(demos)
+    return prompts
+
+
+def chat_template(tokenizer, template) -> Any:
+    """`template` (a discrete prompt) as the user turn of the tokenizer's chat template, ending where the
+    assistant's reply starts; None when the tokenizer has no chat template (a base model)."""
+    from softtool.prompts.template import Template
+
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    # The fields go through the chat template as markers (the template's own braces could clash with them).
+    fields = template.fields
+    content = str(template).format(**{f: f"\x00{i}\x00" for i, f in enumerate(fields)})
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)  # fmt: skip
+    text = text.replace("{", "{{").replace("}", "}}")
+    for i, f in enumerate(fields):
+        text = text.replace(f"\x00{i}\x00", "{" + f + "}")
+    return Template.parse(text)

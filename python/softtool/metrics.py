@@ -1,6 +1,7 @@
 """Scores for generated text: SQuAD v1.1 exact match / F1, sacrebleu BLEU and chrF, and ROUGE.
 
-All scores are on a 0-100 scale. BLEU and chrF come from sacrebleu with their signatures, so a
+All scores are on a 0-100 scale. Beside them, `loop_share` counts degenerate outputs: the share of
+predictions that end in a repeated n-gram loop, which small models fall into under greedy decoding. BLEU and chrF come from sacrebleu with their signatures, so a
 number can be reproduced; ROUGE comes from Google's rouge-score package, with rougeLsum (the
 summary-level LCS over newline-separated sentences) reported as ROUGE-L, the standard for CNN/DM.
 
@@ -133,6 +134,34 @@ def rouge(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> di
         "rouge2": 100 * totals["rouge2"] / n,
         "rougeL": 100 * totals["rougeLsum"] / n,
     }
+
+
+def ends_in_loop(text: str, min_repeats: int = 3, max_ngram: int = 8) -> bool:
+    """True when `text` ends in a loop: its last words repeat one n-gram (n <= max_ngram words) at least
+    `min_repeats` times in a row ("... einem einem einem", "... in the park in the park in the park").
+
+    A loop cut by the token budget mid-n-gram still counts: the test is that the trailing words are
+    periodic with period n over at least min_repeats * n words. Words are whitespace-separated.
+    """
+    words = text.split()
+    for n in range(1, max_ngram + 1):
+        if len(words) < min_repeats * n:
+            break
+        periodic = 0  # trailing positions i with words[i] == words[i - n]
+        for i in range(len(words) - 1, n - 1, -1):
+            if words[i] != words[i - n]:
+                break
+            periodic += 1
+        if periodic + n >= min_repeats * n:
+            return True
+    return False
+
+
+def loop_share(predictions: Sequence[str]) -> float:
+    """Percentage (0-100) of predictions that end in a repeated n-gram loop (`ends_in_loop`)."""
+    if not predictions:
+        raise ValueError("nothing to score: no predictions")
+    return 100 * sum(ends_in_loop(p) for p in predictions) / len(predictions)
 
 
 def _check_lengths(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> None:

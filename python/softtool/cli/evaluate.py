@@ -58,9 +58,11 @@ def eval_command(
     Example:
       softtool eval runs/de --data ../shared/data/multi30k --limit 200 --baseline --output runs/de/eval
 
-    Writes OUTPUT/predictions.jsonl and OUTPUT/metrics.json; with --baseline also OUTPUT/baseline/ and
-    OUTPUT/zero_shot/, and prints the three scores side by side. Under `torchrun --nproc_per_node K -m
-    softtool eval ...` the examples are shared out over K processes with the same results.
+    Writes OUTPUT/predictions.jsonl and OUTPUT/metrics.json; with --baseline also OUTPUT/baseline/ (the
+    instruction), OUTPUT/zero_shot/ (the bare input), OUTPUT/chat/ (the instruction through the chat
+    template, for an instruct model) and with --shots K OUTPUT/few_shot/, and prints the scores side by
+    side. Under `torchrun --nproc_per_node K -m softtool eval ...` the examples are shared out over K
+    processes with the same results.
     """
     from softtool.distributed import distributed_context
     from softtool.evaluate import run_eval

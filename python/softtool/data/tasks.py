@@ -123,12 +123,25 @@ class Task:
         """Prompt tuning's layout: the virtual tokens, then the task's input text."""
         return Template.prefix(num_virtual_tokens, self.input_text)
 
+    @property
+    def instruction_prompt(self) -> str:
+        """The text the discrete baseline puts before the input: the instruction and its line break (the
+        default init text of a soft prompt, which then starts as exactly this prompt)."""
+        return self.instruction + "\n"
+
     def baseline_template(self) -> Template:
-        """The discrete-prompt baseline: the instruction, then the input text; no virtual tokens."""
-        return Template.parse(self.instruction + "\n" + self.input_text)
+        """The discrete-prompt baseline: the instruction prompt, then the input text; no virtual tokens."""
+        return Template.parse(self.instruction_prompt + self.input_text)
 
     def zero_shot_template(self) -> Template:
         return Template.parse(self.input_text)
+
+    def few_shot_template(self, demos: Sequence[Example]) -> Template:
+        """The instruction, then each demonstration (input text and its target) and a blank line, then the
+        input text: the k-shot prompt of a base model."""
+        shots = "".join(self.input_text.format(**ex.fields) + self.target_text(ex) + "\n\n" for ex in demos)
+        shots = shots.replace("{", "{{").replace("}", "}}")
+        return Template.parse(self.instruction_prompt + shots + self.input_text)
 
     def check_template(self, template: Template) -> None:
         """SofttoolError unless `template` uses every input field of the task, and no other field."""
@@ -154,9 +167,10 @@ class Task:
         return generated.strip().split("\n", 1)[0].strip()
 
     def score(self, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, Any]:
-        """The task's own metrics (_metrics), then corpus BLEU and its signature, then n."""
+        """The task's own metrics (_metrics), corpus BLEU and its signature, the loop share, then n."""
         out = dict(self._metrics(predictions, references))
         out.update(self._bleu(predictions, references))
+        out["loop_share"] = metrics.loop_share(predictions)
         out["n"] = len(predictions)
         return out
 
@@ -280,7 +294,8 @@ class TranslationTask(Task):
     def score(self, predictions, references):
         out = self._bleu(predictions, references)
         score, signature = metrics.chrf(predictions, references)
-        out.update({"chrf": score, "chrf_signature": signature, "n": len(predictions)})
+        out.update({"chrf": score, "chrf_signature": signature, "loop_share": metrics.loop_share(predictions)})
+        out["n"] = len(predictions)
         return out
 
 

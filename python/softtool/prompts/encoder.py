@@ -9,7 +9,7 @@ encoder and a P-tuning result loads exactly like a prompt-tuning one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ ENCODERS = ("lstm", "mlp")
 # Lester et al. sample initial prompts from the 5,000 most frequent tokens; BPE vocabularies put
 # frequent merges at low ids, so the lowest ids stand in for "frequent" without a corpus.
 VOCAB_INIT_RANGE = 5000
+DEFAULT_VIRTUAL_TOKENS = 20
 
 
 @dataclass
@@ -31,8 +32,13 @@ class PromptConfig:
     method: str = field(
         default="prompt", metadata={"help": "prompt (prompt tuning) or ptuning (prompt encoder)", "choices": METHODS}
     )
-    num_virtual_tokens: int = field(
-        default=20, metadata={"help": "virtual tokens in total (ignored with --template)", "min": 1}
+    num_virtual_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "virtual tokens in total (ignored with --template); default 20, or for prompt tuning with "
+            "--init text the init text's token count, so the prompt starts as exactly that text",
+            "min": 1,
+        },
     )
     init: str = field(
         default="vocab",
@@ -42,7 +48,8 @@ class PromptConfig:
         },
     )
     init_text: str | None = field(
-        default=None, metadata={"help": "phrase whose embeddings start the prompt (init=text)"}
+        default=None,
+        metadata={"help": "phrase whose embeddings start the prompt (init=text; default: the task's instruction)"},
     )
     encoder: str = field(
         default="lstm",
@@ -62,17 +69,38 @@ class PromptConfig:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
-        if self.num_virtual_tokens <= 0:
+        if self.num_virtual_tokens is not None and self.num_virtual_tokens <= 0:
             raise ValueError(f"num_virtual_tokens must be positive, got {self.num_virtual_tokens}")
         if self.encoder_hidden_size < 0:
             raise ValueError(f"encoder_hidden_size must be >= 0, got {self.encoder_hidden_size}")
-        if self.init == "text" and not self.init_text:
-            raise ValueError("init=text needs init_text (the phrase whose embeddings start the prompt)")
+        if self.init == "text" and self.init_text is not None and not self.init_text.strip():
+            raise ValueError("init_text is empty; give the phrase whose embeddings start the prompt")
+        if self.num_virtual_tokens is None and not self.counts_init_text:
+            self.num_virtual_tokens = DEFAULT_VIRTUAL_TOKENS
         if self.template is not None:
             n = Template.parse(self.template).num_virtual_tokens
             if n == 0:
                 raise ValueError(f"template {self.template!r} has no [P:N] block; add one")
             self.num_virtual_tokens = n
+
+    @property
+    def counts_init_text(self) -> bool:
+        """True when N is still to come from the init text's token count (prompt tuning, init=text, no N given)."""
+        return self.num_virtual_tokens is None and self.init == "text" and self.method == "prompt" and not self.template
+
+    def resolved(self, default_text: str, tokenizer) -> PromptConfig:
+        """This config with init=text made concrete: the init text (default: `default_text`, the task's
+        instruction prompt) and, where `counts_init_text`, N = its token count, so the step-0 prompt is
+        exactly that text's embeddings. Other configs come back unchanged."""
+        if self.init != "text":
+            return self
+        text = self.init_text or default_text
+        n = self.num_virtual_tokens
+        if self.counts_init_text:
+            n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if n == 0:
+                raise ValueError(f"init_text {text!r} tokenizes to nothing")
+        return replace(self, init_text=text, num_virtual_tokens=n)
 
 
 def initial_table(config: PromptConfig, embed: nn.Module | torch.Tensor, tokenizer=None, seed: int = 0) -> torch.Tensor:
@@ -83,6 +111,8 @@ def initial_table(config: PromptConfig, embed: nn.Module | torch.Tensor, tokeniz
     text-initialized prompt then reproduces that text's logits. A bare [V, H] tensor is taken as those rows.
     """
     n = config.num_virtual_tokens
+    if n is None:
+        raise ValueError("the prompt's size comes from its init text: call PromptConfig.resolved() first")
     if isinstance(embed, nn.Module):
         vocab = embed.weight.shape[0]
         device = embed.weight.device
@@ -105,8 +135,8 @@ def initial_table(config: PromptConfig, embed: nn.Module | torch.Tensor, tokeniz
     if config.init == "vocab":
         ids = torch.randint(0, min(vocab, VOCAB_INIT_RANGE), (n,), generator=gen)
         return rows(ids)
-    if tokenizer is None:
-        raise ValueError("init=text needs the tokenizer")
+    if tokenizer is None or not config.init_text:
+        raise ValueError("init=text needs the tokenizer and init_text (see PromptConfig.resolved)")
     ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"init_text {config.init_text!r} tokenizes to nothing")

@@ -167,6 +167,9 @@ def train_prompt(
     started = time.perf_counter()
     output = Path(output)
     task = get_task(data.task, **data.task_options)
+    if prompt.init == "text":
+        tokenizer = tokenizer or load_tokenizer(model_name)
+        prompt = prompt.resolved(task.instruction_prompt, tokenizer)
     template = Template.parse(prompt.template) if prompt.template else task.default_template(prompt.num_virtual_tokens)
     missing = [f for f in template.fields if f not in task.fields]
     if missing:
@@ -258,6 +261,7 @@ def _write_outputs(summary: TrainSummary, model, model_name, template, task, pro
         method=prompt.method,
         task_options=task.options,
         init=prompt.init,
+        init_text=prompt.init_text if prompt.init == "text" else None,
         metrics={**result.state.best_metrics, "best_step": result.state.best_step, **counts},
         train_options={**options.to_dict(), "prompt": asdict(prompt), "steps_done": result.state.step},
     )
