@@ -369,6 +369,7 @@ def _build(adapters, adapter_dirs, base, folder: Path, device: str, options: Exp
                 template=a.meta.template,
                 method=a.meta.method,
                 task_options=dict(a.meta.task_options),
+                decoding=dict(a.meta.decoding),
             )
             for d, a in zip(adapter_dirs, adapters, strict=True)
         ),

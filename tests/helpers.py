@@ -146,9 +146,12 @@ def write_translation_data(folder: Path, sources=SOURCES, targets=TARGETS, split
     return folder
 
 
-def save_tiny_adapter(path: Path, model_dir: Path, table, template: str | None = None, task="translation"):
+def save_tiny_adapter(
+    path: Path, model_dir: Path, table, template: str | None = None, task="translation", decoding: dict | None = None
+):
     """Save `table` [n, hidden] as a soft prompt for the tiny model (SmolLM2's 49,152-token vocabulary): by default
-    en->de translation with the template `[P:n]English: {source}\nGerman:`. Returns the adapter folder."""
+    en->de translation with the template `[P:n]English: {source}\nGerman:`, and the task's decoding defaults
+    `decoding` (none by default). Returns the adapter folder."""
     from softtool.adapter import Adapter, AdapterMeta, save_adapter
 
     n, hidden = table.shape
@@ -160,6 +163,7 @@ def save_tiny_adapter(path: Path, model_dir: Path, table, template: str | None =
         template=template or f"[P:{n}]English: {{source}}\nGerman:",
         task=task,
         task_options={"src": "en", "tgt": "de"} if task == "translation" else {},
+        decoding=dict(decoding or {}),
     )
     return save_adapter(path, Adapter(table, meta))
 

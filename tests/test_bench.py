@@ -300,3 +300,23 @@ def test_the_gpu_bench_script_runs_end_to_end_as_a_cpu_dry_run(tiny_model_dir, t
     for name in ("translation", "translation_b1", "translation_beam4", "train_translation"):
         result = json.loads((tmp_path / f"bench_{name}_cuda.json").read_text())
         assert all(b["status"] == "ok" for b in result["backends"]), (name, result["backends"])
+
+
+def test_decoding_options_reach_every_row_and_hf_cb_that_cannot_apply_them_is_skipped(lively_model_dir, tmp_path):
+    """--no-repeat-ngram-size 1 (and a repetition penalty) on the lively model, which repeats itself without
+    them: PEFT's generate and softtool's torch backend apply both and still agree token for token, no row
+    repeats a token, and transformers' continuous batching, which cannot apply them, is skipped with the reason.
+    One row per batch: PEFT ignores position ids, so its left-padded rows drift on a model this sensitive."""
+    out = tmp_path / "bench.json"
+    args = ["bench", "--config", str(SMOKE), "--model", str(lively_model_dir), "--cache-dir", str(tmp_path / "c")]
+    args += ["--backends", "peft,hf,hf-cb,torch", "--no-repeat-ngram-size", "1", "--repetition-penalty", "1.3"]
+    args += ["--batch-size", "1"]
+    run_cli([*args, "--output", str(out)])
+    result = json.loads(out.read_text())
+    assert result["workload"]["decoding"] == {"no_repeat_ngram_size": 1, "repetition_penalty": 1.3}
+    rows = {b["name"]: b for b in result["backends"]}
+    assert rows["hf-cb"]["status"] == "skipped" and "continuous batching" in rows["hf-cb"]["reason"]
+    assert rows["peft"]["status"] == rows["torch"]["status"] == rows["hf"]["status"] == "ok"
+    assert rows["torch"]["outputs"] == rows["peft"]["outputs"]
+    for name in ("peft", "hf", "torch"):
+        assert all(len(set(tokens)) == len(tokens) for tokens in rows[name]["outputs"]), name

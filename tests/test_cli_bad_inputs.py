@@ -51,7 +51,7 @@ CASES = [
     # train: the options' own checks and the data, before any model loads
     ("train template without input", [*TRAIN, "--template", "[P:4]Translate:"], None, "{source}"),
     ("train template unknown field", [*TRAIN, "--template", "[P:4]{source} {foo}"], None, "['foo']"),
-    ("train init text without text", [*TRAIN, "--init", "text"], None, "init_text"),
+    ("train init text empty", [*TRAIN, "--init", "text", "--init-text", " "], None, "init_text is empty"),
     ("train autocast on cpu", [*TRAIN, "--autocast", "--dtype", "bfloat16"], None, "autocast"),
     ("train unknown language", [*TRAIN, "--src", "xx"], None, "'xx' is not a known language code"),
     ("train missing data", [*TRAIN[:4], "{inputs}/nowhere", *TRAIN[5:]], None, "nowhere"),

@@ -143,5 +143,6 @@ def test_output_folder_holding_a_different_run(tmp_path, data, tiny_model_dir, c
 
 
 def test_bad_option_combination(tmp_path, data, tiny_model_dir, capsys):
-    line = error_line(*run_cli(train_args(data, tiny_model_dir, tmp_path / "out", "--init", "text"), capsys)[::2])
-    assert "init_text" in line
+    args = train_args(data, tiny_model_dir, tmp_path / "out", "--init", "text", "--init-text", "  ")
+    line = error_line(*run_cli(args, capsys)[::2])
+    assert "init_text is empty" in line

@@ -97,3 +97,31 @@ def test_inputs_longer_than_the_budget_are_truncated_and_counted(tmp_path, tiny_
     metrics = json.loads((out / "metrics.json").read_text())
     # 20 tokens minus 4 to generate, 3 virtual and the template's own words leave ~8 for the source.
     assert metrics["truncated"] == 2
+
+
+def test_eval_decodes_with_the_adapters_decoding_defaults_and_search_overrides_them(tmp_path, lively_model_dir):
+    """The lively model repeats itself within 12 tokens; the adapter's no-repeat-ngram default (1) forbids any
+    repeated token, and an explicit search option turns it off again."""
+    data = write_translation_data(tmp_path / "data", SOURCES, TARGETS, splits=("val",))
+
+    def tokens(decoding, search=None):
+        torch.manual_seed(0)
+        adapter = save_tiny_adapter(tmp_path / "a", lively_model_dir, torch.randn(3, 32), decoding=decoding)
+        out = tmp_path / "eval"
+        options = EvalOptions(limit=4, max_new_tokens=12, search=search or {})
+        run_eval(adapter, data, out, options, progress=False)
+        metrics = json.loads((out / "metrics.json").read_text())
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(lively_model_dir)
+        preds = [json.loads(line)["prediction"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+        return metrics["decoding"], [tok(p, add_special_tokens=False)["input_ids"] for p in preds]
+
+    plain_decoding, plain = tokens({})
+    assert plain_decoding == {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0}
+    assert any(len(set(ids)) < len(ids) for ids in plain)  # without the default some prediction repeats a token
+    decoding, distinct = tokens({"no_repeat_ngram_size": 1})
+    assert decoding["no_repeat_ngram_size"] == 1
+    assert all(len(set(ids)) == len(ids) for ids in distinct)
+    overridden, again = tokens({"no_repeat_ngram_size": 1}, search={"no_repeat_ngram_size": 0})
+    assert overridden["no_repeat_ngram_size"] == 0 and again == plain

@@ -330,3 +330,18 @@ def test_an_export_killed_between_its_renames_is_put_back_and_its_litter_removed
     _recover(tmp_path / "onnx")
     assert ExportMeta.read(tmp_path / "onnx") == ExportMeta.read(tiny_export[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
+
+
+def test_the_tasks_decoding_defaults_travel_into_the_export_and_its_generator(tmp_path, tiny_model_dir):
+    from helpers import save_tiny_adapter
+    from softtool.export.onnx import export_adapters
+    from softtool.export_meta import ExportMeta
+    from softtool.runtime.onnx_backend import OnnxGenerator
+
+    decoding = {"no_repeat_ngram_size": 3, "repetition_penalty": 1.2}
+    adapter = save_tiny_adapter(tmp_path / "de", tiny_model_dir, torch.randn(3, 32) * 0.1, decoding=decoding)
+    plain = save_tiny_adapter(tmp_path / "fr", tiny_model_dir, torch.randn(3, 32) * 0.1)
+    export_adapters([adapter, plain], tmp_path / "onnx")
+    assert [t.decoding for t in ExportMeta.read(tmp_path / "onnx").tasks] == [decoding, {}]
+    generator = OnnxGenerator.from_export_dir(tmp_path / "onnx")
+    assert generator.decoding(0) == decoding and generator.decoding(1) == {}

@@ -192,3 +192,16 @@ def test_threads_are_set_before_the_model_loads(adapter, monkeypatch, capsys):
     code, _, err = run_cli(["generate", adapter, "--threads", "1", "--max-new-tokens", "1", "A dog."], capsys)
     assert code == 0, err
     assert [step for step, _ in order] == ["threads", "load"] and order[0][1] == 1
+
+
+def test_the_adapters_decoding_defaults_apply_unless_a_flag_sets_them(tmp_path, tiny_model_dir, calls, capsys):
+    decoding = {"no_repeat_ngram_size": 3, "repetition_penalty": 1.3}
+    folder = save_tiny_adapter(tmp_path / "de", tiny_model_dir, torch.zeros(2, 32), decoding=decoding)
+    code, _, err = run_cli(["generate", str(folder), "--max-new-tokens", "2", "A dog."], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["generate", str(folder), "--max-new-tokens", "2", "--no-repeat-ngram-size", "0", "A dog."],
+                           capsys)  # fmt: skip
+    assert code == 0, err
+    (_, recorded), (_, overridden) = calls
+    assert (recorded.no_repeat_ngram_size, recorded.repetition_penalty) == (3, 1.3)
+    assert (overridden.no_repeat_ngram_size, overridden.repetition_penalty) == (0, 1.3)

@@ -492,3 +492,29 @@ def test_an_export_serves_its_tasks_and_takes_adapters_with_prompt_table_input(a
     }
     for task, out in zip(("de", "fr", "w1"), outputs, strict=True):
         assert [c.text.strip() for c in out.choices] == want[task], task
+
+
+def test_a_request_decodes_with_its_tasks_recorded_defaults_unless_it_sets_them(tmp_path, tiny_model_dir):
+    from helpers import save_tiny_adapter
+    from softtool.serve.app import ServerState
+    from softtool.serve.options import ServeOptions
+    from softtool.serve.protocol import CompletionRequest
+    from softtool.serve.registry import load
+
+    decoding = {"no_repeat_ngram_size": 3, "repetition_penalty": 1.2}
+    save_tiny_adapter(tmp_path / "de", tiny_model_dir, torch.zeros(3, 32), decoding=decoding)
+    save_tiny_adapter(tmp_path / "fr", tiny_model_dir, torch.zeros(3, 32))
+    state = ServerState(
+        ServeOptions(slots=2, max_length=64, max_tokens=8),
+        load([str(tmp_path / "de"), str(tmp_path / "fr")], None, None, threads=1),
+    )
+
+    def options(**request):
+        prepared = state.service.prepare(
+            CompletionRequest(prompt="A dog.", max_tokens=4, **request), time.perf_counter()
+        )
+        return prepared.rows[0].options.no_repeat_ngram_size, prepared.rows[0].options.repetition_penalty
+
+    assert options(model="de") == (3, 1.2)
+    assert options(model="de", repetition_penalty=1.5) == (3, 1.5)
+    assert options(model="fr") == (0, 1.0)

@@ -59,6 +59,7 @@ class AdapterMeta:
     task_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"src": "en", "tgt": "de"}
     init: str = "vocab"
     init_text: str | None = None  # the text a text-initialized prompt started from (PEFT's prompt_tuning_init_text)
+    decoding: dict[str, Any] = field(default_factory=dict)  # the task's decoding defaults (SearchOptions fields)
     metrics: dict[str, Any] = field(default_factory=dict)  # best dev metrics, filled by training
     train_options: dict[str, Any] = field(default_factory=dict)
     softtool_version: str = __version__

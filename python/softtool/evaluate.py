@@ -90,9 +90,11 @@ class EvalOptions:
         except TypeError as exc:
             raise ValueError(f"search: {exc}") from exc
 
-    def search_options(self, tokenizer, max_new_tokens: int) -> SearchOptions:
-        """The decoding options: beams from here, EOS and padding from the tokenizer, the rest from `search`."""
-        return replace(search_options(tokenizer, self.num_beams, max_new_tokens), **self.search)
+    def search_options(self, tokenizer, max_new_tokens: int, defaults: dict | None = None) -> SearchOptions:
+        """The decoding options: beams from here, EOS and padding from the tokenizer, then the task's decoding
+        `defaults` (its no-repeat-ngram size and repetition penalty), then `search`, which overrides them."""
+        base = search_options(tokenizer, self.num_beams, max_new_tokens)
+        return replace(base, **{**(defaults or {}), **self.search})
 
 
 @dataclass
@@ -239,7 +241,7 @@ def run_eval(
             + (f" after the first {options.offset} (--offset)" if options.offset else "")
         )
     max_new = options.max_new_tokens or task.max_target_tokens
-    so = options.search_options(generator.tokenizer, max_new)
+    so = options.search_options(generator.tokenizer, max_new, generator.decoding(0))
     common = {
         "task": task.name,
         "task_options": task.options,
@@ -248,6 +250,8 @@ def run_eval(
         "skipped_empty": split.skipped_empty,
         "backend": options.backend,
         "options": asdict(options),
+        # What the outputs were decoded with (the task's defaults and --search overrides), every prompt alike.
+        "decoding": {"no_repeat_ngram_size": so.no_repeat_ngram_size, "repetition_penalty": so.repetition_penalty},
     }
 
     def run(gen: Generator, desc: str, folder: Path, info: dict[str, Any]) -> dict[str, Any]:

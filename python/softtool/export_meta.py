@@ -34,6 +34,7 @@ class ExportTask:
     template: str  # e.g. "[P:20]English: {source}\nGerman:"
     method: str = "prompt"  # prompt or ptuning
     task_options: dict[str, Any] = field(default_factory=dict)
+    decoding: dict[str, Any] = field(default_factory=dict)  # decoding defaults (SearchOptions fields) of the task
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ from softtool.bench.options import BenchOptions
 from softtool.bench.workload import Workload, default_cache_dir
 from softtool.errors import SofttoolError
 
+_DECODING_OFF = {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0}
+
 
 class BackendUnavailable(Exception):
     """This backend cannot run in this build or on this input (the message says why)."""
@@ -105,6 +107,8 @@ class _HfBackend(Backend):
                 eos_token_id=self.workload.eos_token_id,
                 pad_token_id=self.workload.pad_token_id,
                 use_cache=self.use_cache,
+                no_repeat_ngram_size=self.workload.decoding.get("no_repeat_ngram_size", 0),
+                repetition_penalty=self.workload.decoding.get("repetition_penalty", 1.0),
                 temperature=None,
                 top_p=None,
                 top_k=None,
@@ -144,6 +148,12 @@ class HfCbBackend(Backend):
     def load(self) -> None:
         from softtool.models import load_model
 
+        if any(self.workload.decoding.get(k, off) != off for k, off in _DECODING_OFF.items()):
+            # Its logits processors work on the flattened paged batch; these two need each row's history.
+            raise BackendUnavailable(
+                f"transformers' continuous batching does not apply {self.workload.decoding}; the row would do "
+                "less work than the others"
+            )
         self.model = load_model(
             self.options.model, dtype=self.options.dtype, device=self.options.device, attn_implementation="sdpa"
         )
@@ -202,6 +212,7 @@ class SofttoolBackend(Backend):
             num_beams=self.options.num_beams,
             eos_token_ids=[self.workload.eos_token_id],
             pad_token_id=self.workload.pad_token_id,
+            **self.workload.decoding,
         )
         rows = [self.workload.pieces[i] for i in indices]
         engine = EngineOptions(

@@ -108,6 +108,16 @@ class BenchOptions:
     )
     output: str | None = field(default=None, metadata={"help": "JSON result path (a PNG chart goes beside it)."})
     seed: int = field(default=0, metadata={"help": "Seed of the untrained prompt."})
+    no_repeat_ngram_size: int | None = field(
+        default=None,
+        metadata={"help": "No-repeat n-gram size of every row (hf ones too); default: the adapter's task default.",
+                  "min": 0},
+    )  # fmt: skip
+    repetition_penalty: float | None = field(
+        default=None,
+        metadata={"help": "Repetition penalty of every row (hf ones too); default: the adapter's task default.",
+                  "min": 0, "min_open": True},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -129,6 +139,10 @@ class BenchOptions:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.no_repeat_ngram_size is not None and self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         _check_device(self.device)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")

@@ -116,6 +116,7 @@ def run_bench(options: BenchOptions, command: str = "", progress=None) -> dict[s
             "num_virtual_tokens": workload.num_virtual_tokens,
             "adapter": str(workload.adapter_dir),
             "untrained_prompt": workload.untrained,
+            "decoding": workload.decoding,
             "mean_input_tokens": sum(map(len, workload.rows)) / len(workload.rows),
         },
         "notes": workload.notes,

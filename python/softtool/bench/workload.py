@@ -47,6 +47,9 @@ class Workload:
     untrained: bool
     data_source: str
     notes: list[str] = field(default_factory=list)
+    # Decoding every backend applies (no_repeat_ngram_size, repetition_penalty): the adapter's task defaults,
+    # then the bench's options. The hf rows get the same, so every row does the same kind of work.
+    decoding: dict[str, Any] = field(default_factory=dict)
 
     def batches(self, batch_size: int) -> list[range]:
         return [range(i, min(i + batch_size, len(self.rows))) for i in range(0, len(self.rows), batch_size)]
@@ -177,6 +180,10 @@ def build_workload(options: BenchOptions, model, tokenizer) -> Workload:
         all_pieces.append([list(p) for p in pieces])
         rows.append(assemble_ids(template, pieces, vocab, 0))
         text_rows.append([t for piece in pieces for t in piece])
+    decoding = dict(adapter.meta.decoding if not untrained else task.decoding)
+    for name in ("no_repeat_ngram_size", "repetition_penalty"):
+        if getattr(options, name) is not None:
+            decoding[name] = getattr(options, name)
     notes = []
     if untrained:
         notes.append("no adapter given: an untrained prompt (vocab init) was used; speed is valid, metrics are not")
@@ -194,6 +201,7 @@ def build_workload(options: BenchOptions, model, tokenizer) -> Workload:
         untrained=untrained,
         data_source=str(source),
         notes=notes,
+        decoding=decoding,
     )
 
 

@@ -29,7 +29,7 @@ from softtool.cli.common import (
 from softtool.cli.inputs import Inputs, Record
 from softtool.errors import SofttoolError
 from softtool.evaluate import EvalOptions
-from softtool.options import cli_options, click_type
+from softtool.options import cli_options, click_type, given_on_command_line
 
 SEARCH_FIELDS = ("num_beams", "max_new_tokens", "num_return_sequences", *SAMPLING_FIELDS)
 
@@ -69,7 +69,9 @@ SEARCH_FIELDS = ("num_beams", "max_new_tokens", "num_return_sequences", *SAMPLIN
 @threads_option
 @click.option("--raw", is_flag=True, help="print the decoded output as is (no task post-processing)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
+@click.pass_context
 def generate(
+    ctx,
     path,
     texts,
     input_path,
@@ -136,7 +138,12 @@ def generate(
     total = None
     if inputs.rereadable:  # check every input before generating for any (reading twice costs only tokenizing)
         total = sum(1 for record in inputs if encoder.encode(record) is not None)
-    options = replace(decoding_options(generator.tokenizer, search["num_beams"], search["max_new_tokens"]), **search)
+    # The task's decoding defaults (recorded at training) apply unless a flag sets the same field.
+    given = given_on_command_line(ctx, search)
+    defaults = {k: v for k, v in generator.decoding(0).items() if k not in given}
+    options = replace(
+        decoding_options(generator.tokenizer, search["num_beams"], search["max_new_tokens"]), **{**search, **defaults}
+    )
     done = _run(generator, encoder, inputs, options, chunk_size, output_path, total, quiet)
     if done == 0 and not texts and input_path is None:
         raise SofttoolError("no input: pass TEXT arguments, --input FILE, or lines on stdin")

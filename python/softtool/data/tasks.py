@@ -76,6 +76,10 @@ class Task:
     instruction: str  # the discrete instruction of the baseline prompt
     input_text: str  # the input format, with {field} placeholders, ending where the output starts
     columns: ClassVar[dict[str, tuple[str, ...]]]  # what column_choices returns, for a task with fixed columns
+    # Decoding defaults (SearchOptions fields: no_repeat_ngram_size, repetition_penalty) chosen on the dev split
+    # by benchmarks/quality.py; training records them in softtool.json, export in each task's entry, and
+    # eval/generate/serve apply them unless told otherwise.
+    decoding: ClassVar[dict[str, Any]] = {}
 
     @property
     def options(self) -> dict[str, Any]:

@@ -30,12 +30,18 @@ class Generator(SlotModel):
     where: str = "the prompt table"  # names the source in errors
 
     task_names: list[str]  # one per task, in task-id order
+    task_decoding: dict[int, dict]  # task id -> its decoding defaults (SearchOptions fields), where it has any
 
-    def _name_task(self, task: int, template: Template, name: str | None) -> None:
-        """Record a newly added task's template (when it differs from the first task's) and its name."""
+    def _name_task(self, task: int, template: Template, name: str | None, decoding: Mapping | None = None) -> None:
+        """Record a newly added task's template (when it differs from the first task's), name and decoding."""
         if template != self.template:
             self.task_templates[task] = template
         self.task_names.append(name or f"task{task}")
+        self.task_decoding[task] = dict(decoding or {})
+
+    def decoding(self, task: int = 0) -> dict:
+        """The task's decoding defaults (e.g. {"no_repeat_ngram_size": 3}): what its adapter or export records."""
+        return dict(self.task_decoding.get(task, {}))
 
     def encode(self, fields: Mapping[str, str], task: int = 0) -> list[list[int]]:
         """Token ids of each text slot of the task's template filled with `fields` (tokenized separately, as in

@@ -65,6 +65,7 @@ class OnnxGenerator(Generator):
             task=meta.task,
             method=meta.method,
             task_options=meta.task_options,
+            decoding=dict(meta.tasks[0].decoding),
         )
         dtypes = input_dtypes(session)
         self.kv_dtype = _TORCH_DTYPES[dtypes["past_key_values.0.key"]]
@@ -79,6 +80,7 @@ class OnnxGenerator(Generator):
         self.table = table
         self.num_tasks = table.shape[0] // max(self.num_virtual, 1)
         self.task_names = [t.name for t in meta.tasks]
+        self.task_decoding = {i: dict(t.decoding) for i, t in enumerate(meta.tasks)}
         for task, entry in enumerate(meta.tasks[1:], start=1):  # each task of a multi-task export has its own
             own = Template.parse(entry.template)
             if own != template:
@@ -135,7 +137,9 @@ class OnnxGenerator(Generator):
         return cls(folder, meta, session, device, tokenizer, table, tmpl, precompute_prompt=precompute_prompt)
 
     # -- prompts ------------------------------------------------------------------------------------
-    def add_task(self, prompt_table, template: Template | None = None, name: str | None = None) -> int:
+    def add_task(
+        self, prompt_table, template: Template | None = None, name: str | None = None, decoding: dict | None = None
+    ) -> int:
         """Append a task's prompt [N, H] and template (default: the first task's); graphs exported with
         --prompt-table-input only. Returns its task id."""
         if not self.export_meta.prompt_table_input:
@@ -155,7 +159,7 @@ class OnnxGenerator(Generator):
             )
         self.table = np.concatenate([self.table, rows])
         self.num_tasks += 1
-        self._name_task(self.num_tasks - 1, template, name)
+        self._name_task(self.num_tasks - 1, template, name, decoding)
         self._refresh_prompt()
         return self.num_tasks - 1
 

@@ -51,6 +51,7 @@ class TorchGenerator(Generator):
         self.num_virtual = template.num_virtual_tokens
         self._init_slots()
         self.task_names = ["task0"]
+        self.task_decoding = {0: dict(meta.decoding) if meta is not None else {}}
         self.slot_lm = SlotLM(model, None, self.vocab_size, in_place=True)
         self.set_prompt(prompt_table)
 
@@ -102,9 +103,16 @@ class TorchGenerator(Generator):
         """Load another adapter of the same base model as a new task; returns its task id."""
         adapter = load_adapter(path)
         check_compatible(adapter, self.model)
-        return self.add_task(adapter.prompt_table, Template.parse(adapter.meta.template), Path(path).resolve().name)
+        name = Path(path).resolve().name
+        return self.add_task(adapter.prompt_table, Template.parse(adapter.meta.template), name, adapter.meta.decoding)
 
-    def add_task(self, prompt_table: torch.Tensor, template: Template | None = None, name: str | None = None) -> int:
+    def add_task(
+        self,
+        prompt_table: torch.Tensor,
+        template: Template | None = None,
+        name: str | None = None,
+        decoding: dict | None = None,
+    ) -> int:
         """Append a task (its prompt [N, H] and template, default the first task's); returns its task id."""
         template = template or self.template
         n = self.template.num_virtual_tokens
@@ -115,7 +123,7 @@ class TorchGenerator(Generator):
             )
         task = self.num_tasks
         self.set_prompt(torch.cat([self.table, prompt_table.to(self.kv_device, self.kv_dtype)]))
-        self._name_task(task, template, name)
+        self._name_task(task, template, name, decoding)
         return task
 
     def set_prompt(self, prompt_table: torch.Tensor | None) -> None:

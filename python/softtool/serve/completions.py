@@ -136,7 +136,7 @@ class CompletionService:
             raise ApiError(400, f"n is {request.n}; this server allows at most {self.options.max_n}", "n")
         if request.min_tokens is not None and request.min_tokens > budget:
             raise ApiError(400, f"min_tokens ({request.min_tokens}) is above max_tokens ({budget})", "min_tokens")
-        options = self._search_options(request, budget)
+        options = self._search_options(request, budget, self.engine.generator.decoding(task.task_id))
         fields = dict(request.fields or {})
         template = task.template
         unknown = sorted(set(fields) - set(template.fields))
@@ -173,7 +173,9 @@ class CompletionService:
             rows += [Row(ids, task.task_id, options) for _ in range(request.n)]
         return Prepared(request, task, rows, prompt_tokens, request.stops, arrived)
 
-    def _search_options(self, request: CompletionRequest, budget: int) -> SearchOptions:
+    def _search_options(self, request: CompletionRequest, budget: int, decoding: dict) -> SearchOptions:
+        """The request's decoding; what it leaves unset comes from the task's recorded defaults (`decoding`)."""
+        penalty = request.repetition_penalty or decoding.get("repetition_penalty", 1.0)
         temperature = 0.0 if request.temperature is None else float(request.temperature)
         sample = temperature > 0  # temperature 0 (the default) is greedy search, as `softtool generate`
         try:
@@ -186,7 +188,8 @@ class CompletionService:
                 temperature=temperature if sample else 1.0,
                 top_p=float(request.top_p) if sample and request.top_p is not None else 1.0,
                 top_k=(request.top_k or 0) if sample else 0,
-                repetition_penalty=float(request.repetition_penalty or 1.0),
+                repetition_penalty=float(penalty),
+                no_repeat_ngram_size=int(decoding.get("no_repeat_ngram_size", 0)),
                 seed=request.seed if request.seed is not None else random.getrandbits(62),
             )
         except ValueError as exc:

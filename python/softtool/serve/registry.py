@@ -134,7 +134,7 @@ def add_adapter(generator, adapter: Adapter, name: str, *, check_base: bool = Tr
     table = adapter.prompt_table
     if not hasattr(generator, "slot_lm"):  # the ONNX backend takes a numpy table
         table = table.numpy()
-    return generator.add_task(table, Template.parse(adapter.meta.template), name)
+    return generator.add_task(table, Template.parse(adapter.meta.template), name, adapter.meta.decoding)
 
 
 @dataclass

@@ -11,7 +11,7 @@ Under torchrun every rank runs train_prompt; rank 0 alone prepares and writes th
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +262,7 @@ def _write_outputs(summary: TrainSummary, model, model_name, template, task, pro
         task_options=task.options,
         init=prompt.init,
         init_text=prompt.init_text if prompt.init == "text" else None,
+        decoding=dict(task.decoding),
         metrics={**result.state.best_metrics, "best_step": result.state.best_step, **counts},
         train_options={**options.to_dict(), "prompt": asdict(prompt), "steps_done": result.state.step},
     )
@@ -282,7 +283,7 @@ def _dev_metrics(model, tokenizer, template, task, examples, options: TrainOptio
     generator = TorchGenerator(
         model, tokenizer, template, torch.zeros(template.num_virtual_tokens, model.config.hidden_size)
     )
-    so = search_options(tokenizer, 1, task.max_target_tokens)
+    so = replace(search_options(tokenizer, 1, task.max_target_tokens), **task.decoding)
 
     def metrics(table: torch.Tensor) -> dict[str, float]:
         generator.set_prompt(table)
