@@ -187,7 +187,7 @@ class Quality:
                 seconds = json.loads((out / "quality_train.json").read_text())["seconds"]
                 row = {
                     "lr": lr,
-                    "select": _scores(scores),
+                    "select": _scores(scores, out / "select"),
                     "curve": self.curve(out),
                     "train_seconds": seconds,
                     "adapter": str(out),
@@ -211,7 +211,7 @@ class Quality:
             search = {"no_repeat_ngram_size": ngram, "repetition_penalty": penalty}
             folder = path / f"decode-ngram{ngram}-rp{penalty:g}"
             scores = self.evaluate(path, folder, offset=0, limit=self.args.select_limit, search=search)
-            row = {**search, "method": method, **_scores(scores["soft_prompt"])}
+            row = {**search, "method": method, **_scores(scores["soft_prompt"], folder)}
             self.result["decode"].append(row)
             self.write()
             # A penalty must earn its place: ties keep the plainer setting (listed first).
@@ -237,10 +237,10 @@ class Quality:
                 baseline=baseline, shots=self.args.shots if baseline else 0, search=search,
             )  # fmt: skip
             self.result["test"][method] = {"lr": self.result["selected"][method]["lr"],
-                                           **_scores(records["soft_prompt"])}  # fmt: skip
+                                           **_scores(records["soft_prompt"], path / tag)}  # fmt: skip
             for kind, record in records.items():
                 if kind != "soft_prompt":
-                    self.result["test"][kind] = {"template": record["template"], **_scores(record)}
+                    self.result["test"][kind] = {"template": record["template"], **_scores(record, path / tag / kind)}
             self.write()
 
     def plot(self) -> Path:
@@ -273,8 +273,15 @@ class Quality:
         return path
 
 
-def _scores(record: dict) -> dict:
+def _scores(record: dict, folder: Path | None = None) -> dict:
+    """The numeric scores of one eval record; the loop share is computed from `folder`'s predictions.jsonl
+    for an evaluation that ran before eval reported it."""
+    from softtool.metrics import loop_share
+
     keep = {k: v for k, v in record["metrics"].items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    if "loop_share" not in keep and folder is not None and (folder / "predictions.jsonl").exists():
+        lines = (folder / "predictions.jsonl").read_text().splitlines()
+        keep["loop_share"] = loop_share([json.loads(line)["prediction"] for line in lines if line.strip()])
     return {**keep, "seconds": record["seconds"], "tokens_per_s": record["tokens_per_s"]}
 
 
