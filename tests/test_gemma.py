@@ -320,3 +320,41 @@ def test_gemma3_270m_export_verifies_and_onnx_equals_torch(real, tmp_path):
         max_new_tokens=6, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id
     )
     assert onnx_gen.generate(rows, None, options) == gen.generate(rows, None, options)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_the_server_answers_with_the_backends_greedy_text(exports, tmp_path, gemma, smollm2_tokenizer, backend):
+    """The server's engine thread and completion service (no HTTP) on Gemma3, from the adapter (torch) and
+    from its top-k export (onnx): each completion is the generator's own greedy text for that prompt."""
+    import asyncio
+    import time
+
+    from softtool.serve.app import ServerState
+    from softtool.serve.options import ServeOptions
+    from softtool.serve.protocol import CompletionRequest
+    from softtool.serve.registry import load
+
+    root, _ = exports
+    folder = root / ("prefix-adapter" if backend == "torch" else "prefix")
+    loaded = load([str(folder)], None, None, threads=1)
+    assert loaded.backend == backend
+    state = ServerState(ServeOptions(slots=2, max_length=64, max_tokens=12), loaded)
+    name = next(iter(loaded.registry.tasks))
+
+    async def run():
+        state.engine.start()
+        try:
+            request = CompletionRequest(model=name, prompt=SOURCES, max_tokens=8)
+            prepared = state.service.prepare(request, time.perf_counter())
+            state.service.admit(prepared)
+            return await state.service.complete(prepared)
+        finally:
+            await state.engine.stop()
+
+    out = asyncio.run(run())
+    gen = _generator(gemma, smollm2_tokenizer, PREFIX, seed=1)
+    tokenizer = loaded.generator.tokenizer
+    want = [gen.generate([gen.encode({"source": s})], None, _options(max_new_tokens=8))[0][0] for s in SOURCES]
+    assert all(want) and [c.text for c in out.choices] == [
+        tokenizer.decode(ids, skip_special_tokens=True) for ids in want
+    ]
