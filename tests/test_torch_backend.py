@@ -15,11 +15,11 @@ from softtool.search import SearchOptions
 SOURCES = ["A man rides a bike.", "Two dogs.", "A woman in a blue coat waits for the bus."]
 
 
-def _generator(model, tokenizer, template):
+def _generator(model, tokenizer, template, **kw):
     torch.manual_seed(0)
     n = Template.parse(template).num_virtual_tokens
     table = model.get_input_embeddings().weight[torch.randint(0, 5000, (n,))] * 3
-    return TorchGenerator(model, tokenizer, Template.parse(template), table)
+    return TorchGenerator(model, tokenizer, Template.parse(template), table, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,20 @@ def test_beam_search_equals_transformers_generate(tiny, smollm2_tokenizer):
     options = SearchOptions(max_new_tokens=8, eos_token_ids=[2], pad_token_id=2, num_beams=3, num_return_sequences=2)
     got = generator.generate(rows, None, options)
     assert got == hf_generate_rows(tiny, generator, rows, max_new_tokens=8, num_beams=3, num_return_sequences=2)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_a_top_k_head_gives_the_full_logits_tokens(lively_model_dir, smollm2_tokenizer, num_beams):
+    """What a GPU does by default (only k candidates per row leave the device), run here on the CPU: greedy and
+    beam search over the top 8 equal the search over all logits."""
+    model = load_model(str(lively_model_dir))
+    full = _generator(model, smollm2_tokenizer, "[P:4]English: {source}\nGerman:")
+    top = _generator(model, smollm2_tokenizer, "[P:4]English: {source}\nGerman:", top_k=8)
+    assert (full.top_k, top.top_k) == (0, 8)  # the CPU default is full logits
+    rows = [full.encode({"source": s}) for s in SOURCES]
+    options = SearchOptions(max_new_tokens=10, eos_token_ids=[2], pad_token_id=2, num_beams=num_beams)
+    got = top.generate(rows, None, options)
+    assert got == full.generate(rows, None, options) and len({tuple(item[0]) for item in got}) > 1
 
 
 def test_the_prefix_cache_is_computed_once_per_prompt(tiny, smollm2_tokenizer):

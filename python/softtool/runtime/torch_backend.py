@@ -1,7 +1,9 @@
 """The PyTorch generation backend: the frozen model plus a prompt table, run eagerly over the slot cache.
 
 Each forward is softtool.runtime.slot_model.SlotLM with in-place cache writes, the same module
-`softtool export` traces, so this backend and the ONNX one compute the same thing. The decode loop, the
+`softtool export` traces, so this backend and the ONNX one compute the same thing. On a GPU only the top
+DEVICE_TOP_K log-probs and ids of each row leave the device (the search's sparse path, as a top-k export),
+not [rows, V] logits; on the CPU the logits already are where the search reads them. The decode loop, the
 search and the per-task prompt cache are shared with the ONNX backend (runtime.decode, runtime.slots).
 """
 
@@ -20,9 +22,17 @@ from softtool.runtime.base import Generator
 from softtool.runtime.slot_model import SlotLM
 from softtool.runtime.slots import Head
 
+# Candidates per row that leave a GPU each step: beam search stays exact up to 32 beams with one EOS id
+# (docs/search.md); sampling and the repetition processors see only these, as with a top-k export.
+DEVICE_TOP_K = 64
+
 
 class TorchGenerator(Generator):
-    """Generate with `model` and a prompt table [tasks*N, H] placed by `template`."""
+    """Generate with `model` and a prompt table [tasks*N, H] placed by `template`.
+
+    top_k: >0, each step hands the search the k best log-probs and ids, computed where the model runs; 0, full
+    logits. None (default): DEVICE_TOP_K on a GPU, 0 on the CPU.
+    """
 
     views_ok = True
 
@@ -33,6 +43,7 @@ class TorchGenerator(Generator):
         template: Template,
         prompt_table: torch.Tensor | None = None,
         meta: AdapterMeta | None = None,
+        top_k: int | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -52,7 +63,12 @@ class TorchGenerator(Generator):
         self._init_slots()
         self.task_names = ["task0"]
         self.task_decoding = {0: dict(meta.decoding) if meta is not None else {}}
-        self.slot_lm = SlotLM(model, None, self.vocab_size, in_place=True)
+        if top_k is None:
+            top_k = DEVICE_TOP_K if self.kv_device.type != "cpu" else 0
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        self.top_k = min(int(top_k), self.vocab_size)
+        self.slot_lm = SlotLM(model, None, self.vocab_size, in_place=True, top_k=self.top_k)
         self.set_prompt(prompt_table)
 
     @classmethod
@@ -145,4 +161,6 @@ class TorchGenerator(Generator):
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, kv: Sequence[torch.Tensor]) -> Head:
         out = self.slot_lm(ids.to(self.kv_device), positions.to(self.kv_device), *kv)
+        if self.top_k:
+            return (out[0].float().cpu().numpy(), out[1].cpu().numpy())
         return (out[0].float().cpu().numpy(),)
