@@ -38,6 +38,10 @@ PTUNING_TEMPLATES = {
     "cnndm": "[P:12]Article: {article}[P:8]\nSummary:",
     "translation": "[P:12]English: {source}[P:8]\nGerman:",
 }
+# softtool's two methods, and PEFT's own P-tuning (its PromptEncoder, LSTM, all tokens before the input) as a
+# reference trained at the same budget and scored by the same eval.
+METHODS = ("prompt", "ptuning", "peft-ptuning")
+METHOD_NAMES = {"prompt": "prompt tuning", "ptuning": "P-tuning", "peft-ptuning": "PEFT P-tuning"}
 # Decoding settings tried on dev: (no_repeat_ngram_size, repetition_penalty).
 DECODE_GRID = ((0, 1.0), (3, 1.0), (0, 1.2), (4, 1.1))
 
@@ -58,8 +62,8 @@ def parse_grid(values: list[str]) -> dict[str, list[float]]:
     grid: dict[str, list[float]] = {}
     for value in values:
         method, _, rates = value.partition("=")
-        if method not in ("prompt", "ptuning") or not rates:
-            raise SystemExit(f"error: --grid {value!r}: write METHOD=LR,LR,... with METHOD prompt or ptuning")
+        if method not in METHODS or not rates:
+            raise SystemExit(f"error: --grid {value!r}: write METHOD=LR,LR,... with METHOD one of {', '.join(METHODS)}")
         grid[method] = [float(r) for r in rates.split(",")]
     return grid
 
@@ -73,8 +77,9 @@ class Quality:
         self.args = args
         self.task = get_task(args.task, **({"src": "en", "tgt": "de"} if args.task == "translation" else {}))
         self.data = Path(args.data) / DATA_FOLDERS[args.task]
-        self.runs = Path(args.runs) / args.model / args.task
-        self.output = Path(args.output) / f"quality_{args.task}_{args.model}.json"
+        tag = Path(args.model).name  # a named model, or a model folder's name
+        self.runs = Path(args.runs) / tag / args.task
+        self.output = Path(args.output) / f"quality_{args.task}_{tag}.json"
         self.grid = parse_grid(args.grid)
         self.result: dict = {
             "commit": git_commit(ROOT) or "unknown",
@@ -116,6 +121,10 @@ class Quality:
         """run_eval's records, reused from `folder` when it already holds this evaluation."""
         from softtool.evaluate import EvalOptions, run_eval
 
+        run_kw = {}
+        if path.name.startswith("peft-"):  # a PEFT folder records neither the task nor the template
+            run_kw = {"task_name": self.args.task, "task_options": self.task.options, "model_name": self.args.model,
+                      "template": str(self.task.default_template(20))}  # fmt: skip
         cached = folder / "quality_eval.json"
         if cached.exists():
             return json.loads(cached.read_text())
@@ -127,7 +136,7 @@ class Quality:
             max_length=self.args.eval_max_length,
             **kw,
         )
-        records = run_eval(path, self.data, folder, options, progress=not self.args.quiet)
+        records = run_eval(path, self.data, folder, options, progress=not self.args.quiet, **run_kw)
         cached.write_text(json.dumps(records, indent=2) + "\n")
         return records
 
@@ -166,8 +175,58 @@ class Quality:
         (out / "quality_train.json").write_text(json.dumps({"seconds": round(time.perf_counter() - start, 1)}))
         return out
 
+    def train_peft_ptuning(self, lr: float) -> Path:
+        """PEFT's P-tuning (PromptEncoder with its LSTM reparameterization, 20 tokens before the input) with the
+        same steps, batch size, learning-rate schedule and length budget; saved by PEFT, read by softtool's eval."""
+        import torch
+        from peft import PromptEncoderConfig, TaskType, get_peft_model
+        from transformers import get_scheduler
+
+        from softtool.data import encode_example, load_split
+        from softtool.models import load_model, load_tokenizer
+        from softtool.training.batching import collate, make_feature
+
+        out = self.runs / f"peft-ptuning-lr{lr:g}"
+        if (out / "quality_train.json").exists():
+            return out
+        start = time.perf_counter()
+        model, tokenizer = load_model(self.args.model), load_tokenizer(self.args.model)
+        vocab, hidden = model.get_input_embeddings().weight.shape
+        template = self.task.default_template(20)
+        examples = load_split(self.data, "train", task=self.task).examples
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
+        config = PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=20, encoder_hidden_size=hidden,
+                                     encoder_reparameterization_type="LSTM")  # fmt: skip
+        torch.manual_seed(0)
+        peft_model = get_peft_model(model, config)
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr)
+        schedule = get_scheduler("linear", optimizer, max(1, self.args.steps // 10), self.args.steps)
+        losses = []
+        bs = self.args.batch_size
+        for step in range(self.args.steps):
+            picked = [examples[order[(step * bs + i) % len(order)]] for i in range(bs)]
+            feats = []
+            for ex in picked:
+                enc = encode_example(tokenizer, template, self.task, ex, max_length=self.args.max_length)
+                feats.append(make_feature(template, enc.pieces, enc.target_ids, vocab))
+            batch = collate(feats, tokenizer.pad_token_id, prefix_tokens=20)  # PEFT prepends the prompt itself
+            loss = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(round(loss.item(), 4))
+        peft_model.save_pretrained(str(out))
+        seconds = round(time.perf_counter() - start, 1)
+        (out / "quality_train.json").write_text(json.dumps({"seconds": seconds, "losses": losses}))
+        return out
+
     def curve(self, out: Path) -> list[dict]:
         metric = self.task.main_metric
+        if not (out / "metrics.jsonl").exists():
+            return []  # PEFT's run: no dev curve
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
         return [
             {"step": r["step"], "dev_loss": r.get("dev_loss"), metric: r.get(metric)}
@@ -182,7 +241,7 @@ class Quality:
         for method, rates in self.grid.items():
             best = None
             for lr in rates:
-                out = self.train(method, lr)
+                out = self.train_peft_ptuning(lr) if method == "peft-ptuning" else self.train(method, lr)
                 scores = self.evaluate(out, out / "select", offset=0, limit=self.args.select_limit)["soft_prompt"]
                 seconds = json.loads((out / "quality_train.json").read_text())["seconds"]
                 row = {
@@ -250,9 +309,9 @@ class Quality:
         import matplotlib.pyplot as plt
 
         metric = self.task.main_metric
-        fig, axes = plt.subplots(1, len(self.result["grid"]), figsize=(6 * len(self.result["grid"]), 4), dpi=110,
-                                 squeeze=False)  # fmt: skip
-        for ax, (method, rows) in zip(axes[0], self.result["grid"].items(), strict=True):
+        grid = {m: rows for m, rows in self.result["grid"].items() if any(r["curve"] for r in rows)}
+        fig, axes = plt.subplots(1, len(grid), figsize=(6 * len(grid), 4), dpi=110, squeeze=False)
+        for ax, (method, rows) in zip(axes[0], grid.items(), strict=True):
             chosen = self.result["selected"].get(method, {}).get("lr")
             for row in rows:
                 points = [(c["step"], c[metric]) for c in row["curve"] if c.get(metric) is not None]
@@ -260,7 +319,7 @@ class Quality:
                     steps, values = zip(*points, strict=True)
                     ax.plot(steps, values, marker="o", linewidth=2.5 if row["lr"] == chosen else 1.2,
                             label=f"lr {row['lr']:g}" + (" (chosen)" if row["lr"] == chosen else ""))  # fmt: skip
-            ax.set_title(f"{'prompt tuning' if method == 'prompt' else 'P-tuning'}")
+            ax.set_title(METHOD_NAMES[method])
             ax.set_xlabel("optimizer step")
             ax.set_ylabel(f"dev {metric} (first {self.args.curve_limit} examples)")
             ax.grid(alpha=0.3)

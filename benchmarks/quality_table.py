@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 COLUMNS = (("zero_shot", "zero-shot"), ("baseline", "instruction"), ("chat", "chat template"),
-           ("few_shot", "k-shot"), ("prompt", "prompt tuning"), ("ptuning", "P-tuning"))  # fmt: skip
+           ("few_shot", "k-shot"), ("prompt", "prompt tuning"), ("ptuning", "P-tuning"),
+           ("peft-ptuning", "PEFT P-tuning"))  # fmt: skip
 
 
 def row(result: dict) -> list[str]:
@@ -27,7 +28,7 @@ def row(result: dict) -> list[str]:
             cells.append("-")
             continue
         text = f"{test[kind][metric]:.2f}"
-        if kind in ("prompt", "ptuning"):
+        if kind in ("prompt", "ptuning", "peft-ptuning"):
             text += f" (lr {test[kind]['lr']:g})"
         cells.append(f"**{text}**" if test[kind][metric] == best else text)
     loops = ", ".join(f"{kind} {test[kind]['loop_share']:.0f}%" for kind, _ in COLUMNS if kind in test)
