@@ -360,6 +360,12 @@ def main() -> None:
     parser.add_argument("--test-limit", type=int, default=100)
     parser.add_argument("--shots", type=int, default=0, help="demonstrations of the k-shot baseline (0: none)")
     parser.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True, help="run stage 3")
+    parser.add_argument(
+        "--decoding-from",
+        type=Path,
+        default=None,
+        help="with --no-decode: test with the decoding another quality JSON chose (same task, other model)",
+    )
     parser.add_argument("--decode-margin", type=float, default=0.5, help="metric points a penalty must gain")
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--eval-max-length", type=int, default=512)
@@ -375,7 +381,13 @@ def main() -> None:
     quality = Quality(args)
     winners = quality.run_grid()
     quality.plot()
-    search = quality.choose_decoding(winners) if args.decode else {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0}
+    if args.decode:
+        search = quality.choose_decoding(winners)
+    elif args.decoding_from is not None:  # read now, at the test stage: the other run may have chosen meanwhile
+        search = json.loads(args.decoding_from.read_text())["decoding_chosen"]
+        quality.result["decoding_chosen"] = {**search, "from": str(args.decoding_from.name)}
+    else:
+        search = {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0}
     quality.test(winners, search)
     quality.plot()
 
