@@ -149,7 +149,8 @@ class HfCbBackend(Backend):
         from softtool.models import load_model
 
         if any(self.workload.decoding.get(k, off) != off for k, off in _DECODING_OFF.items()):
-            # Its logits processors work on the flattened paged batch; these two need each row's history.
+            # transformers 5.24 marks the repetition penalty's processor as unsupported by continuous batching
+            # (it drops it) and leaves n-gram blocking unmarked ("might not be supported").
             raise BackendUnavailable(
                 f"transformers' continuous batching does not apply {self.workload.decoding}; the row would do "
                 "less work than the others"

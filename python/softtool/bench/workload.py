@@ -180,7 +180,7 @@ def build_workload(options: BenchOptions, model, tokenizer) -> Workload:
         all_pieces.append([list(p) for p in pieces])
         rows.append(assemble_ids(template, pieces, vocab, 0))
         text_rows.append([t for piece in pieces for t in piece])
-    decoding = dict(adapter.meta.decoding if not untrained else task.decoding)
+    decoding = dict(adapter.meta.decoding)  # an untrained prompt records none: speed only, plain greedy
     for name in ("no_repeat_ngram_size", "repetition_penalty"):
         if getattr(options, name) is not None:
             decoding[name] = getattr(options, name)
