@@ -5,8 +5,9 @@ For one task and one model:
   1. grid    trains each method at each learning rate of its grid for the same step budget (every run
              generates on the first --curve-limit dev examples every --eval-every steps: the curves);
   2. select  scores every run on the first --select-limit dev examples; the best main metric per method wins;
-  3. decode  scores the overall winner on the same examples under each --decode setting (no-repeat-ngram
-             size, repetition penalty) and keeps the best (the task's decoding defaults are chosen from this);
+  3. decode  scores the overall winner on the same examples under four decodings (no-repeat-ngram size,
+             repetition penalty); among those within --decode-margin of the best score, the one with the
+             fewest loops (then the plainer) is kept: the task's decoding defaults are chosen from this;
   4. test    scores each method's winner, under the chosen decoding, on held-out examples (--test-split, or
              the dev examples after the selection ones), beside the instruction prompt, the bare input, the
              instruction through the model's chat template (instruct models) and a k-shot prompt (--shots).
@@ -265,17 +266,19 @@ class Quality:
         metric = self.task.main_metric
         method = max(self.result["selected"], key=lambda m: self.result["selected"][m][metric])
         path = winners[method]
-        best = None
+        rows = []
         for ngram, penalty in DECODE_GRID:
             search = {"no_repeat_ngram_size": ngram, "repetition_penalty": penalty}
             folder = path / f"decode-ngram{ngram}-rp{penalty:g}"
             scores = self.evaluate(path, folder, offset=0, limit=self.args.select_limit, search=search)
-            row = {**search, "method": method, **_scores(scores["soft_prompt"], folder)}
-            self.result["decode"].append(row)
+            rows.append({**search, "method": method, **_scores(scores["soft_prompt"], folder)})
+            self.result["decode"] = rows
             self.write()
-            # A penalty must earn its place: ties keep the plainer setting (listed first).
-            if best is None or row[metric] > best[metric] + self.args.decode_margin:
-                best = row
+        # Among the settings within --decode-margin of the best score, the fewest loops, then the plainer (listed
+        # first): a guard that costs nothing measurable and removes degenerate outputs is kept.
+        top = max(r[metric] for r in rows)
+        near = [r for r in rows if r[metric] >= top - self.args.decode_margin]
+        best = min(near, key=lambda r: (r["loop_share"], rows.index(r)))
         chosen = {
             "no_repeat_ngram_size": best["no_repeat_ngram_size"],
             "repetition_penalty": best["repetition_penalty"],
@@ -366,7 +369,12 @@ def main() -> None:
         default=None,
         help="with --no-decode: test with the decoding another quality JSON chose (same task, other model)",
     )
-    parser.add_argument("--decode-margin", type=float, default=0.5, help="metric points a penalty must gain")
+    parser.add_argument(
+        "--decode-margin",
+        type=float,
+        default=0.5,
+        help="settings this close to the best score count as equal; the fewest loops wins among them",
+    )
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--eval-max-length", type=int, default=512)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores, at most 2)")
