@@ -113,23 +113,24 @@ TINY_LLAMA = dict(
 )
 
 
-def save_tiny_llama(path: Path, tokenizer, **config: Any) -> Path:
-    """A TINY_LLAMA with `tokenizer`'s vocabulary and special tokens, seeded (the same weights every time), saved
-    with the tokenizer as a normal model folder at `path`; `config` overrides LlamaConfig fields."""
+def save_tiny_model(path: Path, tokenizer, model_class, config_class, **config: Any) -> Path:
+    """A `model_class` built from `config_class(**config)` with `tokenizer`'s vocabulary (unless `config` sets
+    one) and special tokens, seeded (the same weights every time), saved with the tokenizer as a normal model
+    folder at `path`."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    llama = LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **{**TINY_LLAMA, **config},
-    )
-    LlamaForCausalLM(llama).save_pretrained(path)
+    specials = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "pad")}
+    model_class(config_class(**{"vocab_size": len(tokenizer), **specials, **config})).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def save_tiny_llama(path: Path, tokenizer, **config: Any) -> Path:
+    """A TINY_LLAMA (save_tiny_model) at `path`; `config` overrides LlamaConfig fields."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return save_tiny_model(path, tokenizer, LlamaForCausalLM, LlamaConfig, **{**TINY_LLAMA, **config})
 
 
 # Three short en/de sentence pairs: write_translation_data's default.

@@ -99,7 +99,9 @@ def test_inputs_longer_than_the_budget_are_truncated_and_counted(tmp_path, tiny_
     assert metrics["truncated"] == 2
 
 
-def test_eval_decodes_with_the_adapters_decoding_defaults_and_search_overrides_them(tmp_path, lively_model_dir):
+def test_eval_decodes_with_the_adapters_decoding_defaults_and_search_overrides_them(
+    tmp_path, lively_model_dir, smollm2_tokenizer
+):
     """The lively model repeats itself within 12 tokens; the adapter's no-repeat-ngram default (1) forbids any
     repeated token, and an explicit search option turns it off again."""
     data = write_translation_data(tmp_path / "data", SOURCES, TARGETS, splits=("val",))
@@ -111,11 +113,9 @@ def test_eval_decodes_with_the_adapters_decoding_defaults_and_search_overrides_t
         options = EvalOptions(limit=4, max_new_tokens=12, search=search or {})
         run_eval(adapter, data, out, options, progress=False)
         metrics = json.loads((out / "metrics.json").read_text())
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(lively_model_dir)
         preds = [json.loads(line)["prediction"] for line in (out / "predictions.jsonl").read_text().splitlines()]
-        return metrics["decoding"], [tok(p, add_special_tokens=False)["input_ids"] for p in preds]
+        # The lively model's tokenizer is SmolLM2's.
+        return metrics["decoding"], [smollm2_tokenizer(p, add_special_tokens=False)["input_ids"] for p in preds]
 
     plain_decoding, plain = tokens({})
     assert plain_decoding == {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import hf_generate_rows, loss_and_grad, training_features
+from helpers import hf_generate_rows, loss_and_grad, save_tiny_model, training_features
 from softtool.models import load_model
 from softtool.prompts.embedding import merge_embeddings
 from softtool.prompts.encoder import PromptConfig, build_prompt_module, initial_table
@@ -42,8 +42,11 @@ def tiny_gemma_dir(tmp_path_factory, smollm2_tokenizer):
     """A tiny random Gemma3 with SmolLM2's tokenizer, saved as a normal model folder."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(
+    return save_tiny_model(
+        tmp_path_factory.mktemp("tiny-gemma3"),
+        smollm2_tokenizer,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=64,
@@ -58,14 +61,7 @@ def tiny_gemma_dir(tmp_path_factory, smollm2_tokenizer):
         max_position_embeddings=512,
         initializer_range=0.2,  # wide weights: greedy outputs depend on the input and rows diverge
         tie_word_embeddings=True,
-        bos_token_id=smollm2_tokenizer.bos_token_id,
-        eos_token_id=smollm2_tokenizer.eos_token_id,
-        pad_token_id=smollm2_tokenizer.pad_token_id,
     )
-    path = tmp_path_factory.mktemp("tiny-gemma3")
-    Gemma3ForCausalLM(config).save_pretrained(path)
-    smollm2_tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

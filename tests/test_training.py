@@ -142,8 +142,8 @@ def test_text_init_records_the_instruction_it_started_from_and_peft_reads_it(tmp
 
     _train(tmp_path, tiny_model_dir, PromptConfig(init="text"), max_steps=1, eval_every=0)
     instruction = get_task("translation", src="en", tgt="de").instruction_prompt
-    meta = load_adapter(tmp_path / "out").meta
-    n = len(load_adapter(tmp_path / "out").prompt_table)
+    adapter = load_adapter(tmp_path / "out")
+    meta, n = adapter.meta, len(adapter.prompt_table)
     assert meta.init == "text" and meta.init_text == instruction
     assert meta.template.startswith(f"[P:{n}]") and n == meta.num_virtual_tokens < 20  # the instruction's tokens
     config = PeftConfig.from_pretrained(str(tmp_path / "out"))

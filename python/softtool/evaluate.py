@@ -23,6 +23,7 @@ from softtool.distributed import DistributedContext, distributed_context
 from softtool.errors import SofttoolError
 from softtool.fileio import atomic_write_bytes, atomic_write_json
 from softtool.runtime.base import Generator, SearchOptions
+from softtool.search import DECODING_OFF
 
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
@@ -251,7 +252,7 @@ def run_eval(
         "backend": options.backend,
         "options": asdict(options),
         # What the outputs were decoded with (the task's defaults and --search overrides), every prompt alike.
-        "decoding": {"no_repeat_ngram_size": so.no_repeat_ngram_size, "repetition_penalty": so.repetition_penalty},
+        "decoding": {name: getattr(so, name) for name in DECODING_OFF},
     }
 
     def run(gen: Generator, desc: str, folder: Path, info: dict[str, Any]) -> dict[str, Any]:

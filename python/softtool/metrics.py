@@ -1,9 +1,10 @@
 """Scores for generated text: SQuAD v1.1 exact match / F1, sacrebleu BLEU and chrF, and ROUGE.
 
-All scores are on a 0-100 scale. Beside them, `loop_share` counts degenerate outputs: the share of
-predictions that end in a repeated n-gram loop, which small models fall into under greedy decoding. BLEU and chrF come from sacrebleu with their signatures, so a
+All scores are on a 0-100 scale. BLEU and chrF come from sacrebleu with their signatures, so a
 number can be reproduced; ROUGE comes from Google's rouge-score package, with rougeLsum (the
 summary-level LCS over newline-separated sentences) reported as ROUGE-L, the standard for CNN/DM.
+Beside them, `loop_share` counts degenerate outputs: the share of predictions that end in a repeated
+n-gram loop, which small models fall into under greedy decoding.
 
 The SQuAD metrics follow the definition of the official v1.1 evaluation: answers are normalized
 (lowercase, punctuation removed, the articles a/an/the removed, whitespace collapsed), exact match

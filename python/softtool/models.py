@@ -194,6 +194,17 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
+def cap_final_logits(logits, config):
+    """`logits` under the model's final-logit soft cap (Gemma 2/3: cap * tanh(logits / cap)), as its own forward
+    applies it; unchanged for models without one. The runtime and the training loss both go through here."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    if not cap:
+        return logits
+    import torch
+
+    return torch.tanh(logits / cap) * cap
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     *,

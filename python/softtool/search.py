@@ -44,6 +44,7 @@ __all__ = [
     "Batch",
     "BatchOptions",
     "BeamSearch",
+    "DECODING_OFF",
     "GreedySearch",
     "Hypothesis",
     "SearchOptions",
@@ -139,6 +140,13 @@ class SearchOptions:
 
     def to_core(self) -> _core.SearchOptions:
         return _to_core(self, _core.SearchOptions)
+
+
+# The fields a task's decoding defaults set (softtool.data.tasks.Task.decoding, recorded in adapters and exports),
+# each with its value when off: SearchOptions' own default.
+DECODING_OFF = {
+    name: SearchOptions.__dataclass_fields__[name].default for name in ("no_repeat_ngram_size", "repetition_penalty")
+}
 
 
 def _core_options(options: Any, dataclass_type: type, core_type: type) -> Any:

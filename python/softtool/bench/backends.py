@@ -22,8 +22,6 @@ from softtool.bench.options import BenchOptions
 from softtool.bench.workload import Workload, default_cache_dir
 from softtool.errors import SofttoolError
 
-_DECODING_OFF = {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0}
-
 
 class BackendUnavailable(Exception):
     """This backend cannot run in this build or on this input (the message says why)."""
@@ -84,7 +82,7 @@ class _HfBackend(Backend):
     def _generate_batch(self, indices: range, max_new_tokens: int) -> list[list[int]]:
         import torch
 
-        from softtool.search import BatchOptions, build_batch
+        from softtool.search import DECODING_OFF, BatchOptions, build_batch
 
         rows = [self.workload.text_rows[i] for i in indices]
         # The product's batch builder: left padding, one text slot per row.
@@ -107,8 +105,7 @@ class _HfBackend(Backend):
                 eos_token_id=self.workload.eos_token_id,
                 pad_token_id=self.workload.pad_token_id,
                 use_cache=self.use_cache,
-                no_repeat_ngram_size=self.workload.decoding.get("no_repeat_ngram_size", 0),
-                repetition_penalty=self.workload.decoding.get("repetition_penalty", 1.0),
+                **{name: self.workload.decoding.get(name, off) for name, off in DECODING_OFF.items()},
                 temperature=None,
                 top_p=None,
                 top_k=None,
@@ -147,8 +144,9 @@ class HfCbBackend(Backend):
 
     def load(self) -> None:
         from softtool.models import load_model
+        from softtool.search import DECODING_OFF
 
-        if any(self.workload.decoding.get(k, off) != off for k, off in _DECODING_OFF.items()):
+        if any(self.workload.decoding.get(k, off) != off for k, off in DECODING_OFF.items()):
             # transformers 5.24 marks the repetition penalty's processor as unsupported by continuous batching
             # (it drops it) and leaves n-gram blocking unmarked ("might not be supported").
             raise BackendUnavailable(

@@ -156,6 +156,7 @@ def build_workload(options: BenchOptions, model, tokenizer) -> Workload:
     """Tokenize the workload once; every backend gets the same rows."""
     from softtool.adapter import load_adapter
     from softtool.prompts.template import Template, assemble_ids
+    from softtool.search import DECODING_OFF
 
     adapter_dir, untrained, task = prepare_adapter(options, model, tokenizer)
     adapter = load_adapter(adapter_dir)
@@ -181,7 +182,7 @@ def build_workload(options: BenchOptions, model, tokenizer) -> Workload:
         rows.append(assemble_ids(template, pieces, vocab, 0))
         text_rows.append([t for piece in pieces for t in piece])
     decoding = dict(adapter.meta.decoding)  # an untrained prompt records none: speed only, plain greedy
-    for name in ("no_repeat_ngram_size", "repetition_penalty"):
+    for name in DECODING_OFF:
         if getattr(options, name) is not None:
             decoding[name] = getattr(options, name)
     notes = []

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from softtool.models import cap_final_logits
 from softtool.prompts.embedding import merge_embeddings
 
 SLOT_ATTENTION = "softtool_slots"
@@ -157,7 +158,6 @@ class SlotLM(nn.Module):
         self.in_place = in_place
         self.head_weight_first = head_weight_first
         self.num_layers = int(model.config.num_hidden_layers)
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
         if not table_as_input:
             hidden = model.get_input_embeddings().weight.shape[1]
             table = prompt_table if prompt_table is not None else torch.zeros(1, hidden)
@@ -186,9 +186,7 @@ class SlotLM(nn.Module):
             logits = torch.matmul(head.weight, hidden.transpose(0, 1)).transpose(0, 1)
         else:
             logits = head(hidden)
-        logits = logits.float()
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
+        logits = cap_final_logits(logits.float(), self.model.config)
         presents = [t for pair in cache.present for t in pair]
         if self.top_k:
             values, indices = torch.topk(torch.log_softmax(logits, dim=-1), self.top_k, dim=-1)

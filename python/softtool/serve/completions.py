@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from softtool.prompts.template import assemble_ids
-from softtool.search import SearchOptions
+from softtool.search import DECODING_OFF, SearchOptions
 from softtool.serve.engine import AsyncEngine, Finished, Row
 from softtool.serve.metrics import Metrics
 from softtool.serve.protocol import (
@@ -175,7 +175,7 @@ class CompletionService:
 
     def _search_options(self, request: CompletionRequest, budget: int, decoding: dict) -> SearchOptions:
         """The request's decoding; what it leaves unset comes from the task's recorded defaults (`decoding`)."""
-        penalty = request.repetition_penalty or decoding.get("repetition_penalty", 1.0)
+        decoding = {**DECODING_OFF, **decoding}
         temperature = 0.0 if request.temperature is None else float(request.temperature)
         sample = temperature > 0  # temperature 0 (the default) is greedy search, as `softtool generate`
         try:
@@ -188,8 +188,8 @@ class CompletionService:
                 temperature=temperature if sample else 1.0,
                 top_p=float(request.top_p) if sample and request.top_p is not None else 1.0,
                 top_k=(request.top_k or 0) if sample else 0,
-                repetition_penalty=float(penalty),
-                no_repeat_ngram_size=int(decoding.get("no_repeat_ngram_size", 0)),
+                repetition_penalty=float(request.repetition_penalty or decoding["repetition_penalty"]),
+                no_repeat_ngram_size=int(decoding["no_repeat_ngram_size"]),
                 seed=request.seed if request.seed is not None else random.getrandbits(62),
             )
         except ValueError as exc:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from softtool.models import cap_final_logits
 from softtool.prompts.embedding import merge_embeddings
 from softtool.training.batching import IGNORE, Batch
 
@@ -44,10 +45,8 @@ def _target_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     shifted = labels[:, 1:].to(hidden.device)
     keep = shifted != IGNORE
     logits = model.get_output_embeddings()(hidden[:, :-1][keep])
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    if softcap:  # Gemma 2: the model's own forward caps its logits so
-        logits = torch.tanh(logits.float() / softcap) * softcap
-    return F.cross_entropy(logits.float(), shifted[keep].to(logits.device), reduction="sum"), int(keep.sum())
+    logits = cap_final_logits(logits.float(), model.config)  # the loss of the logits the model itself produces
+    return F.cross_entropy(logits, shifted[keep].to(logits.device), reduction="sum"), int(keep.sum())
 
 
 def loss_naive(model, batch: Batch, prompt_table: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, int]:
