@@ -13,6 +13,16 @@ Schedules:
   Rows are seeded by their own index either way, so sampling draws the same tokens in both.
 - beam search: static batches of `slots / num_beams` items through the C++ `BeamSearch`, whose rows are
   reordered every step.
+
+Steps (greedy search and sampling):
+- dynamic: each step runs as many slots as the highest busy one, over the columns the busy rows use; tokens
+  and positions go to the model from the host (the CPU's default: it computes nothing it does not need).
+- static: fixed buffers and one step per slot bucket, tokens and positions kept on the device and advanced
+  by the step, captured as a CUDA graph on cuda (softtool.runtime.static_step; cuda's default).
+
+Admission: by default a waiting row is admitted the moment a slot is free. `admit_min` > 1 holds admission
+until that many slots are free (or no row runs, or a row has waited `admit_wait` steps), so that one
+prefill call takes several rows instead of one or two.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from softtool.runtime.slots import Head, SlotModel
 from softtool.search import Hypothesis, SearchOptions
 
 Progress = Callable[[int], None]  # called with the number of rows that just finished
+STEPS = ("auto", "static", "dynamic")
 
 
 @dataclass
@@ -38,10 +49,37 @@ class EngineOptions:
         default=True,
         metadata={"help": "Give a finished row's slot to the next row at once (off: static batches, the reference)."},
     )
+    step: str = field(
+        default="auto",
+        metadata={
+            "help": "Decode step: static (fixed slot buckets and cache, tokens kept on the device; captured as a "
+            "CUDA graph on cuda), dynamic (as wide as the busy rows), auto (static on cuda, dynamic on the CPU).",
+            "choices": STEPS,
+        },
+    )
+    admit_min: int = field(
+        default=1,
+        metadata={
+            "help": "Admit waiting rows only once this many slots are free (or nothing runs), so prefills take "
+            "several rows at a time; 1: at once.",
+            "min": 1,
+        },
+    )
+    admit_wait: int = field(
+        default=8, metadata={"help": "Most steps a waiting row is held back by --admit-min.", "min": 0}
+    )
 
     def __post_init__(self) -> None:
         if self.slots < 1:
             raise ValueError(f"slots must be >= 1, got {self.slots}")
+        if self.step not in STEPS:
+            raise ValueError(f"step must be one of {', '.join(STEPS)}, got {self.step!r}")
+        if self.admit_min < 1 or self.admit_wait < 0:
+            raise ValueError(f"admit_min must be >= 1 and admit_wait >= 0, got {self.admit_min}, {self.admit_wait}")
+
+    def static_step(self, model: SlotModel) -> bool:
+        """Whether `model` decodes with the static step under these options."""
+        return self.step == "static" or (self.step == "auto" and model.kv_device.type == "cuda")
 
 
 def _history(model: SlotModel, row: Sequence[int]) -> np.ndarray:
@@ -57,6 +95,15 @@ def _select(head: Head, rows) -> Head:
     return tuple(np.ascontiguousarray(a[rows]) for a in head)
 
 
+def greedy_only(options: SearchOptions) -> bool:
+    """Whether the search needs nothing but each row's greedy choice (no sampling, no processors)."""
+    return (
+        not options.do_sample
+        and options.repetition_penalty == 1.0
+        and not (options.no_repeat_ngram_size or options.min_new_tokens)
+    )
+
+
 class Engine:
     """Continuous batching over a SlotModel: submit rows at any time, call `step()` until `done`.
 
@@ -65,19 +112,34 @@ class Engine:
     (item, Hypothesis) pairs that finished, so a caller can stream.
     """
 
-    def __init__(self, model: SlotModel, options: SearchOptions, slots: int, capacity: int, *, static: bool = False):
+    def __init__(
+        self,
+        model: SlotModel,
+        options: SearchOptions,
+        slots: int,
+        capacity: int,
+        *,
+        static: bool = False,
+        engine: EngineOptions | None = None,
+    ):
         if options.num_beams != 1:
             raise ValueError("continuous batching runs greedy search or sampling; beam search uses static batches")
+        engine = engine or EngineOptions(slots=slots)
         self.model = model
         self.options = options
         self.search = _search.make_slot_search(options, slots)
-        model.reserve(slots, capacity)
+        self.fixed = model.static_slots(slots, capacity) if engine.static_step(model) else None
+        if self.fixed is None:
+            model.reserve(slots, capacity)
         self.capacity = capacity
         self.tokens = np.full(slots, options.pad_token_id, dtype=np.int64)
         self.positions = np.full(slots, model.scratch, dtype=np.int64)
         self._rows: dict[int, tuple[list[int], int]] = {}  # waiting or running item -> (ids, task)
         self._item_of: dict[int, int] = {}  # slot -> the item it holds
         self.static = static  # admit only when every slot is free: static batches, the reference schedule
+        self.admit_min, self.admit_wait = min(engine.admit_min, slots), engine.admit_wait
+        self._held = 0  # steps admission has been held back
+        self.greedy_only = greedy_only(options)  # every row so far needs only its greedy choice
 
     def submit(self, row: Sequence[int], task_id: int = 0, options: SearchOptions | None = None) -> int:
         """Queue one row (full ids, virtual ones included); returns its item id (0, 1, 2, ...)."""
@@ -88,6 +150,7 @@ class Engine:
             )
         item = self.search.submit(_history(self.model, row), options)
         self._rows[item] = (list(row), int(task_id))
+        self.greedy_only = self.greedy_only and greedy_only(options or self.options)
         return item
 
     def cancel(self, item: int) -> None:
@@ -113,27 +176,64 @@ class Engine:
                 self.tokens[slot] = token
                 self.positions[slot] += 1
 
+    def _admitting(self) -> bool:
+        """Whether waiting rows go into free slots this step."""
+        running = self.search.num_active()
+        if self.static:
+            return running == 0
+        if self.admit_min <= 1 or running == 0:
+            return True
+        free = self.search.num_slots() - running
+        if free >= min(self.admit_min, self.search.num_pending()) or self._held >= self.admit_wait:
+            self._held = 0
+            return True
+        self._held += 1
+        return False
+
     def step(self) -> tuple[list[tuple[int, int]], list[tuple[int, Hypothesis]]]:
         emitted: list[tuple[int, int]] = []
-        admitted = self.search.admit() if not self.static or self.search.num_active() == 0 else []
-        if admitted:
-            slots = np.asarray([s for s, _ in admitted], dtype=np.int64)
-            items = [i for _, i in admitted]
-            rows = [self._rows[i][0] for i in items]
-            head = self.model.prefill(slots, rows, [self._rows[i][1] for i in items])
-            for slot, item, row in zip(slots, items, rows, strict=True):
-                self._item_of[slot] = item
-                self.positions[slot] = len(row) - 1  # _advance moves it to the first new token's position
-            self._advance(slots, self._search_step(head, slots), emitted)
-        active = np.asarray(self.search.active_slots(), dtype=np.int64)
-        if len(active):
-            width = int(active.max()) + 1  # idle slots below it compute a pad token into their scratch column
-            head = self.model.step(self.tokens[:width], self.positions[:width])
-            self._advance(active, self._search_step(_select(head, active), active), emitted)
+        with self.model.stream_context():
+            self._admit(emitted)
+            active = np.asarray(self.search.active_slots(), dtype=np.int64)
+            if len(active) and self.fixed is not None:
+                self._static_step(active, emitted)
+            elif len(active):
+                width = int(active.max()) + 1  # idle slots below it compute a pad token into their scratch column
+                head = self.model.step(self.tokens[:width], self.positions[:width])
+                self._advance(active, self._search_step(_select(head, active), active), emitted)
         finished = list(self.search.take_finished())
         for item, _ in finished:
             self._rows.pop(item, None)
         return emitted, finished
+
+    def _admit(self, emitted: list[tuple[int, int]]) -> None:
+        if not self.search.num_pending() or not self._admitting():
+            return
+        admitted = self.search.admit()
+        if not admitted:
+            return
+        slots = np.asarray([s for s, _ in admitted], dtype=np.int64)
+        items = [i for _, i in admitted]
+        rows = [self._rows[i][0] for i in items]
+        head = self.model.prefill(slots, rows, [self._rows[i][1] for i in items])
+        for slot, item, row in zip(slots, items, rows, strict=True):
+            self._item_of[slot] = item
+            self.positions[slot] = len(row) - 1  # _advance moves it to the first new token's position
+        self._advance(slots, self._search_step(head, slots), emitted)
+        if self.fixed is not None:  # the rows' first tokens and positions, into the device buffers
+            self.model.set_slots(self.fixed, slots, self.tokens[slots], self.positions[slots])
+
+    def _static_step(self, active: np.ndarray, emitted: list[tuple[int, int]]) -> None:
+        """One captured (or fixed-shape) step; the step itself already fed each row its greedy choice, so only
+        rows whose search chose otherwise get their token written back."""
+        bucket = self.fixed.bucket(int(active.max()) + 1)
+        head, best = self.model.static_step(self.fixed, bucket, self.greedy_only)
+        result = self._search_step(_select(head, active), active)
+        chosen = np.asarray(result.next_tokens, dtype=np.int64)
+        differs = (chosen != best[active]) & ~np.asarray(result.finished, dtype=bool)
+        if differs.any():
+            self.model.set_slots(self.fixed, active[differs], chosen[differs])
+        self._advance(active, result, emitted)
 
 
 def decode(
@@ -150,10 +250,10 @@ def decode(
         return []
     if options.num_beams > 1:
         return _decode_beams(model, rows, task_ids, options, engine.slots, progress)
-    return _decode_slots(model, rows, task_ids, options, engine.slots, progress, static=not engine.continuous)
+    return _decode_slots(model, rows, task_ids, options, engine, progress, static=not engine.continuous)
 
 
-def _decode_slots(model, rows, task_ids, options, slots, progress, static: bool) -> list[list[Hypothesis]]:
+def _decode_slots(model, rows, task_ids, options, engine: EngineOptions, progress, static: bool):
     copies = options.num_return_sequences if options.do_sample else 1
     per_copy = options
     if copies > 1:  # each sampled copy is its own item; item ids follow the static search's row numbering
@@ -161,14 +261,16 @@ def _decode_slots(model, rows, task_ids, options, slots, progress, static: bool)
 
         per_copy = replace(options, num_return_sequences=1)
     capacity = _capacity(rows, options.max_new_tokens)
-    engine = Engine(model, per_copy, min(slots, len(rows) * copies), capacity, static=static)
+    # A static engine keeps its slot count whatever the rows (its buffers and graphs serve every call).
+    width = engine.slots if engine.static_step(model) else min(engine.slots, len(rows) * copies)
+    runner = Engine(model, per_copy, width, capacity, static=static, engine=engine)
     for row, task in zip(rows, task_ids, strict=True):
         for _ in range(copies):
-            engine.submit(row, task)
+            runner.submit(row, task)
     results: dict[int, Hypothesis] = {}
     waiting = [copies] * len(rows)  # copies of each row still running
-    while not engine.done:
-        _, finished = engine.step()
+    while not runner.done:
+        _, finished = runner.step()
         done_rows = 0
         for item, hyp in finished:
             results[item] = hyp

@@ -14,6 +14,11 @@ A head is a tuple of numpy arrays: (logits [n, V],) or (topk_values [n, k], topk
 
 For a prefix template (every virtual token first) each task's prompt keys/values are computed once and
 copied into a slot at prefill, so requests never re-run the prompt.
+
+The static step (softtool.runtime.static_step) is the other way to decode: fixed buffers per (slots,
+capacity), one step per slot bucket, the tokens and positions kept on the device and advanced by the step
+itself, captured as a CUDA graph on cuda. A backend gives it `_device_head` (the step's head as device
+tensors) and, on cuda, `_capture`.
 """
 
 from __future__ import annotations
@@ -21,11 +26,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
+import contextlib
+import functools
+
 import numpy as np
 import torch
 
 from softtool.errors import SofttoolError
 from softtool.prompts.template import Template
+from softtool.runtime import static_step
+from softtool.runtime.static_step import StaticSlots
 
 Head = tuple[np.ndarray, ...]
 
@@ -45,18 +55,34 @@ class SlotModel(ABC):
     kv_dtype: torch.dtype
     pad_token_id: int
     precompute_prompt: bool = True
+    top_k: int = 0  # >0: the head is the top-k log-probs and ids
+    # Prefill pads on the right over a cache exactly as wide as the rows (GroupQueryAttention's first prompt)
+    # instead of on the left into the scratch column.
+    right_padded_prefill: bool = False
+    cuda_graphs: bool = True  # capture the static step on cuda
+    stream = None  # on cuda, the torch stream every static engine of this model runs on
 
     def _init_slots(self) -> None:
         self.task_templates: dict[int, Template] = {}
         self.kv: list[torch.Tensor] = []
         self.capacity = 0
         self._prefix: list[torch.Tensor] | None = None
+        self._static: dict[tuple[int, int], StaticSlots] = {}
 
     # -- what a backend implements ------------------------------------------------------------------
     @abstractmethod
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, kv: Sequence[torch.Tensor]) -> Head:
         """Run tokens `ids` [B, S] at `positions` [B, S] over cache rows `kv` (per layer key, value, each
         [B, kv_heads, C, head_dim], contiguous), writing the new keys/values into them; return the head."""
+
+    def _device_head(self, st: StaticSlots, bucket: int) -> tuple[torch.Tensor, ...]:
+        """The static step's head for slots [:bucket] of `st` as device tensors (a backend that supports the
+        static step implements it): the model run on st.tokens, st.positions and st.kv, cache written in place."""
+        raise NotImplementedError(f"{type(self).__name__} has no static decode step")
+
+    def _capture(self, st: StaticSlots, body) -> None:
+        """Make st.steps replay a captured graph of `body(bucket)` per bucket (on cuda; torch's by default)."""
+        static_step.capture_graphs(st, body)
 
     # -- cache --------------------------------------------------------------------------------------
     def _empty(self, rows: int, capacity: int) -> list[torch.Tensor]:
@@ -106,7 +132,7 @@ class SlotModel(ABC):
         The rows run together, left-padded, on a temporary cache (padding goes to its scratch column), and
         each row's entries are then copied into its slot.
         """
-        n = self.num_virtual if self.shares_prefix else 0
+        n = self.num_virtual if self.shares_prefix and not self.right_padded_prefill else 0
         texts = [list(row[n:]) for row in rows]
         width = max(len(t) for t in texts)
         if width == 0:
@@ -114,18 +140,27 @@ class SlotModel(ABC):
         lengths = [n + len(t) for t in texts]
         if max(lengths) > self.capacity - 1:
             raise SofttoolError(f"an input of {max(lengths)} tokens does not fit the cache ({self.capacity - 1})")
-        scratch = n + width
-        temp = self._empty(len(rows), scratch + 1)
-        if n:
-            tasks = torch.as_tensor(list(task_ids), dtype=torch.long, device=self.kv_device)
-            for buf, prompt in zip(temp, self._prefix_kv(), strict=True):
-                buf[:, :, :n] = prompt.index_select(0, tasks)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        positions = torch.full((len(rows), width), scratch, dtype=torch.long)
-        for i, text in enumerate(texts):
-            if text:
-                ids[i, width - len(text) :] = torch.as_tensor(text, dtype=torch.long)
-                positions[i, width - len(text) :] = torch.arange(n, n + len(text))
+        if self.right_padded_prefill:
+            # Rows from column 0, padding after them at position -1 (the graph takes each row's largest position
+            # as its last token), over a cache exactly `width` wide.
+            temp = self._empty(len(rows), width)
+            positions = torch.full((len(rows), width), -1, dtype=torch.long)
+            for i, text in enumerate(texts):
+                ids[i, : len(text)] = torch.as_tensor(text, dtype=torch.long)
+                positions[i, : len(text)] = torch.arange(len(text))
+        else:
+            scratch = n + width
+            temp = self._empty(len(rows), scratch + 1)
+            if n:
+                tasks = torch.as_tensor(list(task_ids), dtype=torch.long, device=self.kv_device)
+                for buf, prompt in zip(temp, self._prefix_kv(), strict=True):
+                    buf[:, :, :n] = prompt.index_select(0, tasks)
+            positions = torch.full((len(rows), width), scratch, dtype=torch.long)
+            for i, text in enumerate(texts):
+                if text:
+                    ids[i, width - len(text) :] = torch.as_tensor(text, dtype=torch.long)
+                    positions[i, width - len(text) :] = torch.arange(n, n + len(text))
         head = self._forward(ids, positions, temp)
         for i, (slot, length) in enumerate(zip(slots, lengths, strict=True)):
             for dst, src in zip(self.kv, temp, strict=True):
@@ -166,3 +201,75 @@ class SlotModel(ABC):
     def scratch(self) -> int:
         """The cache column that absorbs writes nobody reads (padding, idle slots)."""
         return self.capacity - 1
+
+    # -- the static step ------------------------------------------------------------------------------
+    def stream_context(self):
+        """Where an engine's device work runs: the model's stream on cuda (shared with ONNX Runtime and the
+        captured graphs), nothing special on the CPU."""
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def static_slots(self, slots: int, capacity: int) -> StaticSlots:
+        """The fixed buffers of a static engine of `slots` rows and at least `capacity` positions, every slot
+        idle: kept ones when there are (the smallest that fits), else new ones, captured on cuda. They become
+        the cache prefill writes into."""
+        fits = [st for (n, c), st in self._static.items() if n == slots and c >= capacity]
+        st = min(fits, key=lambda s: s.capacity) if fits else self._make_static(slots, capacity)
+        self.kv, self.capacity = st.kv, st.capacity
+        with self.stream_context():
+            st.reset(self.pad_token_id)
+        return st
+
+    def _make_static(self, slots: int, capacity: int) -> StaticSlots:
+        capacity = static_step.round_capacity(capacity)
+        cuda = self.kv_device.type == "cuda"
+        if cuda and self.stream is None:
+            self.stream = torch.cuda.Stream(self.kv_device)
+        with self.stream_context():
+            st = StaticSlots(
+                slots=slots,
+                capacity=capacity,
+                kv=self._empty(slots, capacity),
+                tokens=torch.full((slots, 1), self.pad_token_id, dtype=torch.long, device=self.kv_device),
+                positions=torch.full((slots, 1), capacity - 1, dtype=torch.long, device=self.kv_device),
+                buckets=static_step.slot_buckets(slots),
+                stream=self.stream,
+                event=torch.cuda.Event() if cuda else None,
+            )
+
+        def body(bucket: int):
+            head = self._device_head(st, bucket)
+            return static_step.advance(head, st.tokens[:bucket], st.positions[:bucket], st.scratch)
+
+        if cuda and self.cuda_graphs:
+            self._capture(st, body)
+        else:
+            st.steps = {b: functools.partial(body, b) for b in st.buckets}
+        self._static[(slots, capacity)] = st
+        return st
+
+    @property
+    def capture_seconds(self) -> float:
+        """Time spent capturing static steps (once per kept engine)."""
+        return sum(st.capture_seconds for st in self._static.values())
+
+    def static_step(self, st: StaticSlots, bucket: int, greedy_only: bool) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+        """One static step over slots [:bucket]; returns (head, each row's greedy id) on the host. greedy_only:
+        the head is each row's greedy choice alone ([b, 1] log-prob and id), all that plain greedy search reads."""
+        with self.stream_context():
+            full, top1 = st.steps[bucket]()
+            if greedy_only:
+                host = static_step.to_host(st, bucket, "top1", top1)
+                head = (np.ascontiguousarray(host[:, :1]), host[:, 1:].astype(np.int64))
+            else:
+                head = static_step.split_head(static_step.to_host(st, bucket, "full", full), self.top_k)
+        best = head[1][:, 0] if len(head) == 2 else head[0].argmax(axis=-1)
+        return head, best
+
+    def set_slots(self, st: StaticSlots, slots, tokens, positions=None) -> None:
+        """Write the next tokens (and positions) of `slots` into the static buffers: rows just admitted, or rows
+        whose search chose other than the greedy id the step wrote."""
+        with self.stream_context():
+            index = torch.as_tensor(np.asarray(slots, dtype=np.int64)).to(self.kv_device)
+            st.tokens[index, 0] = torch.as_tensor(np.asarray(tokens, dtype=np.int64)).to(self.kv_device)
+            if positions is not None:
+                st.positions[index, 0] = torch.as_tensor(np.asarray(positions, dtype=np.int64)).to(self.kv_device)

@@ -5,6 +5,7 @@ Each forward is softtool.runtime.slot_model.SlotLM with in-place cache writes, t
 DEVICE_TOP_K log-probs and ids of each row leave the device (the search's sparse path, as a top-k export),
 not [rows, V] logits; on the CPU the logits already are where the search reads them. The decode loop, the
 search and the per-task prompt cache are shared with the ONNX backend (runtime.decode, runtime.slots).
+On cuda the static decode step (runtime.static_step) is captured per slot bucket as a torch CUDA graph.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class TorchGenerator(Generator):
 
     top_k: >0, each step hands the search the k best log-probs and ids, computed where the model runs; 0, full
     logits. None (default): DEVICE_TOP_K on a GPU, 0 on the CPU.
+    cuda_graphs: on cuda, capture the static decode step per slot bucket (off: run it eagerly).
     """
 
     views_ok = True
@@ -44,8 +46,10 @@ class TorchGenerator(Generator):
         prompt_table: torch.Tensor | None = None,
         meta: AdapterMeta | None = None,
         top_k: int | None = None,
+        cuda_graphs: bool = True,
     ):
         self.model = model
+        self.cuda_graphs = cuda_graphs
         self.tokenizer = tokenizer
         self.template = template
         self.meta = meta
@@ -82,6 +86,7 @@ class TorchGenerator(Generator):
         model_name: str | None = None,
         device: str = "cpu",
         dtype: str = "float32",
+        cuda_graphs: bool = True,
     ) -> TorchGenerator:
         """Load an adapter folder and its base model (or use the `model` given)."""
         from softtool.models import load_model, load_tokenizer
@@ -100,7 +105,7 @@ class TorchGenerator(Generator):
                 f"template {tmpl} has {tmpl.num_virtual_tokens} virtual tokens but the adapter {path} "
                 f"has {adapter.meta.num_virtual_tokens}; pass a template with [P:{adapter.meta.num_virtual_tokens}]"
             )
-        generator = cls(model, tokenizer, tmpl, adapter.prompt_table, adapter.meta)
+        generator = cls(model, tokenizer, tmpl, adapter.prompt_table, adapter.meta, cuda_graphs=cuda_graphs)
         generator.where = str(path)
         generator.task_names = [Path(path).resolve().name]
         return generator
@@ -164,3 +169,14 @@ class TorchGenerator(Generator):
         if self.top_k:
             return (out[0].float().cpu().numpy(), out[1].cpu().numpy())
         return (out[0].float().cpu().numpy(),)
+
+    @torch.inference_mode()
+    def _device_head(self, st, bucket: int) -> tuple[torch.Tensor, ...]:
+        out = self.slot_lm(st.tokens[:bucket], st.positions[:bucket], *(t[:bucket] for t in st.kv))
+        return tuple(out[:2]) if self.top_k else (out[0].float(),)
+
+    def _capture(self, st, body) -> None:
+        from softtool.runtime.static_step import capture_graphs
+
+        with torch.inference_mode():
+            capture_graphs(st, body)
