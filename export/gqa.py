@@ -90,6 +90,7 @@ class _Graph:
 def build_gqa_graph(model, table, facts: dict[str, Any], *, dtype: str, top_k: int, table_as_input: bool):
     """The decoder of `model` (gqa_unsupported(model) is None) with prompt `table` [rows, H] as an onnx.ModelProto."""
     import torch
+
     from onnx import TensorProto, helper
 
     config = model.config

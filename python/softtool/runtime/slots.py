@@ -23,11 +23,10 @@ tensors) and, on cuda, `_capture`.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Sequence
-
 import contextlib
 import functools
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import numpy as np
 import torch
