@@ -45,6 +45,9 @@ def gqa_unsupported(model) -> str | None:
     config = model.config
     if config.model_type not in GQA_MODEL_TYPES:
         return f"model type {config.model_type!r} (the CUDA graph form covers {', '.join(GQA_MODEL_TYPES)})"
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim % 16:
+        return f"head size {head_dim} (GroupQueryAttention takes multiples of 16)"
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"activation {config.hidden_act!r} (the form writes SiLU)"
     rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")

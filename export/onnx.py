@@ -1,7 +1,9 @@
 """`softtool export`: trace the prompted model into ONNX, convert it (fp16, int8), verify it, write the folder.
 
 The folder needs nothing else to run (its contract is softtool.export_meta.ExportMeta):
-    model.onnx (+ model.onnx.data when large)   the graph: softtool.runtime.slot_model.SlotLM, traced
+    model.onnx (+ model.onnx.data when large)   the graph: softtool.runtime.slot_model.SlotLM, traced (form
+                                                "traced"), or the GroupQueryAttention decoder of export/gqa.py
+                                                that ONNX Runtime captures as a CUDA graph (form "gqa")
     prompt_table.safetensors                    {"prompt_table": [tasks*N, H]}: every task's prompt, in task order
     tokenizer files                             the base model's tokenizer
     config.json, generation_config.json         the base model's transformers config and generation defaults
@@ -32,6 +34,7 @@ OPSET = 17
 # Above this many bytes of weights the graph keeps them in model.onnx.data (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_BYTES = 1 << 30
 DTYPES = ("fp32", "fp16", "int8")
+FORMS = ("auto", "traced", "gqa")
 # A wide vocabulary (Gemma 3: 262,144) makes full logits the largest thing a step moves to the host and the
 # search reads (1 MiB per row in float32); above LARGE_VOCAB the graph emits only the top AUTO_TOP_K by default.
 # 64 candidates keep beam search exact up to 32 beams with one EOS id (docs/search.md, step_topk); sampling
@@ -51,6 +54,15 @@ class ExportOptions:
     dtype: str = field(
         default="fp32",
         metadata={"help": "Weights: fp32, fp16 (for CUDA) or int8 (8-bit weights, for the CPU).", "choices": DTYPES},
+    )
+    form: str = field(
+        default="auto",
+        metadata={
+            "help": "Graph form: traced (the model as PyTorch runs it, any device and dtype), gqa (a decoder around "
+            "ONNX Runtime's GroupQueryAttention whose decode step is captured as a CUDA graph; Llama-family "
+            "models, fp16 on cuda), auto (gqa for --device cuda --dtype fp16 where the model allows, else traced).",
+            "choices": FORMS,
+        },
     )
     prompt_table_input: bool = field(
         default=False,
@@ -89,6 +101,12 @@ class ExportOptions:
             raise ValueError(f"dtype must be fp32, fp16 or int8, got {self.dtype!r}")
         if self.dtype == "int8" and self.device == "cuda":
             raise ValueError("int8 is dynamic quantization for the CPU; use fp16 for cuda")
+        if self.form not in FORMS:
+            raise ValueError(f"form must be one of {', '.join(FORMS)}, got {self.form!r}")
+        if self.form == "gqa" and self.dtype == "int8":
+            raise ValueError("the gqa form has no int8 variant; use --form traced for int8")
+        if self.form == "gqa" and self.device == "cuda" and self.dtype != "fp16":
+            raise ValueError("GroupQueryAttention runs in fp16 on cuda; pass --dtype fp16 with --form gqa")
         if self.int8_method not in ("weight-only", "dynamic"):
             raise ValueError(f"int8_method must be weight-only or dynamic, got {self.int8_method!r}")
         if self.top_k < -1:
@@ -104,6 +122,20 @@ def resolve_top_k(top_k: int, vocab_size: int) -> int:
     if top_k >= 0:
         return top_k
     return AUTO_TOP_K if vocab_size > LARGE_VOCAB else 0
+
+
+def resolve_form(options: ExportOptions, model, device: str) -> str:
+    """The graph form to write: as given, or for auto gqa on cuda in fp16 where the model allows, else traced."""
+    from softtool.export.gqa import gqa_unsupported
+
+    if options.form == "traced":
+        return "traced"
+    reason = gqa_unsupported(model)
+    if options.form == "gqa":
+        if reason:
+            raise SofttoolError(f"--form gqa does not cover this model: {reason}; use --form traced")
+        return "gqa"
+    return "gqa" if device == "cuda" and options.dtype == "fp16" and reason is None else "traced"
 
 
 def _load_tasks(adapter_dirs: list[str], model_override: str | None):
@@ -336,26 +368,39 @@ def _build(adapters, adapter_dirs, base, folder: Path, device: str, options: Exp
         raise SofttoolError(f"{bad}: the prompt table holds NaN or infinite values; retrain it")
 
     model_path = folder / ExportMeta.MODEL_FILE
-    wrapper = SlotLM(
-        model,
-        table,
-        facts["vocab_size"],
-        table_as_input=options.prompt_table_input,
-        top_k=options.top_k,
-        # int8 keeps the LM head a plain MatMul for the quantizer; otherwise the tied embedding is stored once.
-        head_weight_first=options.dtype != "int8",
-    )
-    say("tracing the graph")
-    inputs, outputs = _trace(wrapper, facts, model_path, options, table)
-    if _is_large(model_path) and not model_path.with_name(ExportMeta.MODEL_FILE + ".data").exists():
-        import onnx
+    form = resolve_form(options, model, device)
+    if form == "gqa":
+        from softtool.export.gqa import build_gqa_graph
 
-        _save_onnx(onnx.load(str(model_path)), model_path, large=True)
-    if options.dtype != "fp32":
-        say(f"converting to {options.dtype}")
-        _convert(
-            model_path, options.dtype, ["logits", "topk_values", "topk_indices", "prompt_table"], options.int8_method
+        say("writing the GroupQueryAttention graph")
+        proto, inputs, outputs = build_gqa_graph(
+            model, table, facts, dtype=options.dtype, top_k=options.top_k, table_as_input=options.prompt_table_input
         )
+        _save_onnx(proto, model_path, sum(len(t.raw_data) for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES)
+    else:
+        wrapper = SlotLM(
+            model,
+            table,
+            facts["vocab_size"],
+            table_as_input=options.prompt_table_input,
+            top_k=options.top_k,
+            # int8 keeps the LM head a plain MatMul for the quantizer; otherwise the tied embedding is stored once.
+            head_weight_first=options.dtype != "int8",
+        )
+        say("tracing the graph")
+        inputs, outputs = _trace(wrapper, facts, model_path, options, table)
+        if _is_large(model_path) and not model_path.with_name(ExportMeta.MODEL_FILE + ".data").exists():
+            import onnx
+
+            _save_onnx(onnx.load(str(model_path)), model_path, large=True)
+        if options.dtype != "fp32":
+            say(f"converting to {options.dtype}")
+            _convert(
+                model_path,
+                options.dtype,
+                ["logits", "topk_values", "topk_indices", "prompt_table"],
+                options.int8_method,
+            )
     atomic_write_bytes(folder / ExportMeta.TABLE_FILE, save({ExportMeta.TABLE_KEY: table.contiguous()}))
     _save_model_files(folder, model, tokenizer)
     meta = ExportMeta(
@@ -378,7 +423,7 @@ def _build(adapters, adapter_dirs, base, folder: Path, device: str, options: Exp
         opset=options.opset,
         inputs=tuple(inputs),
         outputs=tuple(outputs),
-        kv_layout="slots",
+        kv_layout="gqa" if form == "gqa" else "slots",
         prompt_table_input=options.prompt_table_input,
         top_k=options.top_k,
         int8_method=options.int8_method if options.dtype == "int8" else None,

@@ -4,7 +4,8 @@ Both sides are fed the same tokens (PyTorch's greedy choice at every step), so t
 measured on identical inputs at every step, and "the argmax agrees at every step" is exactly "greedy
 decoding gives the same tokens". The reference is plain transformers (its own attention, a left-padded 2-D
 mask, its own KV cache), not softtool's slot model, so the check also covers the slot cache and the wrapper.
-The graph runs through plain `session.run` with numpy arrays, as any onnxruntime user would run it.
+The traced graph runs through plain `session.run` with numpy arrays, as any onnxruntime user would run it;
+the gqa graph, whose past and present must share memory, through IO binding of OrtValues (no torch).
 """
 
 from __future__ import annotations
@@ -91,36 +92,96 @@ class TorchReference:
 
 
 class OrtStepper:
-    """Feeds an exported graph step by step with plain session.run: its present buffers are the next past."""
+    """Feeds an exported graph step by step: a prefill of the rows, then one token per row per step."""
 
-    def __init__(self, session, meta: ExportMeta, table: np.ndarray | None, rows: int, capacity: int):
+    def __init__(self, session, meta: ExportMeta, table: np.ndarray | None, device: str, capacity: int):
         from softtool.runtime.session import input_dtypes
 
-        self.session, self.meta = session, meta
-        dtypes = input_dtypes(session)
+        self.session, self.meta, self.device, self.capacity = session, meta, device, capacity
+        self.kv_dtype = input_dtypes(session)["past_key_values.0.key"]
         self.table = table if meta.prompt_table_input else None
-        shape = (rows, meta.num_kv_heads, capacity, meta.head_dim)
-        self.past = [
-            np.zeros(shape, dtype=dtypes[f"past_key_values.{i}.{kind}"])
-            for i in range(meta.num_layers)
-            for kind in ("key", "value")
-        ]
+        self.names = [f"past_key_values.{i}.{kind}" for i in range(meta.num_layers) for kind in ("key", "value")]
+        self.past: list[np.ndarray] = []
+        self.positions = np.zeros(0, dtype=np.int64)
 
-    def step(self, ids, positions) -> np.ndarray:
+    def _empty(self, rows: int, width: int) -> list[np.ndarray]:
+        shape = (rows, self.meta.num_kv_heads, width, self.meta.head_dim)
+        return [np.zeros(shape, dtype=self.kv_dtype) for _ in self.names]
+
+    def prefill(self, rows: list[list[int]]) -> np.ndarray:
+        lengths = np.asarray([len(r) for r in rows], dtype=np.int64)
+        if self.meta.kv_layout == "gqa":
+            # Right-padded (padding at position -1) over a cache exactly as wide, then copied into full rows.
+            width = int(lengths.max())
+            ids = np.zeros((len(rows), width), dtype=np.int64)
+            positions = np.full((len(rows), width), -1, dtype=np.int64)
+            for b, row in enumerate(rows):
+                ids[b, : len(row)] = row
+                positions[b, : len(row)] = np.arange(len(row))
+            temp = self._empty(len(rows), width)
+            head = self._run_shared(ids, positions, temp)
+            self.past = self._empty(len(rows), self.capacity)
+            for full, part in zip(self.past, temp, strict=True):
+                full[:, :, :width] = part
+        else:
+            ids, mask, _ = left_pad(rows, self.meta.pad_token_id)
+            # Each row from position 0, its left padding in the scratch column.
+            positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, self.capacity - 1)
+            self.past = self._empty(len(rows), self.capacity)
+            head = self._run(ids, positions)
+        self.positions = lengths
+        return head
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        ids, positions = tokens[:, None].astype(np.int64), self.positions[:, None]
+        head = (
+            self._run_shared(ids, positions, self.past) if self.meta.kv_layout == "gqa" else self._run(ids, positions)
+        )
+        self.positions = self.positions + 1
+        return head
+
+    def _feeds(self, ids, positions) -> dict[str, np.ndarray]:
         feeds = {"input_ids": ids, "position_ids": positions}
         if self.table is not None:
             feeds["prompt_table"] = self.table
-        names = [f"past_key_values.{i}.{kind}" for i in range(self.meta.num_layers) for kind in ("key", "value")]
-        feeds.update(zip(names, self.past, strict=True))
+        return feeds
+
+    def _run(self, ids, positions) -> np.ndarray:
+        """The traced graph: plain session.run; its present buffers become the next past."""
+        feeds = self._feeds(ids, positions)
+        feeds.update(zip(self.names, self.past, strict=True))
         outputs = self.session.run(None, feeds)
         self.past = outputs[-2 * self.meta.num_layers :]
+        return self._dense(outputs[: 2 if self.meta.top_k else 1])
+
+    def _run_shared(self, ids, positions, kv: list[np.ndarray]) -> np.ndarray:
+        """The gqa graph: each layer's past and present bound to one buffer, written in place, read back into `kv`."""
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        for name, value in self._feeds(ids, positions).items():
+            binding.bind_cpu_input(name, value)
+        binding.bind_cpu_input("total_sequence_length", np.asarray(kv[0].shape[2], dtype=np.int32))
+        head = ["topk_values", "topk_indices"] if self.meta.top_k else ["logits"]
+        for name in head:
+            binding.bind_output(name, "cpu")
+        values = [ort.OrtValue.ortvalue_from_numpy(buf, self.device, 0) for buf in kv]
+        for name, value in zip(self.names, values, strict=True):
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
+        self.session.run_with_iobinding(binding)
+        for buf, value in zip(kv, values, strict=True):
+            buf[...] = value.numpy()
+        return self._dense([o.numpy() for o in binding.get_outputs()[: len(head)]])
+
+    def _dense(self, head: list[np.ndarray]) -> np.ndarray:
         if self.meta.top_k:
             # Full logits are not in the graph: scatter the top-k log-probs (rest -inf) so argmax still compares.
-            values, indices = outputs[0], outputs[1]
-            dense = np.full((ids.shape[0], self.meta.vocab_size), -np.inf, dtype=np.float32)
+            values, indices = head
+            dense = np.full((values.shape[0], self.meta.vocab_size), -np.inf, dtype=np.float32)
             np.put_along_axis(dense, indices, values, axis=1)
             return dense
-        return outputs[0].astype(np.float32)
+        return head[0].astype(np.float32)
 
 
 def verify_export(folder: Path, model, table, meta: ExportMeta, *, device: str, steps: int) -> dict[str, Any]:
@@ -134,16 +195,14 @@ def verify_export(folder: Path, model, table, meta: ExportMeta, *, device: str, 
     rows, _ = sample_rows(tokenizer, meta)
     ids, mask, ref_positions = left_pad(rows, meta.pad_token_id)
     capacity = ids.shape[1] + steps + 1
-    # The graph's positions: each row from 0, its left padding in the scratch column.
-    positions = np.where(mask == 1, ref_positions, capacity - 1)
     reference = TorchReference(model, table, meta.vocab_size)
     session = create_session(folder / ExportMeta.MODEL_FILE, device)
-    ort_side = OrtStepper(session, meta, table.numpy().astype(np.float32), len(rows), capacity)
+    ort_side = OrtStepper(session, meta, table.numpy().astype(np.float32), device, capacity)
 
     diffs, agree = [], []
-    for _ in range(steps):
+    for step in range(steps):
         want = reference.step(ids, mask, ref_positions)
-        got = ort_side.step(ids, positions)
+        got = ort_side.prefill(rows) if step == 0 else ort_side.step(ids[:, 0])
         if meta.top_k:
             # Compare log-probs on the graph's top-k ids only.
             want = torch.log_softmax(torch.from_numpy(want), -1).numpy()
@@ -156,7 +215,6 @@ def verify_export(folder: Path, model, table, meta: ExportMeta, *, device: str, 
         ids = chosen[:, None].astype(np.int64)
         mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=np.int64)], axis=1)
         ref_positions = ref_positions[:, -1:] + 1
-        positions = ref_positions
 
     max_diff, rate = max(diffs), float(np.mean(agree))
     limit_diff, limit_rate = THRESHOLDS[meta.dtype]

@@ -22,7 +22,11 @@ from softtool.errors import SofttoolError
 from softtool.fileio import atomic_write_json
 
 # Version 2: typed record, tasks as ExportTask, graph I/O and KV layout recorded, slot KV cache (no beam_idx).
-FORMAT_VERSION = 2
+# Version 3: the "gqa" KV layout (softtool.export.gqa), whose graph also takes total_sequence_length. A version
+# 2 record describes a graph version 3 runs unchanged, so both are read.
+FORMAT_VERSION = 3
+READABLE_FORMATS = (2, 3)
+KV_LAYOUTS = ("slots", "gqa")
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,9 @@ class ExportMeta:
     # row with its entries at their positions; the graph writes the new entries at `position_ids` and returns
     # the buffers as present (same shapes; bind present to past's memory and the update is in place). A query
     # at position p sees entries 0..p of its row; column C-1 is scratch for padding.
+    # "gqa": the same buffers, written by GroupQueryAttention at each row's position (the last of position_ids);
+    # a prefill is right-padded (padding at position -1) over a cache exactly as wide as its rows, and the
+    # total_sequence_length input (int32, on the CPU) is the cache's width.
     kv_layout: str = "slots"
     prompt_table_input: bool = False  # the table is a graph input (tasks can be added without re-export)
     top_k: int = 0  # >0: the graph emits top-k log-probs and ids instead of full logits
@@ -89,6 +96,8 @@ class ExportMeta:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.num_virtual_tokens < 0 or self.top_k < 0:
             raise ValueError("num_virtual_tokens and top_k must be >= 0")
+        if self.kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout {self.kv_layout!r} is not one of {', '.join(KV_LAYOUTS)}")
 
     # -- derived ------------------------------------------------------------------------------------
     @property
@@ -135,7 +144,7 @@ class ExportMeta:
         if not isinstance(data, dict):
             raise SofttoolError(f"{source} must hold a JSON object; re-run softtool export")
         version = data.get("format")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMATS:
             raise SofttoolError(
                 f"{source} has export format {version}; this softtool reads format {FORMAT_VERSION}: "
                 "re-run softtool export"

@@ -5,11 +5,19 @@ place through IO binding (each layer's present output is bound to its past input
 never moves between steps and never leaves the device; only the last position's logits (or top-k) come
 back to the host. For prefix templates each task's prompt keys/values are computed once and copied into a
 slot when a row starts.
+
+An export in the "gqa" form (softtool.export.gqa) is prefilled right-padded over a cache exactly as wide as
+its rows and takes the cache's width as total_sequence_length. On cuda its session is created with
+`enable_cuda_graph` on the generator's torch stream (`user_compute_stream`): the static decode step
+(runtime.static_step) binds fixed buffers per slot bucket and ONNX Runtime captures each bucket's run under
+its own `gpu_graph_id` and replays it; prefills run uncaptured (graph id -1).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +32,28 @@ from softtool.runtime.base import Generator
 from softtool.runtime.slots import Head
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+# Runs of a graph id before its replays are all captured ones: ONNX Runtime runs a session's first calls
+# normally (min_num_runs_before_cuda_graph_capture, 2 by default), then captures the next of each id.
+CAPTURE_RUNS = 3
+
+
+def _cuda_session(path, threads, optimization, stream, cuda_graphs: bool):
+    """A CUDA session on `stream` (torch's): returns (session, whether it runs on that stream). Where this
+    onnxruntime refuses a user stream, the session runs on its own and the caller synchronizes."""
+    from softtool.runtime.session import create_session
+
+    options = {"enable_cuda_graph": "1"} if cuda_graphs else {}
+    try:
+        shared = {**options, "user_compute_stream": str(stream.cuda_stream)}
+        return create_session(path, "cuda", threads, optimization, cuda_options=shared), True
+    except SofttoolError:
+        return create_session(path, "cuda", threads, optimization, cuda_options=options), False
+
+
+def _cuda_graphs(session) -> bool:
+    """Whether `session` captures CUDA graphs (its CUDA provider was created with enable_cuda_graph)."""
+    options = session.get_provider_options().get("CUDAExecutionProvider", {})
+    return str(options.get("enable_cuda_graph", "0")) in ("1", "True", "true")
 
 
 class OnnxGenerator(Generator):
@@ -40,11 +70,11 @@ class OnnxGenerator(Generator):
         template: Template,
         *,
         precompute_prompt: bool = True,
+        stream=None,
+        shares_stream: bool = False,
     ):
         from softtool.runtime.session import input_dtypes
 
-        if meta.kv_layout != "slots":
-            raise SofttoolError(f"{folder}: KV layout {meta.kv_layout!r} is not supported; re-run softtool export")
         self.folder, self.export_meta, self.session, self.device = folder, meta, session, device
         self.where = str(folder)
         self.tokenizer = tokenizer
@@ -55,7 +85,15 @@ class OnnxGenerator(Generator):
         self.num_kv_heads = meta.num_kv_heads
         self.head_dim = meta.head_dim
         self.pad_token_id = meta.pad_token_id
-        self.precompute_prompt = precompute_prompt
+        self.top_k = meta.top_k
+        self.gqa = meta.kv_layout == "gqa"
+        # GroupQueryAttention's first prompt starts at column 0: no per-task prompt cache to copy in front.
+        self.right_padded_prefill = self.gqa
+        self.precompute_prompt = precompute_prompt and not self.gqa
+        self.stream, self._shares_stream = stream, shares_stream
+        self.cuda_graphs = _cuda_graphs(session)
+        self._static_bindings: dict[tuple[int, int, int], tuple] = {}
+        self._graph_ids = 0
         self.meta = AdapterMeta(
             base_model=meta.base_model,
             num_virtual_tokens=meta.num_virtual_tokens,
@@ -99,8 +137,10 @@ class OnnxGenerator(Generator):
         template: str | None = None,
         optimization: str = "all",
         precompute_prompt: bool = True,
+        cuda_graphs: bool = True,
     ) -> OnnxGenerator:
-        """Load an export folder. device "cuda" falls back to the CPU with a warning unless `strict_device`."""
+        """Load an export folder. device "cuda" falls back to the CPU with a warning unless `strict_device`.
+        cuda_graphs: on cuda, capture the static decode step of a gqa-form export (off: run it uncaptured)."""
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
@@ -126,7 +166,14 @@ class OnnxGenerator(Generator):
                     f"{str(tmpl)!r} has {has}; re-run softtool export"
                 )
             raise SofttoolError(f"template {str(tmpl)!r} has {has} virtual tokens but the export {folder} has {n}")
-        session = create_session(folder / ExportMeta.MODEL_FILE, device, threads, optimization)
+        stream, shares_stream = None, False
+        if device == "cuda":
+            stream = torch.cuda.Stream()
+            session, shares_stream = _cuda_session(
+                folder / ExportMeta.MODEL_FILE, threads, optimization, stream, cuda_graphs and meta.kv_layout == "gqa"
+            )
+        else:
+            session = create_session(folder / ExportMeta.MODEL_FILE, device, threads, optimization)
         meta.check_contents(
             str(folder / ExportMeta.FILE),
             {i.name: list(i.shape) for i in session.get_inputs()},
@@ -134,7 +181,18 @@ class OnnxGenerator(Generator):
             table.shape,
             len(tokenizer),
         )
-        return cls(folder, meta, session, device, tokenizer, table, tmpl, precompute_prompt=precompute_prompt)
+        return cls(
+            folder,
+            meta,
+            session,
+            device,
+            tokenizer,
+            table,
+            tmpl,
+            precompute_prompt=precompute_prompt,
+            stream=stream,
+            shares_stream=shares_stream,
+        )
 
     # -- prompts ------------------------------------------------------------------------------------
     def add_task(
@@ -168,30 +226,105 @@ class OnnxGenerator(Generator):
 
         if self.export_meta.prompt_table_input:
             self._table_value = ort.OrtValue.ortvalue_from_numpy(self.table, self._ort_device, 0)
+        self._static_bindings.clear()  # they bound the old table: bound (and captured) again on their next step
         self.prompt_changed()
 
     # -- one graph call -----------------------------------------------------------------------------
+    def _bind_cache(self, binding, kv: Sequence[torch.Tensor]) -> None:
+        """Bind each layer's past and present to the same buffer: the graph writes the new entries in place."""
+        if self.gqa:  # the cache's width, on the CPU (GroupQueryAttention reads it there)
+            binding.bind_cpu_input("total_sequence_length", np.asarray(kv[0].shape[2], dtype=np.int32))
+        if self._table_value is not None:
+            binding.bind_ortvalue_input("prompt_table", self._table_value)
+        for past, present, buf in zip(self._past, self._present, kv, strict=True):
+            shape = tuple(buf.shape)
+            binding.bind_input(past, self._ort_device, 0, self._np_kv_dtype, shape, buf.data_ptr())
+            binding.bind_output(present, self._ort_device, 0, self._np_kv_dtype, shape, buf.data_ptr())
+
+    def _wait_for_torch(self) -> None:
+        """The cache is torch's memory, written on torch's streams (admission copies a prefill into a slot).
+        When ONNX Runtime runs on a stream of its own, torch's pending writes must land first."""
+        if self.kv_device.type != "cuda":
+            return
+        if not self._shares_stream or torch.cuda.current_stream() != self.stream:
+            torch.cuda.current_stream().synchronize()
+
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, kv: Sequence[torch.Tensor]) -> Head:
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids.numpy(), dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions.numpy(), dtype=np.int64))
-        if self._table_value is not None:
-            binding.bind_ortvalue_input("prompt_table", self._table_value)
         for name in self._head:  # bound first: get_outputs() returns outputs in binding order
             binding.bind_output(name, "cpu")
-        for past, present, buf in zip(self._past, self._present, kv, strict=True):
-            # The same memory as input and output: the graph's scatter writes the new entries in place.
-            shape = tuple(buf.shape)
-            binding.bind_input(past, self._ort_device, 0, self._np_kv_dtype, shape, buf.data_ptr())
-            binding.bind_output(present, self._ort_device, 0, self._np_kv_dtype, shape, buf.data_ptr())
-        if self.kv_device.type == "cuda":
-            # The cache is torch's memory, written on torch's stream (admission copies the prefix KV into a
-            # slot); ONNX Runtime runs on its own stream and synchronizes only its own (run_with_iobinding
-            # syncs the bound inputs and outputs after), so torch's pending writes must land first.
-            torch.cuda.current_stream().synchronize()
-        self.session.run_with_iobinding(binding)
+        self._bind_cache(binding, kv)
+        self._wait_for_torch()
+        self.session.run_with_iobinding(binding, self._uncaptured)
         outputs = binding.get_outputs()
         return tuple(outputs[i].numpy() for i in range(len(self._head)))
+
+    @property
+    def _uncaptured(self):
+        """Run options of a call that must not be captured (prefill): graph id -1 on a capturing session."""
+        if not self.cuda_graphs:
+            return None
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", "-1")
+        return options
+
+    # -- the static step -----------------------------------------------------------------------------
+    def _device_head(self, st, bucket: int) -> tuple[torch.Tensor, ...]:
+        key = (st.slots, st.capacity, bucket)
+        entry = self._static_bindings.get(key)
+        if entry is None:
+            entry = self._static_bindings[key] = self._bind_static(st, bucket)
+        binding, head, options = entry
+        if self.stream is not None and not self._shares_stream:
+            self.stream.synchronize()
+        self.session.run_with_iobinding(binding, options)
+        return head
+
+    def _bind_static(self, st, bucket: int) -> tuple:
+        """Slots [:bucket] of `st` bound once: tokens, positions, cache and the head's output buffers, all at
+        fixed addresses; on a capturing session, a graph id of their own."""
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        for name, buf in (("input_ids", st.tokens[:bucket]), ("position_ids", st.positions[:bucket])):
+            binding.bind_input(name, self._ort_device, 0, np.int64, tuple(buf.shape), buf.data_ptr())
+        if self.top_k:
+            head = (
+                torch.empty((bucket, self.top_k), dtype=torch.float32, device=self.kv_device),
+                torch.empty((bucket, self.top_k), dtype=torch.long, device=self.kv_device),
+            )
+        else:
+            head = (torch.empty((bucket, self.vocab_size), dtype=torch.float32, device=self.kv_device),)
+        for name, buf in zip(self._head, head, strict=True):
+            dtype = np.int64 if buf.dtype == torch.long else np.float32
+            binding.bind_output(name, self._ort_device, 0, dtype, tuple(buf.shape), buf.data_ptr())
+        self._bind_cache(binding, [t[:bucket] for t in st.kv])
+        options = ort.RunOptions()
+        if self.cuda_graphs:
+            self._graph_ids += 1
+            options.add_run_config_entry("gpu_graph_id", str(self._graph_ids))
+        if self._shares_stream:  # the engine waits for the step's result itself, on the same stream
+            options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        return binding, head, options
+
+    def _capture(self, st, body) -> None:
+        """ONNX Runtime captures a graph id on its own on a later run of it; run each bucket's step until it
+        has (every slot idle: only scratch columns are written), restoring tokens and positions after."""
+        start = time.perf_counter()
+        saved = (st.tokens.clone(), st.positions.clone())
+        for bucket in sorted(st.buckets, reverse=True):
+            for _ in range(CAPTURE_RUNS):
+                body(bucket)
+            st.steps[bucket] = functools.partial(body, bucket)
+        st.tokens.copy_(saved[0])
+        st.positions.copy_(saved[1])
+        self.stream.synchronize()
+        st.captured = True
+        st.capture_seconds += time.perf_counter() - start
 
 
 # Any one of these makes a tokenizer folder (fast tokenizers write tokenizer.json; slow ones a vocabulary file).

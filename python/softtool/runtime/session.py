@@ -33,9 +33,16 @@ def resolve_device(device: str, strict: bool = False) -> str:
 
 
 def create_session(
-    model_path: str | os.PathLike, device: str = "cpu", threads: int | None = None, optimization: str = "all"
+    model_path: str | os.PathLike,
+    device: str = "cpu",
+    threads: int | None = None,
+    optimization: str = "all",
+    *,
+    cuda_options: dict[str, str] | None = None,
 ):
     """An InferenceSession on `device` ("cpu" or "cuda", already resolved); SofttoolError if the file won't load.
+
+    cuda_options: CUDA execution provider options, e.g. {"enable_cuda_graph": "1", "user_compute_stream": ...}.
 
     Intra-op threads default to what softtool.threads.configure_threads set for this process (the `--threads`
     of every command), else the cores this process may use. Idle threads wait as softtool.threads' policy says
@@ -62,7 +69,8 @@ def create_session(
     if profile:  # ONNX Runtime's own per-node trace; benchmarks/ort_profile.py sums it by op type
         so.enable_profiling = True
         so.profile_file_prefix = profile
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    cuda = ("CUDAExecutionProvider", dict(cuda_options or {}))
+    providers = [cuda, "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     try:
         return ort.InferenceSession(str(path), sess_options=so, providers=providers)
     except Exception as exc:  # ORT raises several private exception types for unreadable graphs

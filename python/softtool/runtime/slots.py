@@ -110,8 +110,13 @@ class SlotModel(ABC):
         return bool(self.precompute_prompt and self.num_virtual and all(t.is_prefix for t in templates))
 
     def prompt_changed(self) -> None:
-        """Drop the per-task prompt cache (the prompt table changed)."""
+        """Drop the per-task prompt cache (the prompt table changed) and capture the kept static steps again
+        (a captured graph reads the table it was captured with)."""
         self._prefix = None
+        for st in self._static.values():
+            if st.captured:
+                with self.stream_context():
+                    self._capture(st, st.body)
 
     def _prefix_kv(self) -> list[torch.Tensor]:
         """Every task's prompt keys/values [tasks, kv_heads, N, head_dim] per layer (computed once)."""
@@ -239,8 +244,10 @@ class SlotModel(ABC):
             head = self._device_head(st, bucket)
             return static_step.advance(head, st.tokens[:bucket], st.positions[:bucket], st.scratch)
 
+        st.body = body
         if cuda and self.cuda_graphs:
-            self._capture(st, body)
+            with self.stream_context():
+                self._capture(st, body)
         else:
             st.steps = {b: functools.partial(body, b) for b in st.buckets}
         self._static[(slots, capacity)] = st

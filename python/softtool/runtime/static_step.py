@@ -68,6 +68,7 @@ class StaticSlots:
     buckets: list[int]
     stream: object = None  # torch.cuda.Stream on cuda: every operation of this engine runs on it
     steps: dict[int, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    body: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None  # the step itself, per bucket
     captured: bool = False
     capture_seconds: float = 0.0
     host: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # pinned copies per (bucket, kind)
