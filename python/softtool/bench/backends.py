@@ -4,6 +4,9 @@
     peft-cache the same with PEFT's default KV cache (wrong tokens with peft 0.21.2 + transformers 5.24)
     hf         plain transformers generate on the same model, without any soft prompt, static batches
     hf-cb      transformers' own continuous batching (generate_batch) on the same texts, without the prompt
+    hf-embeds  transformers generate on the same soft prompt and text as input embeddings, static batches: what
+               a user without softtool runs, the same outputs and the same work
+    hf-static  the same with cache_implementation="static", transformers' own compiled decode step (cuda only)
     torch      softtool's PyTorch backend (softtool.runtime, "torch")
     onnx       the exported ONNX graph on ONNX Runtime with the C++ search (softtool.runtime, "onnx")
     onnx-int8  the same with 8-bit weights
@@ -40,6 +43,8 @@ def cut_at_eos(tokens: list[int], eos: int) -> list[int]:
 class Backend:
     name = ""
     static_batches = True  # a batch runs until its longest row ends (row-steps are defined)
+    uses_prompt = True  # its inputs are the soft prompt and the text (False: the text alone)
+    capture_seconds = 0.0  # CUDA-graph capture paid at load (softtool's static step)
 
     def __init__(self, options: BenchOptions, workload: Workload) -> None:
         self.options = options
@@ -55,8 +60,12 @@ class Backend:
 class _HfBackend(Backend):
     """transformers generate on text-only rows, left-padded; PEFT adds its prompt in front."""
 
-    use_prompt = False
+    use_prompt = False  # PEFT's prompt on the model
     use_cache = True
+
+    @property
+    def uses_prompt(self) -> bool:
+        return self.use_prompt
 
     def load(self) -> None:
         from softtool.models import load_model
@@ -82,7 +91,7 @@ class _HfBackend(Backend):
     def _generate_batch(self, indices: range, max_new_tokens: int) -> list[list[int]]:
         import torch
 
-        from softtool.search import DECODING_OFF, BatchOptions, build_batch
+        from softtool.search import BatchOptions, build_batch
 
         rows = [self.workload.text_rows[i] for i in indices]
         # The product's batch builder: left padding, one text slot per row.
@@ -96,22 +105,26 @@ class _HfBackend(Backend):
         mask = torch.as_tensor(batch["attention_mask"], device=self.options.device)
         width = input_ids.shape[1]
         with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=self.options.num_beams,
-                eos_token_id=self.workload.eos_token_id,
-                pad_token_id=self.workload.pad_token_id,
-                use_cache=self.use_cache,
-                **{name: self.workload.decoding.get(name, off) for name, off in DECODING_OFF.items()},
-                temperature=None,
-                top_p=None,
-                top_k=None,
-            )
+            out = self.model.generate(input_ids=input_ids, attention_mask=mask, **self._generate_kwargs(max_new_tokens))
         # Both plain and PEFT generate return the (text) input ids followed by the new tokens.
         return [cut_at_eos(seq[width:].tolist(), self.workload.eos_token_id) for seq in out]
+
+    def _generate_kwargs(self, max_new_tokens: int) -> dict:
+        """generate()'s settings: greedy (or beams) and the workload's decoding, as every row runs them."""
+        from softtool.search import DECODING_OFF
+
+        return dict(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=self.options.num_beams,
+            eos_token_id=self.workload.eos_token_id,
+            pad_token_id=self.workload.pad_token_id,
+            use_cache=self.use_cache,
+            **{name: self.workload.decoding.get(name, off) for name, off in DECODING_OFF.items()},
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
 
 
 class HfBackend(_HfBackend):
@@ -135,12 +148,80 @@ class PeftCacheBackend(PeftBackend):
     use_cache = True
 
 
+class HfEmbedsBackend(_HfBackend):
+    """transformers generate on the soft prompt and the text as embeddings (`inputs_embeds`, left-padded, the
+    virtual tokens where the template puts them): the same outputs as softtool and the same work, what a user
+    without softtool runs. Given only embeddings, generate returns only the new tokens. transformers applies
+    `no_repeat_ngram_size` to the new tokens only in this mode (it says so in a warning), where softtool's search
+    also sees the input's real tokens: with that setting some rows differ (docs/bench.md)."""
+
+    name = "hf-embeds"
+    cache_implementation: str | None = None
+
+    @property
+    def uses_prompt(self) -> bool:
+        return True
+
+    def load(self) -> None:
+        from softtool.adapter import load_adapter
+
+        super().load()
+        table = load_adapter(self.workload.adapter_dir).prompt_table
+        self.table = table.to(device=self.model.device, dtype=self.model.dtype)
+
+    def _generate_batch(self, indices: range, max_new_tokens: int) -> list[list[int]]:
+        import torch
+
+        from softtool.prompts.embedding import merge_embeddings
+
+        rows = [self.workload.rows[i] for i in indices]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.workload.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, row in enumerate(rows):
+            ids[b, width - len(row) :] = torch.as_tensor(row)
+            mask[b, width - len(row) :] = 1
+        device = self.model.device
+        with torch.inference_mode():
+            embeds = merge_embeddings(self.model, ids.to(device), self.table, self.workload.vocab_size)
+            out = self.model.generate(
+                inputs_embeds=embeds, attention_mask=mask.to(device), **self._generate_kwargs(max_new_tokens)
+            )
+        return [cut_at_eos(seq.tolist(), self.workload.eos_token_id) for seq in out]
+
+    def _generate_kwargs(self, max_new_tokens: int) -> dict:
+        kwargs = super()._generate_kwargs(max_new_tokens)
+        if self.cache_implementation:
+            kwargs["cache_implementation"] = self.cache_implementation
+            # One cache length for the whole run (the longest row plus the budget), so that generate compiles
+            # its decode step once and never again while timed.
+            kwargs["max_cache_len"] = max(len(r) for r in self.workload.rows) + self.options.max_new_tokens
+        return kwargs
+
+
+class HfStaticBackend(HfEmbedsBackend):
+    """hf-embeds with transformers' static cache, whose decode step generate compiles (torch.compile,
+    reduce-overhead: CUDA graphs) on its own: transformers' fast path, one flag away for any user."""
+
+    name = "hf-static"
+    cache_implementation = "static"
+
+    def load(self) -> None:
+        if self.options.device == "cpu":
+            raise BackendUnavailable(
+                "transformers compiles its static-cache decode step on cuda only (generate's auto-compile criteria); "
+                "on the CPU this row would be hf-embeds with a static cache and no compile"
+            )
+        super().load()
+
+
 class HfCbBackend(Backend):
     """transformers' continuous batching (`generate_batch`, paged attention over SDPA) on the text-only rows,
     with `batch_size` requests per batch: the peer of softtool's own continuous batching."""
 
     name = "hf-cb"
     static_batches = False
+    uses_prompt = False
 
     def load(self) -> None:
         from softtool.models import load_model
@@ -192,18 +273,33 @@ class SofttoolBackend(Backend):
         return self.workload.adapter_dir
 
     def runtime_kwargs(self) -> dict:
-        return {"device": self.options.device, "dtype": self.options.dtype}
+        return {"device": self.options.device, "dtype": self.options.dtype, "cuda_graphs": self.options.cuda_graphs}
 
     def load(self) -> None:
         from softtool.runtime import load_generator
+        from softtool.runtime.decode import capacity_for
 
         try:
             self.generator = load_generator(str(self.source_dir()), self.runtime, **self.runtime_kwargs())
         except SofttoolError as exc:
             raise BackendUnavailable(f"softtool.runtime cannot load the {self.runtime} backend: {exc}") from exc
+        engine = self.engine_options()
+        if self.options.num_beams == 1 and engine.static_step(self.generator):
+            # The static engine of the whole workload, made (and captured) now, so no timed pass captures.
+            self.generator.static_slots(engine.slots, capacity_for(self.workload.rows, self.options.max_new_tokens))
+            self.capture_seconds = self.generator.capture_seconds
+
+    def engine_options(self):
+        from softtool.runtime.decode import EngineOptions
+
+        return EngineOptions(
+            slots=self.options.batch_size * self.options.num_beams,
+            continuous=self.options.continuous,
+            step=self.options.step,
+            admit_min=self.options.admit_min,
+        )
 
     def generate(self, indices: range, max_new_tokens: int) -> list[list[int]]:
-        from softtool.runtime.decode import EngineOptions
         from softtool.search import SearchOptions
 
         options = SearchOptions(
@@ -214,10 +310,7 @@ class SofttoolBackend(Backend):
             **self.workload.decoding,
         )
         rows = [self.workload.pieces[i] for i in indices]
-        engine = EngineOptions(
-            slots=self.options.batch_size * self.options.num_beams, continuous=self.options.continuous
-        )
-        beams = self.generator.generate(rows, [0] * len(rows), options, engine)
+        beams = self.generator.generate(rows, [0] * len(rows), options, self.engine_options())
         return [cut_at_eos(list(row_beams[0]), self.workload.eos_token_id) for row_beams in beams]
 
 
@@ -240,7 +333,12 @@ class OnnxBackend(SofttoolBackend):
         # strict: a CUDA bench must not quietly time ONNX Runtime on the CPU. The bench's thread count is the
         # session's intra-op thread count.
         device = self.options.onnx_device
-        return {"device": device, "strict_device": device != "cpu", "threads": self.options.threads}
+        return {
+            "device": device,
+            "strict_device": device != "cpu",
+            "threads": self.options.threads,
+            "cuda_graphs": self.options.cuda_graphs,
+        }
 
 
 class OnnxInt8Backend(OnnxBackend):
@@ -250,7 +348,17 @@ class OnnxInt8Backend(OnnxBackend):
 
 BACKENDS: dict[str, type[Backend]] = {
     b.name: b
-    for b in (PeftBackend, PeftCacheBackend, HfBackend, HfCbBackend, TorchBackend, OnnxBackend, OnnxInt8Backend)
+    for b in (
+        PeftBackend,
+        PeftCacheBackend,
+        HfBackend,
+        HfCbBackend,
+        HfEmbedsBackend,
+        HfStaticBackend,
+        TorchBackend,
+        OnnxBackend,
+        OnnxInt8Backend,
+    )
 }
 
 

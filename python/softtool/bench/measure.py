@@ -11,7 +11,13 @@ Definitions (the same for every backend):
                   first `ttft_batches` batches
   prefill_tokens_per_s  input tokens (virtual ones included) of those batches / their summed ttft
   peak_rss_mb     the process's resident-memory high-water mark, a clean number only in its own process
-  peak_gpu_mb     on cuda, PyTorch's peak allocated GPU memory (torch backends only)
+  peak_gpu_mb     on cuda: PyTorch's peak allocated GPU memory for the torch and transformers rows; for the
+                  ONNX rows the device memory in use after the run less before loading (ONNX Runtime's arena
+                  keeps what it took, so this is its high-water mark plus torch's KV buffers), as
+                  gpu_memory_source says
+  load_s          loading weights and graphs (softtool: the static engine's CUDA-graph capture included)
+  capture_s       of load_s, capturing softtool's static step per slot bucket (once per engine)
+  warmup_s        the untimed warm-up batches (transformers' static cache compiles its decode step here)
   row_steps_per_s static batches only (peft, hf, softtool with --no-continuous), greedy: rows x decode steps
                   each batch ran (finished rows included) / timed wall time, the engine's speed whatever the
                   outputs' lengths; None for continuous engines, where a slot never idles on a finished row
@@ -77,14 +83,16 @@ def run_backend(name: str, options: BenchOptions, workload: Workload, isolated: 
     backend = BACKENDS[name](options, workload)
     examples = examples_for(name, options, workload)
     batches = [b for b in workload.batches(options.batch_size) if b.start < examples.stop]
+    gpu_before = _gpu_used_mb(options)
     start = time.perf_counter()
     try:
         backend.load()
+        load_s = time.perf_counter() - start
         for idx in batches[: options.warmup]:
             backend.generate(idx, options.max_new_tokens)
     except BackendUnavailable as exc:
         return {"name": name, "status": "skipped", "reason": str(exc)}
-    load_s = time.perf_counter() - start
+    warmup_s = time.perf_counter() - start - load_s
 
     ttft = []
     for idx in batches[: options.ttft_batches]:
@@ -92,7 +100,7 @@ def run_backend(name: str, options: BenchOptions, workload: Workload, isolated: 
         backend.generate(idx, 1)
         ttft.append(time.perf_counter() - t0)
     # Plain transformers runs without the soft prompt, so its inputs are the text tokens only.
-    input_rows = workload.text_rows if name.startswith("hf") else workload.rows
+    input_rows = workload.rows if backend.uses_prompt else workload.text_rows
     ttft_tokens = sum(len(input_rows[i]) for idx in batches[: options.ttft_batches] for i in idx)
 
     passes, outputs = [], []
@@ -104,11 +112,13 @@ def run_backend(name: str, options: BenchOptions, workload: Workload, isolated: 
     total = sum(passes)
     # Outputs exclude EOS; a row that stopped early did generate its EOS, so count it.
     tokens = sum(len(o) + (len(o) < options.max_new_tokens) for o in outputs)
-    gpu_peak = None
-    if options.device != "cpu" and name not in ("onnx", "onnx-int8"):
+    gpu_peak, gpu_source = None, None
+    if options.device != "cpu" and name in ("onnx", "onnx-int8"):
+        gpu_peak, gpu_source = _gpu_used_mb(options) - gpu_before, "device memory used after the run less before load"
+    elif options.device != "cpu":
         import torch
 
-        gpu_peak = torch.cuda.max_memory_allocated() / 2**20
+        gpu_peak, gpu_source = torch.cuda.max_memory_allocated() / 2**20, "torch.cuda.max_memory_allocated"
     return {
         "name": name,
         "status": "ok",
@@ -121,13 +131,26 @@ def run_backend(name: str, options: BenchOptions, workload: Workload, isolated: 
         "prefill_tokens_per_s": ttft_tokens / sum(ttft),
         "input_tokens": sum(len(input_rows[i]) for i in examples),
         "load_s": load_s,
+        "capture_s": backend.capture_seconds,
+        "warmup_s": warmup_s,
         "timed_s": total,
         "peak_rss_mb": peak_rss_mb(),
         "peak_rss_isolated": isolated,
         "peak_gpu_mb": gpu_peak,
+        "gpu_memory_source": gpu_source,
         "static_batches": getattr(backend, "static_batches", True),
         "outputs": outputs,
     }
+
+
+def _gpu_used_mb(options: BenchOptions) -> float:
+    """Memory in use on the bench's GPU (every process's, every library's); 0 on the CPU."""
+    if options.device == "cpu":
+        return 0.0
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / 2**20
 
 
 def row_steps_per_s(result: dict[str, Any], options: dict[str, Any]) -> float | None:

@@ -14,7 +14,8 @@ from typing import Any
 
 from softtool.errors import SofttoolError
 
-ALL_BACKENDS = ("peft", "peft-cache", "hf", "hf-cb", "torch", "onnx", "onnx-int8")
+ALL_BACKENDS = ("peft", "peft-cache", "hf", "hf-cb", "hf-embeds", "hf-static", "torch", "onnx", "onnx-int8")
+STEPS = ("auto", "static", "dynamic")
 DEFAULT_BACKENDS = ("peft", "hf", "hf-cb", "torch", "onnx", "onnx-int8")
 TASKS = ("translation", "squad", "cnndm")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -58,6 +59,22 @@ class BenchOptions:
     continuous: bool = field(
         default=True,
         metadata={"help": "softtool's rows use continuous batching (off: static batches, the reference)."},
+    )
+    step: str = field(
+        default="auto",
+        metadata={
+            "help": "softtool's decode step: static (slot buckets, captured as CUDA graphs on cuda), dynamic, or "
+            "auto (static on cuda).",
+            "choices": STEPS,
+        },
+    )
+    cuda_graphs: bool = field(
+        default=True,
+        metadata={"help": "On cuda, softtool captures its static step as CUDA graphs (off: the same step eagerly)."},
+    )
+    admit_min: int = field(
+        default=1,
+        metadata={"help": "softtool admits waiting rows once this many slots are free (1: at once).", "min": 1},
     )
     backends: list[str] = field(
         default_factory=lambda: list(DEFAULT_BACKENDS),
@@ -134,6 +151,7 @@ class BenchOptions:
             "threads",
             "num_virtual_tokens",
             "export_verify_steps",
+            "admit_min",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -144,6 +162,8 @@ class BenchOptions:
         if self.repetition_penalty is not None and self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         _check_device(self.device)
+        if self.step not in STEPS:
+            raise ValueError(f"step must be one of {STEPS}, got {self.step!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device == "cpu" and self.dtype == "float16":

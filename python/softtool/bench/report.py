@@ -51,6 +51,8 @@ def print_table(result: dict[str, Any], console=None, path: str | None = None) -
         Column("vs peft"),
         Column("vs hf", essential=True),
         Column("vs hf-cb", essential=True),
+        Column("vs hf-embeds"),
+        Column("vs hf-static"),
         Column("steps vs hf"),
         Column("ttft s"),
         Column("peak MB"),
@@ -72,6 +74,8 @@ def print_table(result: dict[str, Any], console=None, path: str | None = None) -
                 _ratio(r.get("speedup_vs_peft")),
                 _ratio(r.get("speedup_vs_hf")),
                 _ratio(r.get("speedup_vs_hf_cb")),
+                _ratio(r.get("speedup_vs_hf_embeds")),
+                _ratio(r.get("speedup_vs_hf_static")),
                 _ratio(r.get("row_steps_speedup_vs_hf")),
                 _fmt(r["ttft_s"], ".3f"),
                 _fmt(r["peak_rss_mb"], ".0f"),
@@ -88,6 +92,13 @@ def print_table(result: dict[str, Any], console=None, path: str | None = None) -
     for r in result["backends"]:
         if r["status"] != "ok":
             console.print(f"[yellow]{r['name']} {r['status']}:[/yellow] {r.get('reason', '')}")
+    paid = [
+        f"{r['name']} {r.get('capture_s') or 0:.2f} s capture, {r['warmup_s']:.2f} s warm-up"
+        for r in result["backends"]
+        if r["status"] == "ok" and "warmup_s" in r
+    ]
+    if paid:
+        console.print("paid once, not timed: " + "; ".join(paid))
     limits = result.get("limits") or {}
     if limits:
         console.print(

@@ -92,12 +92,13 @@ def run_bench(options: BenchOptions, command: str = "", progress=None) -> dict[s
         r["predictions"] = texts
         r["metrics"] = score(options, task, texts, workload.references[: len(texts)])
         r["metric"] = r["metrics"].get(metric) if metric else None
-        # hf and hf-cb run the plain model (no prompt): hf-cb is checked against hf, hf against nothing.
+        # hf and hf-cb run the plain model (no prompt): hf-cb is checked against hf, hf against nothing;
+        # hf-embeds and hf-static run the prompt, checked against softtool's reference like softtool's rows.
         same_as = "hf" if r["name"] == "hf-cb" else (None if r["name"] == "hf" else reference)
         if same_as in by_name:
             r["identical_to"] = same_as
             r["identical_share"] = identical_share(r["outputs"], by_name[same_as]["outputs"])
-        for base in ("peft", "hf", "hf-cb"):
+        for base in ("peft", "hf", "hf-cb", "hf-embeds", "hf-static"):
             key = f"speedup_vs_{base.replace('-', '_')}"
             r[key] = r["tokens_per_s"] / by_name[base]["tokens_per_s"] if base in by_name else None
         r["row_steps_per_s"] = row_steps_per_s(r, option_values)

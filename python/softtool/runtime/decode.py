@@ -87,7 +87,8 @@ def _history(model: SlotModel, row: Sequence[int]) -> np.ndarray:
     return np.asarray([t for t in row if t < model.vocab_size], dtype=np.int64)
 
 
-def _capacity(rows: Sequence[Sequence[int]], budget: int) -> int:
+def capacity_for(rows: Sequence[Sequence[int]], budget: int) -> int:
+    """The cache positions rows of these lengths need with `budget` new tokens each."""
     return max(len(r) for r in rows) + budget + 1  # +1: the scratch column
 
 
@@ -260,7 +261,7 @@ def _decode_slots(model, rows, task_ids, options, engine: EngineOptions, progres
         from dataclasses import replace
 
         per_copy = replace(options, num_return_sequences=1)
-    capacity = _capacity(rows, options.max_new_tokens)
+    capacity = capacity_for(rows, options.max_new_tokens)
     # A static engine keeps its slot count whatever the rows (its buffers and graphs serve every call).
     width = engine.slots if engine.static_step(model) else min(engine.slots, len(rows) * copies)
     runner = Engine(model, per_copy, width, capacity, static=static, engine=engine)
@@ -297,7 +298,7 @@ def _decode_batch(model: SlotModel, rows, task_ids, options: SearchOptions) -> l
     searcher.start([_history(model, row) for row in rows])
     repeat = searcher.num_rows // len(rows)
     order = [i for i in range(len(rows)) for _ in range(repeat)]  # item-major, as the search expects
-    model.reserve(len(order), _capacity(rows, options.max_new_tokens))
+    model.reserve(len(order), capacity_for(rows, options.max_new_tokens))
     slots = list(range(len(order)))
     head = model.prefill(slots, [rows[i] for i in order], [task_ids[i] for i in order])
     positions = np.asarray([len(rows[i]) for i in order], dtype=np.int64)
