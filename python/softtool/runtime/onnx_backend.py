@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,16 +39,27 @@ CAPTURE_RUNS = 3
 
 
 def _cuda_session(path, threads, optimization, stream, cuda_graphs: bool):
-    """A CUDA session on `stream` (torch's): returns (session, whether it runs on that stream). Where this
-    onnxruntime refuses a user stream, the session runs on its own and the caller synchronizes."""
+    """A CUDA session, if it can be, capturing CUDA graphs and on `stream` (torch's): returns (session, whether
+    it runs on that stream). Each refused setting is dropped in turn, with a warning naming the refusal: the
+    session then runs uncaptured, or on a stream of its own that the caller synchronizes with."""
     from softtool.runtime.session import create_session
 
-    options = {"enable_cuda_graph": "1"} if cuda_graphs else {}
-    try:
-        shared = {**options, "user_compute_stream": str(stream.cuda_stream)}
-        return create_session(path, "cuda", threads, optimization, cuda_options=shared), True
-    except SofttoolError:
-        return create_session(path, "cuda", threads, optimization, cuda_options=options), False
+    graph = {"enable_cuda_graph": "1"} if cuda_graphs else {}
+    user = {"user_compute_stream": str(stream.cuda_stream)}
+    attempts = (
+        [({**graph, **user}, True), (graph, False), (user, True), ({}, False)] if graph else [(user, True), ({}, False)]
+    )
+    refusals = []
+    for options, shared in attempts:
+        try:
+            session = create_session(path, "cuda", threads, optimization, cuda_options=options)
+        except SofttoolError as exc:
+            refusals.append(f"{options}: {exc}")
+            continue
+        if refusals:
+            warnings.warn("ONNX Runtime refused " + "; ".join(refusals), RuntimeWarning, stacklevel=3)
+        return session, shared
+    raise SofttoolError(refusals[-1])
 
 
 def _cuda_graphs(session) -> bool:

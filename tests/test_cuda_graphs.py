@@ -1,0 +1,123 @@
+"""The captured decode step on a GPU: CUDA graphs of the static step give the tokens of the same step run
+eagerly on the same device and dtype (PyTorch: identical; ONNX Runtime: at least 99% of rows), and capture
+is paid once per kept engine. Skipped without CUDA (every CPU machine, CI); run on a lent GPU by
+benchmarks/gpu_kit_run.sh. SOFTTOOL_TOKENIZER names a tokenizer folder where the default model's GGUF is not
+installed (the GPU kit's machine)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from helpers import save_tiny_adapter, save_tiny_llama
+from softtool.runtime.decode import EngineOptions
+from softtool.search import SearchOptions
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)"),
+]
+
+SOURCES = [f"Sentence number {i}: a man walks {i} dogs along the river in the rain." for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(request):
+    path = os.environ.get("SOFTTOOL_TOKENIZER")
+    if path:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    return request.getfixturevalue("smollm2_tokenizer")
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, tokenizer):
+    model_dir = save_tiny_llama(
+        tmp_path_factory.mktemp("gqa-llama"),
+        tokenizer,
+        initializer_range=0.2,
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=4,
+        intermediate_size=256,
+    )
+    torch.manual_seed(1)
+    return save_tiny_adapter(tmp_path_factory.mktemp("adapter") / "de", model_dir, torch.randn(8, 128) * 0.2)
+
+
+def _options(generator, rows, **kw) -> SearchOptions:
+    """Greedy with an end token the model emits in some rows only, so slots are handed on mid-run."""
+    from collections import Counter
+
+    free = generator.generate(rows, None, SearchOptions(max_new_tokens=24, eos_token_ids=[2]), EngineOptions(slots=8))
+    seen = Counter(t for row in free for t in set(row[0][2:12]))
+    end = next(t for t, n in seen.most_common() if n < len(free))
+    return SearchOptions(max_new_tokens=24, eos_token_ids=[end], pad_token_id=2, **kw)
+
+
+@pytest.mark.parametrize(
+    "decoding", [{}, {"no_repeat_ngram_size": 2, "repetition_penalty": 1.3}], ids=["greedy", "penalties"]
+)
+def test_torch_captured_step_gives_the_eager_steps_tokens(adapter_dir, decoding):
+    from softtool.runtime import load_generator
+
+    captured = load_generator(str(adapter_dir), "torch", device="cuda", dtype="float16")
+    eager = load_generator(str(adapter_dir), "torch", device="cuda", dtype="float16", cuda_graphs=False)
+    rows = [captured.encode({"source": s}) for s in SOURCES]
+    options = _options(eager, rows, **decoding)
+    want = eager.generate(rows, None, options, EngineOptions(slots=8, step="static"))
+    got = captured.generate(rows, None, options, EngineOptions(slots=8, step="static"))
+    assert got == want
+    assert len({len(r[0]) for r in want}) > 1
+    st = next(iter(captured._static.values()))
+    assert st.captured and sorted(st.steps) == [1, 2, 4, 8] and captured.capture_seconds > 0
+    assert not next(iter(eager._static.values())).captured
+
+
+def test_torch_capture_is_paid_once_per_kept_engine(adapter_dir):
+    from softtool.runtime import load_generator
+
+    generator = load_generator(str(adapter_dir), "torch", device="cuda", dtype="float16")
+    rows = [generator.encode({"source": s}) for s in SOURCES[:8]]
+    options = SearchOptions(max_new_tokens=8, eos_token_ids=[2])
+    generator.generate(rows, None, options, EngineOptions(slots=8))
+    paid = generator.capture_seconds
+    generator.generate(rows[:3], None, SearchOptions(max_new_tokens=1, eos_token_ids=[2]), EngineOptions(slots=8))
+    generator.generate(rows, None, options, EngineOptions(slots=8))
+    assert generator.capture_seconds == paid and len(generator._static) == 1
+
+
+@pytest.fixture(scope="module")
+def gqa_export(tmp_path_factory, adapter_dir):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip(f"onnxruntime {ort.__version__} has no CUDA provider here (install onnxruntime-gpu)")
+    from softtool.export.onnx import ExportOptions, export_adapters
+
+    out = tmp_path_factory.mktemp("export") / "gqa"
+    meta = export_adapters([str(adapter_dir)], out, ExportOptions(device="cuda", dtype="fp16", strict_device=True))
+    assert meta.kv_layout == "gqa" and meta.verification["passed"]
+    return out
+
+
+def test_onnx_captured_step_gives_the_uncaptured_steps_tokens(adapter_dir, gqa_export):
+    from softtool.runtime import load_generator
+
+    captured = load_generator(str(gqa_export), "onnx", device="cuda", strict_device=True)
+    uncaptured = load_generator(str(gqa_export), "onnx", device="cuda", strict_device=True, cuda_graphs=False)
+    assert captured.cuda_graphs and not uncaptured.cuda_graphs
+    rows = [captured.encode({"source": s}) for s in SOURCES]
+    options = _options(uncaptured, rows)
+    want = uncaptured.generate(rows, None, options, EngineOptions(slots=8, step="static"))
+    got = captured.generate(rows, None, options, EngineOptions(slots=8, step="static"))
+    same = sum(a == b for a, b in zip(got, want, strict=True)) / len(want)
+    assert same >= 0.99, f"{same:.0%} of rows identical"
+    assert captured.capture_seconds > 0
+    # The dynamic step (no buckets, nothing captured) on the same session agrees too.
+    dynamic = captured.generate(rows, None, options, EngineOptions(slots=8, step="dynamic"))
+    assert sum(a == b for a, b in zip(dynamic, want, strict=True)) / len(want) >= 0.99
