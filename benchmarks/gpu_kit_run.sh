@@ -5,9 +5,11 @@
 #   call 1 (carry .gpu-kit/1): bash .gpu-kit/1/device-setup.sh && source /tmp/gpukit/env.sh && bash benchmarks/gpu_kit_run.sh torch
 #   call 2 (carry .gpu-kit/2): bash .gpu-kit/2/device-join.sh && source /tmp/gpukit/env.sh && bash benchmarks/gpu_kit_run.sh onnx
 #
-# torch: the `cuda` tests of the PyTorch backend (captured == eager static step) and a short torch-only bench.
+# torch: the `cuda` tests of the PyTorch backend (compiled and captured == the same step uncaptured; against
+#        PyTorch's own kernels).
 # onnx:  the `cuda` tests of the ONNX backend (a gqa fp16 export, captured == uncaptured), then `softtool bench`
-#        with hf-static, torch and onnx in one run each at 16 slots (LIMIT16 examples) and batch 1 (LIMIT1).
+#        with hf-static, torch and onnx in one run each at 16 slots (LIMIT16 examples) and batch 1 (LIMIT1), then
+#        benchmarks/profile_static_step.py (device time against host time of one step, per bucket).
 # Each step has its own time limit; a step that fails or times out is logged and the rest go on. Results land
 # in $OUT (bench_translation_cuda.json, bench_translation_b1_cuda.json, their PNGs, the test logs).
 set -uo pipefail
@@ -34,16 +36,16 @@ case "$phase" in
   torch)
     step cuda-tests-torch 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda_graphs.py -k torch \
       2>&1 | tee "$OUT/cuda_tests_torch.log"
-    step torch-smoke 90 python3 -m softtool bench --config benchmarks/configs/translation.json "${common[@]}" \
-      --backends torch --limit "$LIMIT16" --no-limits --output "$OUT/torch_smoke_cuda.json"
     ;;
   onnx)
-    step cuda-tests-onnx 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda_graphs.py \
-      2>&1 | tee "$OUT/cuda_tests.log"
+    step cuda-tests-onnx 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda_graphs.py -k onnx \
+      2>&1 | tee "$OUT/cuda_tests_onnx.log"
     step batch16 240 python3 -m softtool bench --config benchmarks/configs/translation.json "${common[@]}" \
       --backends "$BACKENDS" --limit "$LIMIT16" --output "$OUT/bench_translation_cuda.json"
     step batch1 180 python3 -m softtool bench --config benchmarks/configs/translation_b1.json "${common[@]}" \
       --backends "$BACKENDS" --limit "$LIMIT1" --output "$OUT/bench_translation_b1_cuda.json"
+    step profile 120 python3 benchmarks/profile_static_step.py --model "$MODEL" --device cuda \
+      --output "$OUT/profile_static_step_cuda.json"
     ;;
   *) echo "unknown phase $phase (torch or onnx)" >&2; exit 2 ;;
 esac

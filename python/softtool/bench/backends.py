@@ -317,6 +317,9 @@ class SofttoolBackend(Backend):
 class TorchBackend(SofttoolBackend):
     name = "torch"
 
+    def runtime_kwargs(self) -> dict:
+        return {**super().runtime_kwargs(), "compile_step": self.options.compile and self.options.device != "cpu"}
+
 
 class OnnxBackend(SofttoolBackend):
     name = "onnx"

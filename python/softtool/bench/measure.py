@@ -16,7 +16,8 @@ Definitions (the same for every backend):
                   keeps what it took, so this is its high-water mark plus torch's KV buffers), as
                   gpu_memory_source says
   load_s          loading weights and graphs (softtool: the static engine's CUDA-graph capture included)
-  capture_s       of load_s, capturing softtool's static step per slot bucket (once per engine)
+  capture_s       of load_s, compiling (torch on cuda) and capturing softtool's static step per slot bucket
+                  (once per engine)
   warmup_s        the untimed warm-up batches (transformers' static cache compiles its decode step here)
   row_steps_per_s static batches only (peft, hf, softtool with --no-continuous), greedy: rows x decode steps
                   each batch ran (finished rows included) / timed wall time, the engine's speed whatever the

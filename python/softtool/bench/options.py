@@ -72,6 +72,13 @@ class BenchOptions:
         default=True,
         metadata={"help": "On cuda, softtool captures its static step as CUDA graphs (off: the same step eagerly)."},
     )
+    compile: bool = field(
+        default=True,
+        metadata={
+            "help": "On cuda, the torch row compiles its static step with torch.compile before capturing it "
+            "(off: the captured step runs PyTorch's own kernels)."
+        },
+    )
     admit_min: int = field(
         default=1,
         metadata={"help": "softtool admits waiting rows once this many slots are free (1: at once).", "min": 1},

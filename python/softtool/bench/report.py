@@ -93,7 +93,7 @@ def print_table(result: dict[str, Any], console=None, path: str | None = None) -
         if r["status"] != "ok":
             console.print(f"[yellow]{r['name']} {r['status']}:[/yellow] {r.get('reason', '')}")
     paid = [
-        f"{r['name']} {r.get('capture_s') or 0:.2f} s capture, {r['warmup_s']:.2f} s warm-up"
+        f"{r['name']} {r.get('capture_s') or 0:.2f} s capture (and compile), {r['warmup_s']:.2f} s warm-up"
         for r in result["backends"]
         if r["status"] == "ok" and "warmup_s" in r
     ]

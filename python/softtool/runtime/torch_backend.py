@@ -11,6 +11,7 @@ On cuda the static decode step (runtime.static_step) is captured per slot bucket
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,6 +35,8 @@ class TorchGenerator(Generator):
     top_k: >0, each step hands the search the k best log-probs and ids, computed where the model runs; 0, full
     logits. None (default): DEVICE_TOP_K on a GPU, 0 on the CPU.
     cuda_graphs: on cuda, capture the static decode step per slot bucket (off: run it eagerly).
+    compile_step: compile the static decode step with torch.compile (inductor fuses the many small kernels of a
+    step into few) before it is captured. None (default): on cuda with CUDA graphs.
     """
 
     views_ok = True
@@ -47,9 +50,11 @@ class TorchGenerator(Generator):
         meta: AdapterMeta | None = None,
         top_k: int | None = None,
         cuda_graphs: bool = True,
+        compile_step: bool | None = None,
     ):
         self.model = model
         self.cuda_graphs = cuda_graphs
+        self.compile_step = compile_step
         self.tokenizer = tokenizer
         self.template = template
         self.meta = meta
@@ -73,6 +78,11 @@ class TorchGenerator(Generator):
             raise ValueError(f"top_k must be >= 0, got {top_k}")
         self.top_k = min(int(top_k), self.vocab_size)
         self.slot_lm = SlotLM(model, None, self.vocab_size, in_place=True, top_k=self.top_k)
+        if self.compile_step is None:
+            self.compile_step = self.kv_device.type == "cuda" and cuda_graphs
+        # One compiled module serves every bucket: dynamo specializes it per batch size (or makes that size
+        # dynamic after the second), each compiled while its bucket is captured, never while decoding.
+        self._step_module = torch.compile(self.slot_lm, fullgraph=True) if self.compile_step else self.slot_lm
         self.set_prompt(prompt_table)
 
     @classmethod
@@ -87,6 +97,7 @@ class TorchGenerator(Generator):
         device: str = "cpu",
         dtype: str = "float32",
         cuda_graphs: bool = True,
+        compile_step: bool | None = None,
     ) -> TorchGenerator:
         """Load an adapter folder and its base model (or use the `model` given)."""
         from softtool.models import load_model, load_tokenizer
@@ -105,7 +116,15 @@ class TorchGenerator(Generator):
                 f"template {tmpl} has {tmpl.num_virtual_tokens} virtual tokens but the adapter {path} "
                 f"has {adapter.meta.num_virtual_tokens}; pass a template with [P:{adapter.meta.num_virtual_tokens}]"
             )
-        generator = cls(model, tokenizer, tmpl, adapter.prompt_table, adapter.meta, cuda_graphs=cuda_graphs)
+        generator = cls(
+            model,
+            tokenizer,
+            tmpl,
+            adapter.prompt_table,
+            adapter.meta,
+            cuda_graphs=cuda_graphs,
+            compile_step=compile_step,
+        )
         generator.where = str(path)
         generator.task_names = [Path(path).resolve().name]
         return generator
@@ -172,11 +191,23 @@ class TorchGenerator(Generator):
 
     @torch.inference_mode()
     def _device_head(self, st, bucket: int) -> tuple[torch.Tensor, ...]:
-        out = self.slot_lm(st.tokens[:bucket], st.positions[:bucket], *(t[:bucket] for t in st.kv))
+        out = self._step_module(st.tokens[:bucket], st.positions[:bucket], *(t[:bucket] for t in st.kv))
         return tuple(out[:2]) if self.top_k else (out[0].float(),)
 
     def _capture(self, st, body) -> None:
         from softtool.runtime.static_step import capture_graphs
 
         with torch.inference_mode():
-            capture_graphs(st, body)
+            try:
+                capture_graphs(st, body)
+            except Exception as exc:  # noqa: BLE001 - dynamo and inductor raise many types; eager kernels still work
+                if self._step_module is self.slot_lm:
+                    raise
+                warnings.warn(
+                    f"torch.compile of the decode step failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                    "capturing PyTorch's own kernels instead",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._step_module, self.compile_step = self.slot_lm, False
+                capture_graphs(st, body)
