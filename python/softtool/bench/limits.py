@@ -29,7 +29,11 @@ def cpu_model() -> str:
 
 
 def git_commit(repo: Path | None = None) -> str | None:
+    """The checkout's commit (-dirty with uncommitted changes); SOFTTOOL_GIT_COMMIT where the tree has no git
+    history (a copy sent to another machine)."""
     repo = repo or Path(__file__).resolve().parents[3]
+    if os.environ.get("SOFTTOOL_GIT_COMMIT"):
+        return os.environ["SOFTTOOL_GIT_COMMIT"]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
@@ -57,6 +61,8 @@ def machine_info(threads: int) -> dict[str, Any]:
         import onnxruntime
 
         providers = onnxruntime.get_available_providers()
+        # The module imported, which may be onnxruntime-gpu placed ahead of an installed onnxruntime.
+        versions["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         providers = None
     return {
