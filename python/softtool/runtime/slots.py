@@ -166,9 +166,11 @@ class SlotModel(ABC):
                     ids[i, width - len(text) :] = torch.as_tensor(text, dtype=torch.long)
                     positions[i, width - len(text) :] = torch.arange(n, n + len(text))
         head = self._forward(ids, positions, temp)
-        for i, (slot, length) in enumerate(zip(slots, lengths, strict=True)):
-            for dst, src in zip(self.kv, temp, strict=True):
-                dst[slot, :, :length] = src[i, :, :length]
+        # One copy per layer tensor for all rows, the temporary cache's whole width: past a row's length it holds
+        # padding or nothing, columns the row writes (at its positions) before it ever reads them.
+        index = torch.as_tensor(list(slots), dtype=torch.long, device=self.kv_device)
+        for dst, src in zip(self.kv, temp, strict=True):
+            dst[:, :, : src.shape[2]].index_copy_(0, index, src)
         return head
 
     # A backend that can run on strided views of the cache (PyTorch) attends only to the columns in use;
