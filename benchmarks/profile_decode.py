@@ -7,7 +7,8 @@ For `hf` (transformers' generate, text only, static batches of --slots) it times
 forward calls. For softtool's backends it times the whole `generate` and splits it into the backend's
 forward calls at prefill (rows entering slots) and at decode steps (one token for every busy slot), the
 C++ search steps, and the rest (Python bookkeeping, cache copies at admission); it also counts the rows
-and tokens each kind of forward processed. torch.profiler's operator totals are printed with --ops.
+and tokens each kind of forward processed. With --ops N, a second, untimed pass of the torch backend runs
+under torch.profiler and its N costliest operators (self CPU time) are recorded.
 """
 
 from __future__ import annotations
@@ -111,6 +112,25 @@ def _hf(model, texts, options, slots, pad) -> tuple[float, list, dict]:
     return wall, out, clock.report()
 
 
+def _operators(gen, rows, options, engine, top: int) -> list[dict]:
+    """The costliest operators (self CPU time) of one more generate over `rows`, under torch.profiler."""
+    import torch
+
+    with torch.profiler.profile() as prof:
+        gen.generate(rows, None, options, engine)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [
+        {
+            "name": e.key,
+            "self_cpu_ms": round(e.self_cpu_time_total / 1000, 2),
+            "share": round(e.self_cpu_time_total / total, 4),
+            "calls": e.count,
+        }
+        for e in events[:top]
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", required=True)
@@ -123,6 +143,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-continuous", action="store_true")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--ops", type=int, default=0, help="record the torch backend's N costliest operators")
     args = parser.parse_args()
 
     from softtool.threads import configure_threads
@@ -166,6 +187,8 @@ def main() -> None:
             "parts": parts,
             "other_s": round(wall - accounted, 3),
         }
+        if name == "torch" and args.ops:
+            results[name]["ops"] = _operators(gen, rows, options, engine, args.ops)
         print(name, json.dumps(results[name]), flush=True)
     if args.json:
         from softtool.bench.limits import machine_info
