@@ -63,7 +63,17 @@ def print_table(
     console.print(table)
     if dropped:
         where = f" (all of them in {rest_in})" if rest_in else ""
-        console.print(f"columns left out at this width{where}: {', '.join(dropped)}")
+        console.print(f"columns left out at this width{where}:")
+        # The names, broken only between them, so each dropped column's name stays whole on one line.
+        lines = [""]
+        for i, name in enumerate(dropped):
+            piece = name + ("," if i + 1 < len(dropped) else "")
+            if lines[-1] and len(lines[-1]) + 1 + len(piece) > console.width:
+                lines.append(piece)
+            else:
+                lines[-1] = f"{lines[-1]} {piece}".lstrip()
+        for line in lines:
+            console.print(line, soft_wrap=True)
 
 
 def _print_vertical(console, title: str, columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> None:
