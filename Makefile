@@ -22,7 +22,7 @@ system-deps:
 	  else echo "C++ tests need googletest: sudo apt-get install libgtest-dev" >&2; exit 1; fi; \
 	fi
 
-$(STAMP): pyproject.toml constraints.txt $(CPP_SOURCES)
+$(STAMP): pyproject.toml constraints.txt python/softtool/__init__.py $(CPP_SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) -U pip
 	$(PIP) torch==2.13.0

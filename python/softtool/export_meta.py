@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from softtool.errors import SofttoolError
+from softtool import __version__
+from softtool.errors import SofttoolError, written_by
 from softtool.fileio import atomic_write_json
 
 # Version 2: typed record, tasks as ExportTask, graph I/O and KV layout recorded, slot KV cache (no beam_idx).
@@ -145,9 +146,10 @@ class ExportMeta:
             raise SofttoolError(f"{source} must hold a JSON object; re-run softtool export")
         version = data.get("format")
         if version not in READABLE_FORMATS:
+            readable = " and ".join(str(v) for v in READABLE_FORMATS)
             raise SofttoolError(
-                f"{source} has export format {version}; this softtool reads format {FORMAT_VERSION}: "
-                "re-run softtool export"
+                f"{source} has export format {version} ({written_by(data.get('softtool_version'))}); softtool "
+                f"{__version__} reads formats {readable}: re-run softtool export"
             )
         known = {f.name for f in fields(cls)}
         try:
