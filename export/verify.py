@@ -181,7 +181,8 @@ class OrtStepper:
             dense = np.full((values.shape[0], self.meta.vocab_size), -np.inf, dtype=np.float32)
             np.put_along_axis(dense, indices, values, axis=1)
             return dense
-        return head[0].astype(np.float32)
+        logits = head[0].astype(np.float32)
+        return logits[:, -1] if logits.ndim == 3 else logits  # the genai form's [B, 1, V]
 
 
 def verify_export(folder: Path, model, table, meta: ExportMeta, *, device: str, steps: int) -> dict[str, Any]:

@@ -4,9 +4,21 @@ random Llama, a parallel en/de data folder and a translation soft prompt for tha
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 from pathlib import Path
 from typing import Any, NamedTuple
+
+# Runs a docs script as a user would, with softtool made unimportable: it must not need it.
+NO_SOFTTOOL = "import runpy, sys; sys.modules['softtool'] = None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0])"
+
+
+def docs_example(section: str, doc: str = "export.md") -> str:
+    """The python block under a `## section` heading of docs/DOC."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / doc).read_text()
+    match = re.search(rf"\n## {re.escape(section)}\n.*?```python\n(.*?)```", text, re.S)
+    assert match, f"docs/{doc} has no python block under '{section}'"
+    return match.group(1)
 
 
 class CliResult(NamedTuple):

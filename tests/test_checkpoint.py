@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import softtool
 from helpers import error_line, run_cli, wait_for_line, write_translation_data
 from softtool.errors import SofttoolError
 from softtool.training.checkpoint import CHECKPOINT_DIR, checkpoint_path, load_checkpoint, save_checkpoint
@@ -59,6 +60,7 @@ def test_a_checkpoint_is_safetensors_with_json_state_and_round_trips_exactly(tmp
     assert path == tmp_path / "checkpoints" / "last.safetensors"
     header = json.loads(path.read_bytes()[8 : 8 + int.from_bytes(path.read_bytes()[:8], "little")])
     assert header["__metadata__"]["format"] == "softtool-checkpoint"
+    assert header["__metadata__"]["softtool_version"] == softtool.__version__  # a later refusal names it
 
     loaded = load_checkpoint(tmp_path)
     assert loaded["rng"]["python"] == python_state
@@ -81,7 +83,9 @@ def test_a_crafted_pickle_is_never_unpickled(tmp_path):
     folder = tmp_path / CHECKPOINT_DIR
     folder.mkdir()
     (folder / "last.pt").write_bytes(pickle.dumps({"prompt": _CreatesAFile(marker)}))
-    with pytest.raises(SofttoolError, match="older softtool.*no longer loads.*--overwrite"):
+    with pytest.raises(
+        SofttoolError, match=r"older softtool \(written by softtool 0\.1\.0.*no longer loads.*--overwrite"
+    ):
         load_checkpoint(tmp_path)
     (folder / "last.safetensors").write_bytes(pickle.dumps(_CreatesAFile(marker)))  # a pickle under the new name
     with pytest.raises(SofttoolError, match="corrupt or unreadable"):
@@ -95,6 +99,10 @@ def test_a_crafted_pickle_is_never_unpickled(tmp_path):
         ({"format": "softtool-checkpoint", "version": "1", "state": json.dumps({"prompt": {}})}, "lacks"),
         ({"format": "softtool-checkpoint", "version": "1", "state": "{not json"}, "corrupt"),
         ({"format": "softtool-checkpoint", "version": "9", "state": "{}"}, "not a softtool checkpoint of version 1"),
+        (
+            {"format": "softtool-checkpoint", "version": "9", "softtool_version": "0.9.0", "state": "{}"},
+            r"version '9', written by softtool 0\.9\.0\)",
+        ),
         ({"format": "something-else"}, "not a softtool checkpoint"),
     ],
 )

@@ -71,15 +71,21 @@ def test_export_writes_a_self_contained_folder(tiny_export):
     assert saved.verification["max_abs_logit_diff"] <= 1e-3
 
 
-def test_an_export_of_another_format_version_is_refused_with_a_re_export_hint(tmp_path, tiny_export):
+def test_an_export_of_another_format_version_is_refused_naming_the_softtool_that_wrote_it(tmp_path, tiny_export):
+    from softtool import __version__
+    from softtool.runtime.onnx_backend import OnnxGenerator
+
     folder = tmp_path / "copy"
     shutil.copytree(tiny_export[0], folder)
     data = json.loads((folder / "softtool_export.json").read_text())
-    data["format"] = 1
+    assert data["softtool_version"] == __version__
+    data.update(format=1, softtool_version="0.1.0")  # what softtool 0.1.0's first exporter wrote
     (folder / "softtool_export.json").write_text(json.dumps(data))
-    from softtool.runtime.onnx_backend import OnnxGenerator
-
-    with pytest.raises(SofttoolError, match="format 1.*re-run softtool export"):
+    with pytest.raises(SofttoolError, match=r"format 1 \(written by softtool 0\.1\.0\).*re-run softtool export"):
+        OnnxGenerator.from_export_dir(folder)
+    del data["softtool_version"]
+    (folder / "softtool_export.json").write_text(json.dumps(data))
+    with pytest.raises(SofttoolError, match=r"format 1 \(no softtool version recorded\)"):
         OnnxGenerator.from_export_dir(folder)
 
 

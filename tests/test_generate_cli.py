@@ -53,6 +53,7 @@ def test_text_file_in_jsonl_out_one_object_per_input(adapter, tmp_path, capsys):
     rows = _lines(out)
     assert [r["source"] for r in rows] == ["A dog runs.", "Two cats sleep."]
     assert all(isinstance(r["output"], str) and 0 <= r["tokens"] <= 3 for r in rows)
+    assert all(len(r["token_ids"]) == r["tokens"] and all(isinstance(t, int) for t in r["token_ids"]) for r in rows)
     # The same inputs as TEXT arguments print the same outputs.
     code, printed, _ = run_cli(["generate", adapter, "--max-new-tokens", "3", "A dog runs.", "Two cats sleep."], capsys)
     assert printed.splitlines() == [r["output"] for r in rows]

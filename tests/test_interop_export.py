@@ -4,29 +4,18 @@ docs/export.md, which uses only onnxruntime, numpy and tokenizers, generates the
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO
+from helpers import NO_SOFTTOOL, docs_example
 from softtool.adapter import Adapter, AdapterMeta, save_adapter
 
 N = 4
 TEMPLATE = "[P:4]English: {source}\nGerman:"
 SENTENCES = ["A man rides a bike down the street.", "Two dogs play in the snow."]
-# Runs the docs' script as a user would, with softtool made unimportable: it must not need it.
-NO_SOFTTOOL = "import runpy, sys; sys.modules['softtool'] = None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0])"
-
-
-def docs_example(section: str) -> str:
-    """The python block under a heading of docs/export.md."""
-    text = (REPO / "docs" / "export.md").read_text()
-    match = re.search(rf"\n## {re.escape(section)}\n.*?```python\n(.*?)```", text, re.S)
-    assert match, f"docs/export.md has no python block under '{section}'"
-    return match.group(1)
 
 
 @pytest.fixture(scope="module")

@@ -231,3 +231,15 @@ def test_a_prompt_table_with_nan_or_inf_is_refused_naming_the_file(tmp_path, bad
         load_adapter(path)
     with pytest.raises(SofttoolError, match="NaN or infinite"):
         save_adapter(tmp_path / "again", Adapter(table, _meta("some/model")))
+
+
+def test_a_softtool_json_this_softtool_cannot_read_is_refused_naming_the_softtool_that_wrote_it(tmp_path):
+    from softtool import __version__
+
+    path = save_adapter(tmp_path / "ad", Adapter(torch.zeros(4, 32), _meta("some/model")))
+    meta = json.loads((path / META_FILE).read_text())
+    assert meta["softtool_version"] == __version__
+    del meta["template"]
+    (path / META_FILE).write_text(json.dumps({**meta, "softtool_version": "0.0.9"}))
+    with pytest.raises(SofttoolError, match=r"softtool\.json lacks \['template'\] \(written by softtool 0\.0\.9\)"):
+        load_adapter(path)

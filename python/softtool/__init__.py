@@ -9,4 +9,4 @@ Sub-packages, one concern each:
 The C++ core is `softtool._core`; the ONNX exporter is `softtool.export`.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

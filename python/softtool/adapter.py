@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from softtool import __version__
-from softtool.errors import SofttoolError
+from softtool.errors import SofttoolError, written_by
 from softtool.fileio import atomic_write_bytes, atomic_write_json
 from softtool.models import base_model_ref
 
@@ -251,12 +251,13 @@ def _meta_from_file(path: Path) -> AdapterMeta:
         for f in fields(AdapterMeta)
         if f.default is MISSING and f.default_factory is MISSING and f.name not in data
     ]
+    written = written_by(data.get("softtool_version"))
     if missing:
-        raise SofttoolError(f"{path} lacks {missing}; restore the file or retrain")
+        raise SofttoolError(f"{path} lacks {missing} ({written}); restore the file or retrain")
     try:
         return AdapterMeta(**{k: v for k, v in data.items() if k in known})
     except (TypeError, ValueError) as exc:
-        raise SofttoolError(f"{path} is malformed ({exc}); restore the file or retrain") from exc
+        raise SofttoolError(f"{path} is malformed ({exc}; {written}); restore the file or retrain") from exc
 
 
 def _meta_from_peft(cfg: dict[str, Any], table: Any) -> AdapterMeta:

@@ -7,3 +7,11 @@ class SofttoolError(Exception):
     The message must name the offending file or option and say what to do; the CLI prints it as
     ``error: <message>`` and exits with status 2.
     """
+
+
+def written_by(version: object) -> str:
+    """'written by softtool X', from the version a refused file recorded, for the refusal message. Every file
+    of softtool up to 0.2.0 recorded its version; a file without one is not softtool's, or was edited."""
+    if isinstance(version, str) and version:
+        return f"written by softtool {version}"
+    return "no softtool version recorded"

@@ -18,12 +18,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from softtool.errors import SofttoolError
+from softtool import __version__
+from softtool.errors import SofttoolError, written_by
 from softtool.fileio import atomic_write_json
 
 # Version 2: typed record, tasks as ExportTask, graph I/O and KV layout recorded, slot KV cache (no beam_idx).
 # Version 3: the "gqa" KV layout (softtool.export.gqa), whose graph also takes total_sequence_length. A version
-# 2 record describes a graph version 3 runs unchanged, so both are read.
+# 2 record describes a graph version 3 runs unchanged, so both are read. Also in version 3: `genai` (the genai form's
+# [B, 1, V] logits; absent means False).
 FORMAT_VERSION = 3
 READABLE_FORMATS = (2, 3)
 KV_LAYOUTS = ("slots", "gqa")
@@ -76,6 +78,9 @@ class ExportMeta:
     kv_layout: str = "slots"
     prompt_table_input: bool = False  # the table is a graph input (tasks can be added without re-export)
     top_k: int = 0  # >0: the graph emits top-k log-probs and ids instead of full logits
+    # The genai form (softtool export --form genai): the traced graph with logits [B, 1, V], the last position in
+    # onnxruntime-genai's [batch, sequence, vocab] output, and a genai_config.json beside it (export/genai.py).
+    genai: bool = False
     int8_method: str | None = None
     export_seconds: float = 0.0
     verification: dict[str, Any] = field(default_factory=dict)
@@ -96,6 +101,8 @@ class ExportMeta:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.num_virtual_tokens < 0 or self.top_k < 0:
             raise ValueError("num_virtual_tokens and top_k must be >= 0")
+        if self.genai and (self.top_k or self.prompt_table_input or self.kv_layout != "slots"):
+            raise ValueError("the genai form has full logits, a baked-in prompt table and the slots KV layout")
         if self.kv_layout not in KV_LAYOUTS:
             raise ValueError(f"kv_layout {self.kv_layout!r} is not one of {', '.join(KV_LAYOUTS)}")
 
@@ -145,9 +152,10 @@ class ExportMeta:
             raise SofttoolError(f"{source} must hold a JSON object; re-run softtool export")
         version = data.get("format")
         if version not in READABLE_FORMATS:
+            readable = " and ".join(str(v) for v in READABLE_FORMATS)
             raise SofttoolError(
-                f"{source} has export format {version}; this softtool reads format {FORMAT_VERSION}: "
-                "re-run softtool export"
+                f"{source} has export format {version} ({written_by(data.get('softtool_version'))}); softtool "
+                f"{__version__} reads formats {readable}: re-run softtool export"
             )
         known = {f.name for f in fields(cls)}
         try:
@@ -225,6 +233,10 @@ class ExportMeta:
         head = "topk_values" if self.top_k else "logits"
         if head not in graph_outputs:
             refuse(f"top_k is {self.top_k} but the graph has no {head} output")
+        rank = 3 if self.genai else 2
+        if len(graph_outputs[head]) != rank or (self.genai and fixed(graph_outputs[head], 1) != 1):
+            shape = "[batch, 1, vocab]" if self.genai else f"[batch, {'k' if self.top_k else 'vocab'}]"
+            refuse(f"genai is {self.genai} but the graph's {head} are not {shape}")
         width, expected = fixed(graph_outputs[head], -1), self.top_k or self.vocab_size
         if width not in (None, expected):
             key = "top_k" if self.top_k else "vocab_size"

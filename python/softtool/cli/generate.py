@@ -52,7 +52,8 @@ SEARCH_FIELDS = ("num_beams", "max_new_tokens", "num_return_sequences", *SAMPLIN
     "output_path",
     type=click.Path(dir_okay=False, allow_dash=True),
     default=None,
-    help="write JSONL here (per input: its fields, 'output' and 'tokens'), chunk by chunk; - for stdout",
+    help="write JSONL here (per input: its fields, 'output', 'tokens' (the count) and 'token_ids'), chunk by chunk; "
+    "- for stdout",
 )
 @cli_options(EvalOptions, only=("backend", "max_length"), override=BACKEND_OVERRIDE)
 @click.option("--truncate", is_flag=True, help="cut inputs longer than --max-length allows instead of refusing them")
@@ -227,9 +228,11 @@ def _run(generator, encoder: _Encoder, inputs: Inputs, options, chunk_size, outp
                     for text in texts:
                         click.echo(text)
                     continue
-                line = {**record.echo, "output": texts[0], "tokens": len(hyps[0])}
+                line = {**record.echo, "output": texts[0], "tokens": len(hyps[0]), "token_ids": list(hyps[0])}
                 if len(hyps) > 1:
-                    line["outputs"] = [{"output": t, "tokens": len(h)} for t, h in zip(texts, hyps, strict=True)]
+                    line["outputs"] = [
+                        {"output": t, "tokens": len(h), "token_ids": list(h)} for t, h in zip(texts, hyps, strict=True)
+                    ]
                 (sink or sys.stdout).write(json.dumps(line, ensure_ascii=False) + "\n")
             (sink or sys.stdout).flush()
             bar.update(len(chunk))

@@ -271,7 +271,8 @@ class OnnxGenerator(Generator):
         self._wait_for_torch()
         self.session.run_with_iobinding(binding, self._uncaptured)
         outputs = binding.get_outputs()
-        return tuple(outputs[i].numpy() for i in range(len(self._head)))
+        head = tuple(outputs[i].numpy() for i in range(len(self._head)))
+        return (head[0][:, -1],) if self.export_meta.genai else head  # the genai form's logits are [B, 1, V]
 
     @property
     def _uncaptured(self):
@@ -310,10 +311,14 @@ class OnnxGenerator(Generator):
                 torch.empty((bucket, self.top_k), dtype=torch.long, device=self.kv_device),
             )
         else:
-            head = (torch.empty((bucket, self.vocab_size), dtype=torch.float32, device=self.kv_device),)
+            # The genai form's logits are [B, 1, V]: bound as such, read through a [B, V] view of the same memory.
+            shape = (bucket, 1, self.vocab_size) if self.export_meta.genai else (bucket, self.vocab_size)
+            head = (torch.empty(shape, dtype=torch.float32, device=self.kv_device),)
         for name, buf in zip(self._head, head, strict=True):
             dtype = np.int64 if buf.dtype == torch.long else np.float32
             binding.bind_output(name, self._ort_device, 0, dtype, tuple(buf.shape), buf.data_ptr())
+        if self.export_meta.genai:
+            head = (head[0][:, 0],)
         self._bind_cache(binding, [t[:bucket] for t in st.kv])
         options = ort.RunOptions()
         if self.cuda_graphs:

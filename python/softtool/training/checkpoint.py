@@ -23,12 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from softtool.errors import SofttoolError
+from softtool import __version__
+from softtool.errors import SofttoolError, written_by
 from softtool.fileio import atomic_write_bytes, remove_stale_temps
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FILE = "last.safetensors"
-LEGACY_FILE = "last.pt"  # pickled checkpoints of softtool 0.1 and earlier: refused, removed by --overwrite
+LEGACY_FILE = "last.pt"  # pickled checkpoints of softtool 0.1.0: refused, removed by --overwrite
 FILES = (CHECKPOINT_FILE, LEGACY_FILE)  # what softtool writes in checkpoints/ (and only deletes these)
 FORMAT = "softtool-checkpoint"
 VERSION = 1
@@ -112,7 +113,12 @@ def save_checkpoint(output_dir: str | os.PathLike, state: dict[str, Any]) -> Pat
     path = checkpoint_path(output_dir)
     tensors: dict[str, torch.Tensor] = {}
     body = _encode({**state, "rng": rng_state()}, tensors, "")
-    metadata = {"format": FORMAT, "version": str(VERSION), "state": json.dumps(body, allow_nan=False)}
+    metadata = {
+        "format": FORMAT,
+        "version": str(VERSION),
+        "softtool_version": __version__,  # named when a later softtool refuses this checkpoint's format
+        "state": json.dumps(body, allow_nan=False),
+    }
     atomic_write_bytes(path, save(tensors, metadata=metadata))
     return path
 
@@ -139,8 +145,8 @@ def load_checkpoint(output_dir: str | os.PathLike) -> dict[str, Any]:
         legacy = path.with_name(LEGACY_FILE)
         if legacy.is_file():
             raise SofttoolError(
-                f"{legacy} is a checkpoint of an older softtool (a pickle, which softtool no longer loads: "
-                f"unpickling can run code); {restart}"
+                f"{legacy} is a checkpoint of an older softtool (written by softtool 0.1.0: a pickle, which softtool "
+                f"no longer loads: unpickling can run code); {restart}"
             )
         raise SofttoolError(f"--resume: no checkpoint at {path}; start without --resume")
     try:
@@ -153,7 +159,8 @@ def load_checkpoint(output_dir: str | os.PathLike) -> dict[str, Any]:
     if metadata.get("format") != FORMAT or metadata.get("version") != str(VERSION):
         raise SofttoolError(
             f"checkpoint {path} is not a softtool checkpoint of version {VERSION} "
-            f"(format {metadata.get('format')!r}, version {metadata.get('version')!r}); {restart}"
+            f"(format {metadata.get('format')!r}, version {metadata.get('version')!r}, "
+            f"{written_by(metadata.get('softtool_version'))}); {restart}"
         )
     try:
         state = _decode(json.loads(metadata["state"]), tensors)

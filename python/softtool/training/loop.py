@@ -31,6 +31,7 @@ from softtool.training.checkpoint import checkpoint_path, load_checkpoint, save_
 from softtool.training.forward import batch_loss
 from softtool.training.options import SCHEDULES, TrainOptions
 from softtool.training.report import write_metrics
+from softtool.training.tracking import Tracker, open_tracker
 
 
 class NonFiniteLoss(SofttoolError):
@@ -148,6 +149,7 @@ class Trainer:
         self.dist = dist or DistributedContext(device=device)
         # Training steps go through the DDP wrapper; evaluation and checkpoints use the plain module.
         self.train_prompt = self.dist.wrap_prompt(self.prompt)
+        self.tracker: Tracker | None = None  # --report-to, opened by run() on rank 0
 
     # -- data order ---------------------------------------------------------------------------------
     def _order(self, epoch: int) -> list[int]:
@@ -195,7 +197,7 @@ class Trainer:
             score = -row["dev_loss"]
         else:
             score = float(st.step)  # no dev set: the latest prompt is the best we know
-        st.history.append(row)
+        self._record(row)
         if score > st.best_score:
             st.best_score, st.best_step, st.best_table = score, st.step, table.clone()
             st.best_metrics = {k: v for k, v in row.items() if k not in ("kind",)}
@@ -261,10 +263,30 @@ class Trainer:
         loss, n = batch_loss(self.model, batch, table, self.vocab_size)
         return loss * weight, n if feats else 0
 
+    @contextlib.contextmanager
+    def _tracking(self):
+        """The --report-to tracker (rank 0), open for the length of a run and closed however it ends."""
+        if self.dist.is_main:
+            self.tracker = open_tracker(self.options.report_to, self.output_dir, self.state.step)
+        try:
+            yield
+        finally:
+            if self.tracker is not None:
+                self.tracker.close()
+            self.tracker = None
+
+    def _record(self, row: dict[str, Any]) -> None:
+        """Append a metrics row to the history (metrics.jsonl) and send it to the tracker, if any."""
+        self.state.history.append(row)
+        if self.tracker is not None:
+            self.tracker.log(row)
+
     def _save(self) -> None:
         if self.dist.is_main:
             self.checkpoint()
             write_metrics(self.output_dir, self.state.history)
+            if self.tracker is not None:
+                self.tracker.flush()
 
     def _train_step(self, order: list[int]) -> tuple[dict[str, Any], list[int]]:
         micro = []
@@ -327,7 +349,7 @@ class Trainer:
             disable=not (progress and self.dist.is_main),
             dynamic_ncols=True,
         )
-        with _StopRequest() as stop:
+        with _StopRequest() as stop, self._tracking():
             if st.step == 0 and self.dev_features:
                 self.evaluate()  # the starting point: the plot's first dev loss, and the prompt to beat
             while st.step < self.steps:
@@ -343,7 +365,7 @@ class Trainer:
                 elapsed = time.perf_counter() - start
                 st.seconds += elapsed
                 row["tokens_per_s"] = row["tokens"] / max(elapsed, 1e-9)
-                st.history.append(row)
+                self._record(row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
                 every = self.options.eval_every

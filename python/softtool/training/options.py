@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from softtool.adapter import PEFT_BASES
+from softtool.training.tracking import REPORT_TO
 
 # softtool's name -> transformers.get_scheduler's (each with linear warmup from 0 over warmup_steps).
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
@@ -64,6 +65,14 @@ class TrainOptions:
     )
     autocast: bool = field(default=False, metadata={"help": "bf16/fp16 autocast (CUDA only; dtype picks the type)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": "also send the metrics.jsonl rows (loss, lr, tokens/s, dev loss, dev metrics) to a tracker: "
+            "tensorboard (event files in OUTPUT/tensorboard; pip install 'softtool[tracking]') or none",
+            "choices": REPORT_TO,
+        },
+    )
     peft_base: str = field(
         default="hub",
         metadata={
@@ -80,6 +89,8 @@ class TrainOptions:
             raise ValueError(f"schedule must be one of {tuple(SCHEDULES)}, got {self.schedule!r}")
         if self.peft_base not in PEFT_BASES:
             raise ValueError(f"peft_base must be one of {PEFT_BASES}, got {self.peft_base!r}")
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"report_to must be one of {REPORT_TO}, got {self.report_to!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         for name in ("warmup_steps", "max_steps", "eval_every", "checkpoint_every"):

@@ -31,11 +31,12 @@ from softtool.training.checkpoint import FILES as CHECKPOINT_FILES
 from softtool.training.loop import Trainer, TrainResult
 from softtool.training.options import TrainOptions
 from softtool.training.report import LOSS_PLOT, METRICS_CSV, METRICS_JSONL, plot_loss, print_summary
+from softtool.training.tracking import clear_trackers, require
 
 RUN_FILE = "run.json"
 _OUTPUT_FILES = (CONFIG_FILE, WEIGHTS_FILE, META_FILE, METRICS_JSONL, METRICS_CSV, LOSS_PLOT, RUN_FILE)
 # Options that may change between a run and its resumption without making it a different run.
-_RESUMABLE = ("max_steps", "epochs", "eval_every", "checkpoint_every", "device")
+_RESUMABLE = ("max_steps", "epochs", "eval_every", "checkpoint_every", "device", "report_to")
 
 
 def _run_identity(data: DataOptions, model_name: str, prompt: PromptConfig, options: TrainOptions) -> dict[str, Any]:
@@ -99,6 +100,7 @@ def prepare_output(output: Path, identity: dict[str, Any], *, resume: bool, over
         clean_checkpoint_dir(output)
     if resume:
         return
+    clear_trackers(output)
     for name in _holds_run(output):
         (output / name).unlink()
     checkpoints = output / CHECKPOINT_DIR
@@ -164,6 +166,8 @@ def train_prompt(
                 dist_options=dist_options, dist=ctx,
             )  # fmt: skip
     progress = progress and dist.is_main
+    if options.report_to != "none":
+        require(options.report_to)  # before any work: a missing package is one line, not a failed run
     started = time.perf_counter()
     output = Path(output)
     task = get_task(data.task, **data.task_options)
