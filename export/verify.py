@@ -4,7 +4,9 @@ Both sides are fed the same tokens (PyTorch's greedy choice at every step), so t
 measured on identical inputs at every step, and "the argmax agrees at every step" is exactly "greedy
 decoding gives the same tokens". The reference is plain transformers (its own attention, a left-padded 2-D
 mask, its own KV cache), not softtool's slot model, so the check also covers the slot cache and the wrapper.
-The graph runs through plain `session.run` with numpy arrays, as any onnxruntime user would run it.
+The graph runs through plain `session.run` with numpy arrays, as any onnxruntime user would run it. The prefill
+is also scored on its own next tokens (the graph's target_logprobs, what `serve` echoes) against transformers'
+log-softmax at every position.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from softtool.export_meta import ExportMeta
+from softtool.export_meta import TARGET_INPUT, TARGET_OUTPUTS, ExportMeta
 
 # Thresholds per dtype: (max |logit diff| that passes, fraction of steps whose argmax must agree).
 # fp32 must match exactly in tokens; fp16 and int8 change the numbers, so only token agreement is checked.
@@ -64,6 +66,7 @@ class TorchReference:
         params = inspect.signature(model.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.cache = None
+        self.first_logprobs: np.ndarray | None = None
 
     def embed(self, ids):
         import torch
@@ -87,6 +90,8 @@ class TorchReference:
             )
         cache = getattr(out, "cache", None)
         self.cache = cache if cache is not None else out.past_key_values
+        if self.first_logprobs is None:  # the prefill: every position's log-probs, for the graph's target scores
+            self.first_logprobs = torch.log_softmax(out.logits.float(), dim=-1).numpy()
         return out.logits[:, -1, :].float().numpy()
 
 
@@ -105,6 +110,18 @@ class OrtStepper:
             for i in range(meta.num_layers)
             for kind in ("key", "value")
         ]
+        self._scores = [name for name in meta.outputs if name in TARGET_OUTPUTS]  # last, after the presents
+
+    def score(self, ids, positions) -> np.ndarray:
+        """The graph's target_logprobs for a prefill of `ids` scored on its own next ids (virtual ones as 0), on a
+        fresh cache: [B, S-1], column c the log-prob of ids[:, c + 1]."""
+        targets = np.where(ids[:, 1:] >= self.meta.vocab_size, 0, ids[:, 1:]).astype(np.int64)
+        feeds = {"input_ids": ids, "position_ids": positions, TARGET_INPUT: targets}
+        if self.table is not None:
+            feeds["prompt_table"] = self.table
+        names = [f"past_key_values.{i}.{kind}" for i in range(self.meta.num_layers) for kind in ("key", "value")]
+        feeds.update((name, np.zeros_like(past)) for name, past in zip(names, self.past, strict=True))
+        return self.session.run([TARGET_OUTPUTS[0]], feeds)[0]
 
     def step(self, ids, positions) -> np.ndarray:
         feeds = {"input_ids": ids, "position_ids": positions}
@@ -112,7 +129,7 @@ class OrtStepper:
             feeds["prompt_table"] = self.table
         names = [f"past_key_values.{i}.{kind}" for i in range(self.meta.num_layers) for kind in ("key", "value")]
         feeds.update(zip(names, self.past, strict=True))
-        outputs = self.session.run(None, feeds)
+        outputs = self.session.run(self.meta.outputs[: len(self.meta.outputs) - len(self._scores)], feeds)
         self.past = outputs[-2 * self.meta.num_layers :]
         if self.meta.top_k:
             # Full logits are not in the graph: scatter the top-k log-probs (rest -inf) so argmax still compares.
@@ -139,6 +156,18 @@ def verify_export(folder: Path, model, table, meta: ExportMeta, *, device: str, 
     reference = TorchReference(model, table, meta.vocab_size)
     session = create_session(folder / ExportMeta.MODEL_FILE, device)
     ort_side = OrtStepper(session, meta, table.numpy().astype(np.float32), len(rows), capacity)
+
+    # The prompt scores (target_logprobs) of the prefill, on the columns where a real token follows a real one.
+    score_diff = None
+    if meta.target_top_k:
+        got = ort_side.score(ids, positions)
+        reference.step(ids, mask, ref_positions)  # a throwaway prefill: its logits at every position
+        want = np.take_along_axis(
+            reference.first_logprobs[:, :-1], np.minimum(ids[:, 1:], meta.vocab_size - 1)[..., None], -1
+        )
+        real = (mask[:, :-1] == 1) & (ids[:, 1:] < meta.vocab_size)
+        score_diff = float(np.abs(got - want[..., 0])[real].max())
+        reference.cache = None
 
     diffs, agree = [], []
     for _ in range(steps):
@@ -167,6 +196,10 @@ def verify_export(folder: Path, model, table, meta: ExportMeta, *, device: str, 
         failures.append(f"max logit difference {max_diff:.3g} exceeds {limit_diff:g}")
     if rate < limit_rate:
         failures.append(f"greedy tokens agree on {rate:.1%} of {len(agree)} steps, below {limit_rate:.0%}")
+    if score_diff is not None and not math.isfinite(score_diff):
+        failures.append("the graph's prompt log-probs are not finite")
+    elif score_diff is not None and limit_diff is not None and score_diff > limit_diff:
+        failures.append(f"prompt log-prob difference {score_diff:.3g} exceeds {limit_diff:g}")
     return {
         "passed": not failures,
         "failure": "; ".join(failures),
@@ -175,6 +208,7 @@ def verify_export(folder: Path, model, table, meta: ExportMeta, *, device: str, 
         "batch": len(rows),
         "max_abs_logit_diff": max_diff if math.isfinite(max_diff) else None,
         "prefill_abs_logit_diff": diffs[0] if math.isfinite(diffs[0]) else None,
+        "prompt_logprob_abs_diff": score_diff,
         "greedy_agreement": rate,
         "thresholds": {"max_abs_logit_diff": limit_diff, "greedy_agreement": limit_rate},
     }

@@ -213,3 +213,16 @@ def loss_and_grad(model, feats, table, prefix_tokens: int, vocab: int, pad: int 
     loss, n = batch_loss(model, collate(feats, pad, prefix_tokens), table, vocab)
     (loss / n).backward()
     return (loss / n).item(), table.grad
+
+
+def reference_logprobs(model, table, vocab_size: int, ids):
+    """Log-probs [len(ids), V] of plain transformers over one row of ids in the V + t*N + j convention (prompt rows
+    substituted as embeddings, no cache, float32): row p is the distribution of the token after position p."""
+    import torch
+
+    from softtool.prompts.embedding import merge_embeddings
+
+    row = torch.tensor([list(ids)])
+    with torch.no_grad():
+        logits = model(inputs_embeds=merge_embeddings(model, row, table, vocab_size)).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)

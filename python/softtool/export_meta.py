@@ -22,7 +22,16 @@ from softtool.errors import SofttoolError
 from softtool.fileio import atomic_write_json
 
 # Version 2: typed record, tasks as ExportTask, graph I/O and KV layout recorded, slot KV cache (no beam_idx).
-FORMAT_VERSION = 2
+# Version 3: the graph scores target ids (target_top_k > 0): the prompt log-probs of `serve`'s echo.
+FORMAT_VERSION = 3
+# Formats this softtool still runs: a format-2 export lacks only the target scoring (echo asks to re-export).
+READABLE_FORMATS = (2, 3)
+
+# Scoring target ids (format 3): the graph's optional input, its outputs, and the candidates per position (what
+# OpenAI's completions allow at most for `logprobs`, and what `serve` reports for each echoed prompt token).
+TARGET_INPUT = "target_ids"
+TARGET_OUTPUTS = ("target_logprobs", "target_top_values", "target_top_ids")
+SCORE_TOP_K = 5
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,10 @@ class ExportMeta:
     kv_layout: str = "slots"
     prompt_table_input: bool = False  # the table is a graph input (tasks can be added without re-export)
     top_k: int = 0  # >0: the graph emits top-k log-probs and ids instead of full logits
+    # >0: the graph takes target_ids [B, T] (default: an empty [1, 0]) and returns, for input positions s < T, the
+    # log-prob of target_ids[b, s] (target_logprobs [B, T]) and the best target_top_k log-probs and ids there
+    # (target_top_values, target_top_ids [B, T, k]). 0: a format-2 export, which cannot score prompt tokens.
+    target_top_k: int = 0
     int8_method: str | None = None
     export_seconds: float = 0.0
     verification: dict[str, Any] = field(default_factory=dict)
@@ -87,8 +100,8 @@ class ExportMeta:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.num_virtual_tokens < 0 or self.top_k < 0:
-            raise ValueError("num_virtual_tokens and top_k must be >= 0")
+        if self.num_virtual_tokens < 0 or self.top_k < 0 or self.target_top_k < 0:
+            raise ValueError("num_virtual_tokens, top_k and target_top_k must be >= 0")
 
     # -- derived ------------------------------------------------------------------------------------
     @property
@@ -135,10 +148,14 @@ class ExportMeta:
         if not isinstance(data, dict):
             raise SofttoolError(f"{source} must hold a JSON object; re-run softtool export")
         version = data.get("format")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMATS:
             raise SofttoolError(
-                f"{source} has export format {version}; this softtool reads format {FORMAT_VERSION}: "
-                "re-run softtool export"
+                f"{source} has export format {version}; this softtool reads formats "
+                f"{', '.join(map(str, READABLE_FORMATS))}: re-run softtool export"
+            )
+        if version < 3 and data.get("target_top_k"):
+            raise SofttoolError(
+                f"{source} is malformed (target_top_k in a format-{version} export); re-run softtool export"
             )
         known = {f.name for f in fields(cls)}
         try:
@@ -220,6 +237,12 @@ class ExportMeta:
         if width not in (None, expected):
             key = "top_k" if self.top_k else "vocab_size"
             refuse(f"{key} is {expected} but the graph's {head} are {width} wide")
+        if self.target_top_k:
+            if "target_ids" not in graph_inputs or "target_top_values" not in graph_outputs:
+                refuse(f"target_top_k is {self.target_top_k} but the graph does not score target ids")
+            width = fixed(graph_outputs["target_top_values"], -1)
+            if width not in (None, self.target_top_k):
+                refuse(f"target_top_k is {self.target_top_k} but the graph's target_top_values are {width} wide")
         if self.prompt_table_input:
             width = fixed(graph_inputs.get("prompt_table", ()), -1)
             if width not in (None, self.hidden_size):
