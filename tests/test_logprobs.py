@@ -4,14 +4,11 @@ format-2 export (no target scoring) that still runs but refuses to score prompts
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import numpy as np
 import pytest
 import torch
 
-from helpers import reference_logprobs, save_tiny_adapter
+from helpers import format_2_copy, reference_logprobs, save_tiny_adapter
 from softtool.runtime.decode import Engine
 from softtool.runtime.logprobs import MAX_LOGPROBS
 from softtool.search import SearchOptions
@@ -150,22 +147,6 @@ def test_a_top_k_export_scores_generated_tokens_from_its_candidates(exports):
     for want_row, got_row in zip(want, got, strict=True):
         for w, g in zip(want_row, got_row, strict=True):
             assert abs(w.logprob - g.logprob) < 1e-4 and [i for i, _ in w.top] == [i for i, _ in g.top]
-
-
-def format_2_copy(export, dest):
-    """`export` as softtool wrote it before format 3: the same graph without the target scoring (onnx's
-    extract_model keeps what the head and the cache need) and a format-2 record."""
-    import onnx.utils
-
-    shutil.copytree(export, dest)
-    record = json.loads((dest / "softtool_export.json").read_text())
-    inputs = [name for name in record["inputs"] if name != "target_ids"]
-    outputs = [name for name in record["outputs"] if not name.startswith("target_")]
-    onnx.utils.extract_model(str(export / "model.onnx"), str(dest / "model.onnx"), inputs, outputs)
-    del record["target_top_k"]
-    record.update(format=2, inputs=inputs, outputs=outputs)
-    (dest / "softtool_export.json").write_text(json.dumps(record))
-    return dest
 
 
 def test_a_format_2_export_still_generates_but_cannot_score_prompts(exports, tmp_path):
