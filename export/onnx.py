@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from softtool.errors import SofttoolError
-from softtool.export_meta import ExportMeta, ExportTask
+from softtool.export_meta import SCORE_TOP_K, TARGET_INPUT, TARGET_OUTPUTS, ExportMeta, ExportTask
 from softtool.fileio import atomic_write_bytes
 from softtool.runtime.session import resolve_device
 
@@ -196,8 +196,12 @@ def _trace(wrapper, facts: dict[str, Any], path: Path, options: ExportOptions, t
     kv_shape = (batch, facts["num_kv_heads"], capacity, facts["head_dim"])
     past = [torch.zeros(kv_shape) for _ in range(2 * facts["num_layers"])]
     table_args = (table,) if options.prompt_table_input else ()
-    args = (input_ids, position_ids, *table_args, *past)
-    inputs, outputs = io_names(facts["num_layers"], table_as_input=options.prompt_table_input, top_k=options.top_k)
+    # Scoring targets: fewer than the sequence, so the traced slice keeps its length dynamic.
+    target_ids = torch.tensor([[v, 6, 7], [0, 9, 10]], dtype=torch.long).clamp(max=v - 1)
+    args = (input_ids, position_ids, *table_args, *past, target_ids)
+    inputs, outputs = io_names(
+        facts["num_layers"], table_as_input=options.prompt_table_input, top_k=options.top_k, targets=True
+    )
     dynamic = {"input_ids": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"}}
     dynamic["prompt_table"] = {0: "table_rows"}
     for name in inputs + outputs:
@@ -205,6 +209,8 @@ def _trace(wrapper, facts: dict[str, Any], path: Path, options: ExportOptions, t
             dynamic[name] = {0: "batch", 2: "capacity"}
     for name in ("logits", "topk_values", "topk_indices"):
         dynamic[name] = {0: "batch"}
+    for name in ("target_ids", *TARGET_OUTPUTS):
+        dynamic[name] = {0: "batch", 1: "targets"}
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of dynamo, but it traces this model exactly and in
         # seconds; the tracer's notes on Python values in transformers' code do not apply with an explicit mask.
@@ -220,7 +226,22 @@ def _trace(wrapper, facts: dict[str, Any], path: Path, options: ExportOptions, t
             dynamo=False,
             do_constant_folding=True,
         )
+    _default_no_targets(path)
     return inputs, outputs
+
+
+def _default_no_targets(path: Path) -> None:
+    """Give the graph's target_ids input a default, an empty [1, 0], so a caller that scores nothing (any
+    onnxruntime user who feeds only input_ids, position_ids and the cache) need not feed it. ONNX Runtime treats
+    an initializer that is also a graph input as an overridable default, never as a constant."""
+    import numpy as np
+
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path), load_external_data=False)
+    proto.graph.initializer.append(numpy_helper.from_array(np.zeros((1, 0), dtype=np.int64), TARGET_INPUT))
+    onnx.save_model(proto, str(path))
 
 
 def _save_onnx(model_proto, path: Path, large: bool) -> None:
@@ -412,7 +433,7 @@ def _build(adapters, adapter_dirs, base, folder: Path, device: str, options: Exp
             _convert(
                 model_path,
                 options.dtype,
-                ["logits", "topk_values", "topk_indices", "prompt_table"],
+                ["logits", "topk_values", "topk_indices", "prompt_table", "target_logprobs", "target_top_values"],
                 options.int8_method,
             )
     atomic_write_bytes(folder / ExportMeta.TABLE_FILE, save({ExportMeta.TABLE_KEY: table.contiguous()}))
@@ -441,6 +462,8 @@ def _build(adapters, adapter_dirs, base, folder: Path, device: str, options: Exp
         prompt_table_input=options.prompt_table_input,
         top_k=options.top_k,
         genai=form == "genai",
+        # The traced graphs score target ids (serve's echo); the gqa form does not.
+        target_top_k=SCORE_TOP_K if TARGET_INPUT in inputs else 0,
         int8_method=options.int8_method if options.dtype == "int8" else None,
         softtool_version=__version__,
     )

@@ -5,7 +5,9 @@ measured on identical inputs at every step, and "the argmax agrees at every step
 decoding gives the same tokens". The reference is plain transformers (its own attention, a left-padded 2-D
 mask, its own KV cache), not softtool's slot model, so the check also covers the slot cache and the wrapper.
 The traced graph runs through plain `session.run` with numpy arrays, as any onnxruntime user would run it;
-the gqa graph, whose past and present must share memory, through IO binding of OrtValues (no torch).
+the gqa graph, whose past and present must share memory, through IO binding of OrtValues (no torch). The
+traced prefill is also scored on its own next tokens (the graph's target_logprobs, what `serve` echoes) against
+transformers' log-softmax at every position.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from softtool.export_meta import ExportMeta
+from softtool.export_meta import TARGET_INPUT, TARGET_OUTPUTS, ExportMeta
 
 # Thresholds per dtype: (max |logit diff| that passes, fraction of steps whose argmax must agree).
 # fp32 must match exactly in tokens; fp16 and int8 change the numbers, so only token agreement is checked.
@@ -65,6 +67,7 @@ class TorchReference:
         params = inspect.signature(model.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.cache = None
+        self.first_logprobs: np.ndarray | None = None
 
     def embed(self, ids):
         import torch
@@ -88,6 +91,8 @@ class TorchReference:
             )
         cache = getattr(out, "cache", None)
         self.cache = cache if cache is not None else out.past_key_values
+        if self.first_logprobs is None:  # the prefill: every position's log-probs, for the graph's target scores
+            self.first_logprobs = torch.log_softmax(out.logits.float(), dim=-1).numpy()
         return out.logits[:, -1, :].float().numpy()
 
 
@@ -103,6 +108,15 @@ class OrtStepper:
         self.names = [f"past_key_values.{i}.{kind}" for i in range(meta.num_layers) for kind in ("key", "value")]
         self.past: list[np.ndarray] = []
         self.positions = np.zeros(0, dtype=np.int64)
+        self._scores = [name for name in meta.outputs if name in TARGET_OUTPUTS]  # last, after the presents
+
+    def score(self, ids, positions) -> np.ndarray:
+        """The traced graph's target_logprobs for a prefill of `ids` scored on its own next ids (virtual ones as
+        0), on a fresh cache: [B, S-1], column c the log-prob of ids[:, c + 1]."""
+        targets = np.where(ids[:, 1:] >= self.meta.vocab_size, 0, ids[:, 1:]).astype(np.int64)
+        feeds = {**self._feeds(ids, positions), TARGET_INPUT: targets}
+        feeds.update(zip(self.names, self._empty(len(ids), self.capacity), strict=True))
+        return self.session.run([TARGET_OUTPUTS[0]], feeds)[0]
 
     def _empty(self, rows: int, width: int) -> list[np.ndarray]:
         shape = (rows, self.meta.num_kv_heads, width, self.meta.head_dim)
@@ -147,10 +161,10 @@ class OrtStepper:
         return feeds
 
     def _run(self, ids, positions) -> np.ndarray:
-        """The traced graph: plain session.run; its present buffers become the next past."""
+        """The traced graph: plain session.run (its target scores left out); its present buffers become the next past."""
         feeds = self._feeds(ids, positions)
         feeds.update(zip(self.names, self.past, strict=True))
-        outputs = self.session.run(None, feeds)
+        outputs = self.session.run(self.meta.outputs[: len(self.meta.outputs) - len(self._scores)], feeds)
         self.past = outputs[-2 * self.meta.num_layers :]
         return self._dense(outputs[: 2 if self.meta.top_k else 1])
 
@@ -200,6 +214,19 @@ def verify_export(folder: Path, model, table, meta: ExportMeta, *, device: str, 
     session = create_session(folder / ExportMeta.MODEL_FILE, device)
     ort_side = OrtStepper(session, meta, table.numpy().astype(np.float32), device, capacity)
 
+    # The prompt scores (target_logprobs) of the prefill, on the columns where a real token follows a real one.
+    score_diff = None
+    if meta.target_top_k:
+        # The traced graph's prefill layout: each row from position 0, its left padding in the scratch column.
+        got = ort_side.score(ids, np.where(mask == 1, ref_positions, capacity - 1))
+        reference.step(ids, mask, ref_positions)  # a throwaway prefill: its logits at every position
+        want = np.take_along_axis(
+            reference.first_logprobs[:, :-1], np.minimum(ids[:, 1:], meta.vocab_size - 1)[..., None], -1
+        )
+        real = (mask[:, :-1] == 1) & (ids[:, 1:] < meta.vocab_size)
+        score_diff = float(np.abs(got - want[..., 0])[real].max())
+        reference.cache = None
+
     diffs, agree = [], []
     for step in range(steps):
         want = reference.step(ids, mask, ref_positions)
@@ -226,6 +253,10 @@ def verify_export(folder: Path, model, table, meta: ExportMeta, *, device: str, 
         failures.append(f"max logit difference {max_diff:.3g} exceeds {limit_diff:g}")
     if rate < limit_rate:
         failures.append(f"greedy tokens agree on {rate:.1%} of {len(agree)} steps, below {limit_rate:.0%}")
+    if score_diff is not None and not math.isfinite(score_diff):
+        failures.append("the graph's prompt log-probs are not finite")
+    elif score_diff is not None and limit_diff is not None and score_diff > limit_diff:
+        failures.append(f"prompt log-prob difference {score_diff:.3g} exceeds {limit_diff:g}")
     return {
         "passed": not failures,
         "failure": "; ".join(failures),
@@ -234,6 +265,7 @@ def verify_export(folder: Path, model, table, meta: ExportMeta, *, device: str, 
         "batch": len(rows),
         "max_abs_logit_diff": max_diff if math.isfinite(max_diff) else None,
         "prefill_abs_logit_diff": diffs[0] if math.isfinite(diffs[0]) else None,
+        "prompt_logprob_abs_diff": score_diff,
         "greedy_agreement": rate,
         "thresholds": {"max_abs_logit_diff": limit_diff, "greedy_agreement": limit_rate},
     }

@@ -4,8 +4,11 @@ random Llama, a parallel en/de data folder and a translation soft prompt for tha
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -225,3 +228,77 @@ def loss_and_grad(model, feats, table, prefix_tokens: int, vocab: int, pad: int 
     loss, n = batch_loss(model, collate(feats, pad, prefix_tokens), table, vocab)
     (loss / n).backward()
     return (loss / n).item(), table.grad
+
+
+def reference_logprobs(model, table, vocab_size: int, ids):
+    """Log-probs [len(ids), V] of plain transformers over one row of ids in the V + t*N + j convention (prompt rows
+    substituted as embeddings, no cache, float32): row p is the distribution of the token after position p."""
+    import torch
+
+    from softtool.prompts.embedding import merge_embeddings
+
+    row = torch.tensor([list(ids)])
+    with torch.no_grad():
+        logits = model(inputs_embeds=merge_embeddings(model, row, table, vocab_size)).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def format_2_copy(export, dest):
+    """`export` as softtool wrote it before format 3: the same graph without the target scoring (onnx's
+    extract_model keeps what the head and the cache need) and a format-2 record."""
+    import json
+    import shutil
+
+    import onnx.utils
+
+    shutil.copytree(export, dest)
+    record = json.loads((dest / "softtool_export.json").read_text())
+    inputs = [name for name in record["inputs"] if name != "target_ids"]
+    outputs = [name for name in record["outputs"] if not name.startswith("target_")]
+    onnx.utils.extract_model(str(export / "model.onnx"), str(dest / "model.onnx"), inputs, outputs)
+    del record["target_top_k"]
+    record.update(format=2, inputs=inputs, outputs=outputs)
+    (dest / "softtool_export.json").write_text(json.dumps(record))
+    return dest
+
+
+class Server:
+    """A `softtool serve` child process on a free localhost port, one thread; `url` is set once it accepts
+    connections (test_serve.py, test_serve_logprobs.py)."""
+
+    def __init__(self, args: list[str], log: Path):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "softtool", "serve", *map(str, args), "--port", "0", "--threads", "1"],
+            stdout=subprocess.PIPE,
+            stderr=open(log, "w"),  # noqa: SIM115 - closed with the process
+            text=True,
+            env=env,
+        )
+        line = self.proc.stdout.readline()
+        match = re.search(r"at (http://\S+)/v1", line)
+        if not match:
+            self.proc.kill()
+            raise AssertionError(f"the server did not start: {line!r} {log.read_text()[-3000:]}")
+        self.url = match.group(1)
+
+    def client(self, **kw):
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+
+    def metrics(self) -> str:
+        import httpx
+
+        return httpx.get(f"{self.url}/metrics").text
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                raise
+        return self.proc.returncode

@@ -112,7 +112,8 @@ def test_graph_logits_equal_transformers_at_prefill_and_each_cached_decode_step(
     past = [np.zeros((2, 2, capacity, 8), np.float32) for _ in range(4)]
     step_ids = ids
     for step in range(4):
-        logits, *past = session.run(None, _slot_feeds(step_ids, positions, past))
+        # The presents follow the logits; the graph's target scores (unused: no target_ids fed) come last.
+        logits, *past = session.run(["logits", *meta.outputs[1:5]], _slot_feeds(step_ids, positions, past))
         want = reference_logits(tiny_model, table, ids, mask, v)
         np.testing.assert_allclose(logits, want, atol=1e-4, rtol=0, err_msg=f"step {step}")
         step_ids = want.argmax(-1)[:, None].astype(np.int64)

@@ -14,12 +14,9 @@ import asyncio
 import contextlib
 import io
 import json
-import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +25,7 @@ import openai
 import pytest
 import torch
 
-from helpers import run_cli
+from helpers import Server, run_cli
 from softtool.adapter import Adapter, AdapterMeta, save_adapter
 
 TEMPLATES = {
@@ -72,43 +69,6 @@ def adapters(tmp_path_factory, lively_model_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serve-adapters")
     embed = load_model(str(lively_model_dir)).get_input_embeddings().weight.detach()
     return {name: _make_adapter(root, lively_model_dir, embed, name, seed) for seed, name in enumerate(TEMPLATES)}
-
-
-class Server:
-    """A `softtool serve` child process; `url` is set once it accepts connections."""
-
-    def __init__(self, args: list[str], log: Path):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "softtool", "serve", *map(str, args), "--port", "0", "--threads", "1"],
-            stdout=subprocess.PIPE,
-            stderr=open(log, "w"),  # noqa: SIM115 - closed with the process
-            text=True,
-            env=env,
-        )
-        line = self.proc.stdout.readline()
-        match = re.search(r"at (http://\S+)/v1", line)
-        if not match:
-            self.proc.kill()
-            raise AssertionError(f"the server did not start: {line!r} {log.read_text()[-3000:]}")
-        self.url = match.group(1)
-
-    def client(self, **kw) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
-
-    def metrics(self) -> str:
-        return httpx.get(f"{self.url}/metrics").text
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                raise
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +232,8 @@ def _post(server, body, **kw) -> httpx.Response:
         ({"model": "de", "prompt": "Hi.", "temperature": "hot"}, 400, "temperature"),
         ({"model": "de", "prompt": 7}, 400, "prompt"),
         ({"model": "de", "prompt": "Hi.", "max_token": 5}, 400, "max_token"),
-        ({"model": "de", "prompt": "Hi.", "logprobs": 2}, 400, "logprobs"),
+        ({"model": "de", "prompt": "Hi.", "logprobs": 6}, 400, "logprobs"),
+        ({"model": "de", "prompt": "Hi.", "suffix": "!"}, 400, "suffix"),
         ({"model": "de", "prompt": "Hi.", "n": 9}, 400, "n is 9"),
         ({"model": "fr", "prompt": "", "fields": {"nope": "x"}}, 400, "fields"),
         ({"model": "de", "prompt": ["Hi."] * 45}, 429, "busy"),

@@ -23,12 +23,19 @@ from softtool.errors import SofttoolError, written_by
 from softtool.fileio import atomic_write_json
 
 # Version 2: typed record, tasks as ExportTask, graph I/O and KV layout recorded, slot KV cache (no beam_idx).
-# Version 3: the "gqa" KV layout (softtool.export.gqa), whose graph also takes total_sequence_length. A version
-# 2 record describes a graph version 3 runs unchanged, so both are read. Also in version 3: `genai` (the genai form's
-# [B, 1, V] logits; absent means False).
+# Version 3: the traced graph scores target ids (target_top_k > 0: the prompt log-probs of `serve`'s echo); the
+# "gqa" KV layout (softtool.export.gqa), whose graph also takes total_sequence_length; `genai` (the genai form's
+# [B, 1, V] logits; absent means False). A version 2 record describes a graph version 3 runs unchanged except for
+# the target scoring (echo asks to re-export), so both are read.
 FORMAT_VERSION = 3
 READABLE_FORMATS = (2, 3)
 KV_LAYOUTS = ("slots", "gqa")
+
+# Scoring target ids (format 3): the graph's optional input, its outputs, and the candidates per position (what
+# OpenAI's completions allow at most for `logprobs`, and what `serve` reports for each echoed prompt token).
+TARGET_INPUT = "target_ids"
+TARGET_OUTPUTS = ("target_logprobs", "target_top_values", "target_top_ids")
+SCORE_TOP_K = 5
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,10 @@ class ExportMeta:
     # The genai form (softtool export --form genai): the traced graph with logits [B, 1, V], the last position in
     # onnxruntime-genai's [batch, sequence, vocab] output, and a genai_config.json beside it (export/genai.py).
     genai: bool = False
+    # >0: the graph takes target_ids [B, T] (default: an empty [1, 0]) and returns, for input positions s < T, the
+    # log-prob of target_ids[b, s] (target_logprobs [B, T]) and the best target_top_k log-probs and ids there
+    # (target_top_values, target_top_ids [B, T, k]). 0: a format-2 export or the gqa form: no prompt scoring.
+    target_top_k: int = 0
     int8_method: str | None = None
     export_seconds: float = 0.0
     verification: dict[str, Any] = field(default_factory=dict)
@@ -99,8 +110,8 @@ class ExportMeta:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.num_virtual_tokens < 0 or self.top_k < 0:
-            raise ValueError("num_virtual_tokens and top_k must be >= 0")
+        if self.num_virtual_tokens < 0 or self.top_k < 0 or self.target_top_k < 0:
+            raise ValueError("num_virtual_tokens, top_k and target_top_k must be >= 0")
         if self.genai and (self.top_k or self.prompt_table_input or self.kv_layout != "slots"):
             raise ValueError("the genai form has full logits, a baked-in prompt table and the slots KV layout")
         if self.kv_layout not in KV_LAYOUTS:
@@ -156,6 +167,10 @@ class ExportMeta:
             raise SofttoolError(
                 f"{source} has export format {version} ({written_by(data.get('softtool_version'))}); softtool "
                 f"{__version__} reads formats {readable}: re-run softtool export"
+            )
+        if version < 3 and data.get("target_top_k"):
+            raise SofttoolError(
+                f"{source} is malformed (target_top_k in a format-{version} export); re-run softtool export"
             )
         known = {f.name for f in fields(cls)}
         try:
@@ -241,6 +256,12 @@ class ExportMeta:
         if width not in (None, expected):
             key = "top_k" if self.top_k else "vocab_size"
             refuse(f"{key} is {expected} but the graph's {head} are {width} wide")
+        if self.target_top_k:
+            if "target_ids" not in graph_inputs or "target_top_values" not in graph_outputs:
+                refuse(f"target_top_k is {self.target_top_k} but the graph does not score target ids")
+            width = fixed(graph_outputs["target_top_values"], -1)
+            if width not in (None, self.target_top_k):
+                refuse(f"target_top_k is {self.target_top_k} but the graph's target_top_values are {width} wide")
         if self.prompt_table_input:
             width = fixed(graph_inputs.get("prompt_table", ()), -1)
             if width not in (None, self.hidden_size):

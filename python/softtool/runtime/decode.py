@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from softtool import search as _search
+from softtool.runtime.logprobs import MAX_LOGPROBS, TokenLogprob, from_head
 from softtool.runtime.slots import Head, SlotModel
 from softtool.search import Hypothesis, SearchOptions
 
@@ -111,6 +112,11 @@ class Engine:
     Each step admits waiting rows into free slots (prefilling them and choosing their first token), then
     runs one decode step for every busy slot. `step()` returns the (item, token) pairs emitted and the
     (item, Hypothesis) pairs that finished, so a caller can stream.
+
+    An item submitted with `logprobs=k` has each emitted token scored (runtime.logprobs: the model's own
+    log-prob and k best candidates, from the rows that step already computed): after a step, `logprobs` maps
+    it to one TokenLogprob per token it emitted in that step. With `prompt_logprobs`, its prefill also scores
+    its prompt, and `prompt_logprobs` maps it to one entry per position of its row (None where nothing is scored).
     """
 
     def __init__(
@@ -141,17 +147,39 @@ class Engine:
         self.admit_min, self.admit_wait = min(engine.admit_min, slots), engine.admit_wait
         self._held = 0  # steps admission has been held back
         self.greedy_only = greedy_only(options)  # every row so far needs only its greedy choice
+        self._scoring: dict[int, tuple[int | None, bool]] = {}  # item -> (logprobs k, prompt_logprobs), if any
+        self.logprobs: dict[int, list[TokenLogprob]] = {}  # this step's scores of emitted tokens, by item
+        self.prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}  # this step's prompt scores, by item
 
-    def submit(self, row: Sequence[int], task_id: int = 0, options: SearchOptions | None = None) -> int:
-        """Queue one row (full ids, virtual ones included); returns its item id (0, 1, 2, ...)."""
+    def submit(
+        self,
+        row: Sequence[int],
+        task_id: int = 0,
+        options: SearchOptions | None = None,
+        *,
+        logprobs: int | None = None,
+        prompt_logprobs: bool = False,
+    ) -> int:
+        """Queue one row (full ids, virtual ones included); returns its item id (0, 1, 2, ...).
+
+        logprobs: score each emitted token with its k best candidates (0 <= k <= MAX_LOGPROBS); prompt_logprobs:
+        score the row's own tokens at prefill (k candidates each, k = logprobs or 0).
+        """
         budget = (options or self.options).max_new_tokens
         if len(row) + budget > self.capacity - 1:
             raise ValueError(
                 f"a row of {len(row)} tokens plus {budget} new ones exceeds the cache ({self.capacity - 1})"
             )
+        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}")
+        if prompt_logprobs and not self.model.can_score_prompt:
+            raise ValueError(f"{getattr(self.model, 'where', 'the model')} cannot score prompt tokens; re-export it")
         item = self.search.submit(_history(self.model, row), options)
         self._rows[item] = (list(row), int(task_id))
-        self.greedy_only = self.greedy_only and greedy_only(options or self.options)
+        # A row scored with k alternatives needs the step's top-k, not only its greedy choice.
+        self.greedy_only = self.greedy_only and greedy_only(options or self.options) and not logprobs
+        if logprobs is not None or prompt_logprobs:
+            self._scoring[item] = (logprobs, prompt_logprobs)
         return item
 
     def cancel(self, item: int) -> None:
@@ -166,10 +194,13 @@ class Engine:
             return self.search.step_topk(head[0], head[1], slots)
         return self.search.step(head[0], slots)
 
-    def _advance(self, slots: np.ndarray, result, emitted: list[tuple[int, int]]) -> None:
-        for slot, token, finished in zip(slots, result.next_tokens, result.finished, strict=True):
+    def _advance(self, slots: np.ndarray, result, emitted: list[tuple[int, int]], head: Head) -> None:
+        for row, (slot, token, finished) in enumerate(zip(slots, result.next_tokens, result.finished, strict=True)):
             item = self._item_of[slot]
             emitted.append((item, int(token)))
+            k = self._scoring.get(item, (None, False))[0]
+            if k is not None:
+                self.logprobs.setdefault(item, []).append(from_head(head, row, int(token), k))
             if finished:
                 self.tokens[slot] = self.options.pad_token_id
                 self.positions[slot] = self.model.scratch
@@ -191,8 +222,22 @@ class Engine:
         self._held += 1
         return False
 
+    def _prefill(self, slots: np.ndarray, items: list[int], rows: list[list[int]]) -> Head:
+        tasks = [self._rows[i][1] for i in items]
+        wanted = [i for i in items if self._scoring.get(i, (None, False))[1]]
+        if not wanted:
+            return self.model.prefill(slots, rows, tasks)
+        # The rows admitted with it are scored too (one forward); only the items that asked get their scores.
+        head, scores = self.model.prefill_scored(slots, rows, tasks)
+        for item, row_scores in zip(items, scores, strict=True):
+            if item in wanted:
+                k = self._scoring[item][0] or 0
+                self.prompt_logprobs[item] = [s.keep(k) if s is not None else None for s in row_scores]
+        return head
+
     def step(self) -> tuple[list[tuple[int, int]], list[tuple[int, Hypothesis]]]:
         emitted: list[tuple[int, int]] = []
+        self.logprobs, self.prompt_logprobs = {}, {}
         with self.model.stream_context():
             self._admit(emitted)
             active = np.asarray(self.search.active_slots(), dtype=np.int64)
@@ -200,11 +245,12 @@ class Engine:
                 self._static_step(active, emitted)
             elif len(active):
                 width = int(active.max()) + 1  # idle slots below it compute a pad token into their scratch column
-                head = self.model.step(self.tokens[:width], self.positions[:width])
-                self._advance(active, self._search_step(_select(head, active), active), emitted)
+                head = _select(self.model.step(self.tokens[:width], self.positions[:width]), active)
+                self._advance(active, self._search_step(head, active), emitted, head)
         finished = list(self.search.take_finished())
         for item, _ in finished:
             self._rows.pop(item, None)
+            self._scoring.pop(item, None)
         return emitted, finished
 
     def _admit(self, emitted: list[tuple[int, int]]) -> None:
@@ -216,11 +262,11 @@ class Engine:
         slots = np.asarray([s for s, _ in admitted], dtype=np.int64)
         items = [i for _, i in admitted]
         rows = [self._rows[i][0] for i in items]
-        head = self.model.prefill(slots, rows, [self._rows[i][1] for i in items])
+        head = self._prefill(slots, items, rows)
         for slot, item, row in zip(slots, items, rows, strict=True):
             self._item_of[slot] = item
             self.positions[slot] = len(row) - 1  # _advance moves it to the first new token's position
-        self._advance(slots, self._search_step(head, slots), emitted)
+        self._advance(slots, self._search_step(head, slots), emitted, head)
         if self.fixed is not None:  # the rows' first tokens and positions, into the device buffers
             self.model.set_slots(self.fixed, slots, self.tokens[slots], self.positions[slots])
 
@@ -229,12 +275,13 @@ class Engine:
         rows whose search chose otherwise get their token written back."""
         bucket = self.fixed.bucket(int(active.max()) + 1)
         head, best = self.model.static_step(self.fixed, bucket, self.greedy_only)
-        result = self._search_step(_select(head, active), active)
+        head = _select(head, active)
+        result = self._search_step(head, active)
         chosen = np.asarray(result.next_tokens, dtype=np.int64)
         differs = (chosen != best[active]) & ~np.asarray(result.finished, dtype=bool)
         if differs.any():
             self.model.set_slots(self.fixed, active[differs], chosen[differs])
-        self._advance(active, result, emitted)
+        self._advance(active, result, emitted, head)
 
 
 def decode(

@@ -27,10 +27,10 @@ import torch
 
 from softtool.adapter import AdapterMeta
 from softtool.errors import SofttoolError
-from softtool.export_meta import ExportMeta
+from softtool.export_meta import TARGET_INPUT, TARGET_OUTPUTS, ExportMeta
 from softtool.prompts.template import Template
 from softtool.runtime.base import Generator
-from softtool.runtime.slots import Head
+from softtool.runtime.slots import Head, Scored
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # Runs of a graph id before its replays are all captured ones: ONNX Runtime runs a session's first calls
@@ -122,9 +122,10 @@ class OnnxGenerator(Generator):
         self._np_kv_dtype = np.dtype(dtypes["past_key_values.0.key"])
         self.kv_device = torch.device("cuda" if device == "cuda" else "cpu")
         self._ort_device = "cuda" if device == "cuda" else "cpu"
-        self._head = [o for o in meta.outputs if not o.startswith("present")]
+        self._head = [o for o in meta.outputs if not o.startswith("present") and o not in TARGET_OUTPUTS]
         self._past = [i for i in meta.inputs if i.startswith("past_key_values")]
         self._present = [o for o in meta.outputs if o.startswith("present")]
+        self.can_score_prompt = meta.target_top_k > 0  # format 3 and later (ExportMeta.target_top_k)
         self._table_value = None
         self._init_slots()
         self.table = table
@@ -156,7 +157,7 @@ class OnnxGenerator(Generator):
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        from softtool.runtime.session import create_session, resolve_device
+        from softtool.runtime.session import create_session, graph_inputs, resolve_device
 
         folder = Path(path)
         meta = ExportMeta.read(folder)
@@ -188,7 +189,7 @@ class OnnxGenerator(Generator):
             session = create_session(folder / ExportMeta.MODEL_FILE, device, threads, optimization)
         meta.check_contents(
             str(folder / ExportMeta.FILE),
-            {i.name: list(i.shape) for i in session.get_inputs()},
+            {i.name: list(i.shape) for i in graph_inputs(session)},
             {o.name: list(o.shape) for o in session.get_outputs()},
             table.shape,
             len(tokenizer),
@@ -262,17 +263,42 @@ class OnnxGenerator(Generator):
             torch.cuda.current_stream().synchronize()
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, kv: Sequence[torch.Tensor]) -> Head:
+        return self._run(ids, positions, kv, None)[0]
+
+    def _forward_scored(
+        self, ids: torch.Tensor, positions: torch.Tensor, kv: Sequence[torch.Tensor], targets: torch.Tensor
+    ) -> tuple[Head, Scored]:
+        head, scored = self._run(ids, positions, kv, targets)
+        return head, scored
+
+    def _run(self, ids, positions, kv, targets: torch.Tensor | None) -> tuple[Head, Scored]:
+        """One graph call; with `targets`, also the graph's target scores (an export that has them binds an empty
+        [B, 0] otherwise, so the head over every position costs nothing)."""
+        import onnxruntime as ort
+
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids.numpy(), dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions.numpy(), dtype=np.int64))
-        for name in self._head:  # bound first: get_outputs() returns outputs in binding order
+        scoring = TARGET_OUTPUTS if self.can_score_prompt else ()
+        if scoring:
+            # An OrtValue: bind_cpu_input does not find an input that has a default (an initializer).
+            chosen = targets.numpy() if targets is not None else np.zeros((ids.shape[0], 0))
+            value = np.ascontiguousarray(chosen, dtype=np.int64)
+            binding.bind_ortvalue_input(TARGET_INPUT, ort.OrtValue.ortvalue_from_numpy(value))
+        for name in (*self._head, *scoring):  # bound first: get_outputs() returns outputs in binding order
             binding.bind_output(name, "cpu")
         self._bind_cache(binding, kv)
         self._wait_for_torch()
         self.session.run_with_iobinding(binding, self._uncaptured)
-        outputs = binding.get_outputs()
-        head = tuple(outputs[i].numpy() for i in range(len(self._head)))
-        return (head[0][:, -1],) if self.export_meta.genai else head  # the genai form's logits are [B, 1, V]
+        outputs = [o.numpy() for o in binding.get_outputs()[: len(self._head) + len(scoring)]]
+        head = tuple(outputs[: len(self._head)])
+        if self.export_meta.genai:  # the genai form's logits are [B, 1, V]
+            head = (head[0][:, -1],)
+        if targets is None:
+            return head, ()
+        if not scoring:
+            raise SofttoolError(f"{self.folder} cannot score prompt tokens (export format 2); re-run softtool export")
+        return head, tuple(outputs[len(self._head) :])
 
     @property
     def _uncaptured(self):

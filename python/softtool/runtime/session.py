@@ -83,6 +83,12 @@ def session_threads(session) -> int:
     return int(session.get_session_options().intra_op_num_threads)
 
 
+def graph_inputs(session) -> list:
+    """Every input of the graph, those with a default (an initializer, such as target_ids) included: ONNX Runtime
+    lists them apart from the required ones (get_overridable_initializers)."""
+    return [*session.get_inputs(), *session.get_overridable_initializers()]
+
+
 def input_dtypes(session) -> dict[str, str]:
     """numpy dtype name of each graph input."""
     return {i.name: _ORT_TYPES.get(i.type, "float32") for i in session.get_inputs()}

@@ -1,8 +1,11 @@
 """The prompted model as the runtime and the exported graph run it: a frozen causal LM plus a prompt table,
 over a KV cache of fixed-size rows ("slots") written in place.
 
-    forward(input_ids [B, S], position_ids [B, S], [prompt_table], past k/v per layer [B, kv_heads, C, head_dim])
-      -> last-position logits [B, V] (or top-k log-probs and ids), then present k/v per layer (same shapes)
+    forward(input_ids [B, S], position_ids [B, S], [prompt_table], past k/v per layer [B, kv_heads, C, head_dim],
+            [target_ids [B, T]])
+      -> last-position logits [B, V] (or top-k log-probs and ids), then present k/v per layer (same shapes),
+         then with target_ids: the log-prob of target_ids[b, s] after input position s for s < T, and the top
+         SCORE_TOP_K log-probs and ids there ([B, T], [B, T, K], [B, T, K]; scoring a prompt's own tokens)
 
 Each row of the cache is one sequence and its buffer index is the token's position: the new keys and values
 are written at `position_ids` (a scatter, in place when the caller binds present to past's memory), and a
@@ -24,6 +27,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from softtool.export_meta import SCORE_TOP_K, TARGET_INPUT, TARGET_OUTPUTS
 from softtool.models import cap_final_logits
 from softtool.prompts.embedding import merge_embeddings
 
@@ -172,6 +176,7 @@ class SlotLM(nn.Module):
         else:
             table, flat = self.prompt_table, rest
         past = [(flat[2 * i], flat[2 * i + 1]) for i in range(self.num_layers)]
+        targets = flat[2 * self.num_layers] if len(flat) > 2 * self.num_layers else None
         embeds = merge_embeddings(self.model.get_input_embeddings(), input_ids, table, self.vocab_size)
         mask = slot_masks(self.model.config, position_ids, past[0][0].shape[2], embeds.dtype)
         cache = _SlotCache(past, position_ids, self.in_place)
@@ -180,25 +185,52 @@ class SlotLM(nn.Module):
                 inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
             )
         # Only the last position leaves the model: generation needs nothing else, and [B, S, V] is large.
-        hidden = out.last_hidden_state[:, -1, :]
-        head = self.model.get_output_embeddings()
-        if self.head_weight_first and getattr(head, "bias", None) is None:
-            logits = torch.matmul(head.weight, hidden.transpose(0, 1)).transpose(0, 1)
-        else:
-            logits = head(hidden)
-        logits = cap_final_logits(logits.float(), self.model.config)
+        logits = self._logits(out.last_hidden_state[:, -1, :])
         presents = [t for pair in cache.present for t in pair]
         if self.top_k:
-            values, indices = torch.topk(torch.log_softmax(logits, dim=-1), self.top_k, dim=-1)
-            return (values, indices, *presents)
-        return (logits, *presents)
+            result = (*_top(torch.log_softmax(logits, dim=-1), self.top_k), *presents)
+        else:
+            result = (logits, *presents)
+        if targets is not None:
+            result += self._score(out.last_hidden_state, targets)
+        return result
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [..., V] of hidden states [..., H] (the final soft-capping of Gemma 2 included)."""
+        head = self.model.get_output_embeddings()
+        if self.head_weight_first and getattr(head, "bias", None) is None:
+            logits = torch.matmul(head.weight, hidden.transpose(-1, -2)).transpose(-1, -2)
+        else:
+            logits = head(hidden)
+        return cap_final_logits(logits.float(), self.model.config)
+
+    def _score(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """For the first T = targets.shape[1] input positions: the log-prob of targets[b, s] given the tokens up to
+        s, and the SCORE_TOP_K best log-probs and ids there. The head runs on those T positions only (T = 0 costs
+        nothing), and the log-softmax stays inside: [B, T, V] never leaves the model."""
+        logprobs = torch.log_softmax(self._logits(hidden[:, : targets.shape[1]]), dim=-1)
+        chosen = torch.gather(logprobs, -1, targets.unsqueeze(-1)).squeeze(-1)
+        return chosen, *_top(logprobs, SCORE_TOP_K)
 
 
-def io_names(num_layers: int, *, table_as_input: bool, top_k: int) -> tuple[list[str], list[str]]:
+def _top(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best log-probs and their ids, best first. The values are gathered by the ids rather than taken from
+    TopK's own output: an fp16 export keeps TopK in float32 (onnxruntime's converter blocks it), and the converter
+    then mistypes a TopK output that is also a float32 graph output, so the graph would not load."""
+    ids = torch.topk(logprobs, k, dim=-1).indices
+    return torch.gather(logprobs, -1, ids), ids
+
+
+def io_names(
+    num_layers: int, *, table_as_input: bool, top_k: int, targets: bool = False
+) -> tuple[list[str], list[str]]:
     """The graph's input and output names, in forward's argument order."""
     inputs = ["input_ids", "position_ids"] + (["prompt_table"] if table_as_input else [])
     outputs = ["topk_values", "topk_indices"] if top_k else ["logits"]
     for i in range(num_layers):
         inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
         outputs += [f"present.{i}.key", f"present.{i}.value"]
+    if targets:
+        inputs.append(TARGET_INPUT)
+        outputs += TARGET_OUTPUTS
     return inputs, outputs

@@ -9,6 +9,7 @@ is shared and lives here:
     prefill(slots, rows, task_ids)  run the rows' prompts and write their cache into those slots -> head
     step(tokens, positions)         one token for each of the first len(tokens) slots -> head
     reorder(order)                  beam search: slot i continues slot order[i]
+    prefill_scored(...)             prefill, plus each prompt token's log-prob given the tokens before it (echo)
 
 A head is a tuple of numpy arrays: (logits [n, V],) or (topk_values [n, k], topk_indices [n, k]).
 
@@ -34,9 +35,11 @@ import torch
 from softtool.errors import SofttoolError
 from softtool.prompts.template import Template
 from softtool.runtime import static_step
+from softtool.runtime.logprobs import TokenLogprob, prompt_scores
 from softtool.runtime.static_step import StaticSlots
 
 Head = tuple[np.ndarray, ...]
+Scored = tuple[np.ndarray, np.ndarray, np.ndarray]  # target log-probs [B, T], top values and ids [B, T, K]
 
 
 class SlotModel(ABC):
@@ -82,6 +85,17 @@ class SlotModel(ABC):
     def _capture(self, st: StaticSlots, body) -> None:
         """Make st.steps replay a captured graph of `body(bucket)` per bucket (on cuda; torch's by default)."""
         static_step.capture_graphs(st, body)
+
+    # A backend that can also score given target ids (slot_model.SlotLM's target_ids) says so and implements
+    # _forward_scored; the ONNX backend can for exports of format 3 or later.
+    can_score_prompt = False
+
+    def _forward_scored(
+        self, ids: torch.Tensor, positions: torch.Tensor, kv: Sequence[torch.Tensor], targets: torch.Tensor
+    ) -> tuple[Head, Scored]:
+        """`_forward`, plus the log-prob of targets[b, s] after input position s (s < targets.shape[1]) and the
+        top candidates there."""
+        raise SofttoolError(f"{getattr(self, 'where', 'this model')} cannot score prompt tokens; re-export it")
 
     # -- cache --------------------------------------------------------------------------------------
     def _empty(self, rows: int, capacity: int) -> list[torch.Tensor]:
@@ -136,6 +150,18 @@ class SlotModel(ABC):
         The rows run together, left-padded, on a temporary cache (padding goes to its scratch column), and
         each row's entries are then copied into its slot.
         """
+        return self._prefill(slots, rows, task_ids, score=False)[0]
+
+    def prefill_scored(
+        self, slots: Sequence[int], rows: Sequence[Sequence[int]], task_ids: Sequence[int]
+    ) -> tuple[Head, list[list[TokenLogprob | None]]]:
+        """`prefill`, plus per row and position the token's log-prob given the tokens before it and the best
+        candidates there (runtime.logprobs.prompt_scores: None for virtual tokens and the first scored-less one)."""
+        if not self.can_score_prompt:
+            raise SofttoolError(f"{getattr(self, 'where', 'this model')} cannot score prompt tokens; re-export it")
+        return self._prefill(slots, rows, task_ids, score=True)
+
+    def _prefill(self, slots, rows, task_ids, score: bool) -> tuple[Head, list[list[TokenLogprob | None]]]:
         n = self.num_virtual if self.shares_prefix and not self.right_padded_prefill else 0
         texts = [list(row[n:]) for row in rows]
         width = max(len(t) for t in texts)
@@ -165,13 +191,23 @@ class SlotModel(ABC):
                 if text:
                     ids[i, width - len(text) :] = torch.as_tensor(text, dtype=torch.long)
                     positions[i, width - len(text) :] = torch.arange(n, n + len(text))
-        head = self._forward(ids, positions, temp)
+        scores: list[list[TokenLogprob | None]] = []
+        if score:
+            # Column c is scored on the id in column c + 1; virtual ids are scored as 0 and their values dropped.
+            targets = ids[:, 1:].masked_fill(ids[:, 1:] >= self.vocab_size, 0)
+            head, scored = self._forward_scored(ids, positions, temp, targets)
+            scores = [
+                prompt_scores(row, n, 0 if self.right_padded_prefill else width - len(text), scored, i, self.vocab_size)
+                for i, (row, text) in enumerate(zip(rows, texts, strict=True))
+            ]
+        else:
+            head = self._forward(ids, positions, temp)
         # One copy per layer tensor for all rows, the temporary cache's whole width: past a row's length it holds
         # padding or nothing, columns the row writes (at its positions) before it ever reads them.
         index = torch.as_tensor(list(slots), dtype=torch.long, device=self.kv_device)
         for dst, src in zip(self.kv, temp, strict=True):
             dst[:, :, : src.shape[2]].index_copy_(0, index, src)
-        return head
+        return head, scores
 
     # A backend that can run on strided views of the cache (PyTorch) attends only to the columns in use;
     # ONNX Runtime binds contiguous memory, so it gets whole rows.

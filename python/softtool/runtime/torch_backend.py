@@ -22,7 +22,7 @@ from softtool.errors import SofttoolError
 from softtool.prompts.template import Template
 from softtool.runtime.base import Generator
 from softtool.runtime.slot_model import SlotLM
-from softtool.runtime.slots import Head
+from softtool.runtime.slots import Head, Scored
 
 # Candidates per row that leave a GPU each step: beam search stays exact up to 32 beams with one EOS id
 # (docs/search.md); sampling and the repetition processors see only these, as with a top-k export.
@@ -184,7 +184,20 @@ class TorchGenerator(Generator):
 
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, kv: Sequence[torch.Tensor]) -> Head:
-        out = self.slot_lm(ids.to(self.kv_device), positions.to(self.kv_device), *kv)
+        return self._head(self.slot_lm(ids.to(self.kv_device), positions.to(self.kv_device), *kv))
+
+    can_score_prompt = True
+
+    @torch.inference_mode()
+    def _forward_scored(
+        self, ids: torch.Tensor, positions: torch.Tensor, kv: Sequence[torch.Tensor], targets: torch.Tensor
+    ) -> tuple[Head, Scored]:
+        device = self.kv_device
+        out = self.slot_lm(ids.to(device), positions.to(device), *kv, targets.to(device))
+        chosen, values, top_ids = out[-3:]
+        return self._head(out), (chosen.float().cpu().numpy(), values.float().cpu().numpy(), top_ids.cpu().numpy())
+
+    def _head(self, out) -> Head:
         if self.top_k:
             return (out[0].float().cpu().numpy(), out[1].cpu().numpy())
         return (out[0].float().cpu().numpy(),)

@@ -143,7 +143,8 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         arrived = time.perf_counter()
-        label = body.model if body.model in registry else UNKNOWN_TASK
+        found = registry.resolve(body.model)
+        label = found[0].name if found is not None else UNKNOWN_TASK
         try:
             prepared = service.prepare(body, arrived)
             service.admit(prepared)

@@ -6,10 +6,12 @@ submits them and yields each row's new text as it comes (detokenized, stop strin
 `complete` collects into one response and `stream` turns into server-sent events. The engine knows nothing
 of HTTP, and this module nothing of routes.
 
-Text: each choice's text is `tokenizer.decode(tokens, skip_special_tokens=True)` of its tokens, exactly what
-`softtool generate --raw` decodes (which then strips the ends). A stream sends the growth of that text,
-holding back an incomplete character and, with `stop`, the tail that could still become a stop string, so
-the chunks add up to the non-streamed text.
+Prompts: in template mode (`model: TASK`) a string fills the task template's open field (token ids only a field
+that stands alone in it); in prefix mode (`model: TASK:prefix`) the row is the task's virtual tokens, then the
+prompt's tokens (a string tokenized without special tokens, or token ids as given), which needs a template with
+every virtual token in front. Token ids are checked against the vocabulary. `echo` puts the row's real tokens
+(the prompt, and in template mode the template's text) before the completion. Each choice's text and
+log-probs are built by softtool.serve.choice.Choice.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from softtool.prompts.template import assemble_ids
+from softtool.prompts.template import Template, assemble_ids, virtual_token_id
 from softtool.search import DECODING_OFF, SearchOptions
-from softtool.serve.engine import AsyncEngine, Finished, Row
+from softtool.serve.choice import Choice
+from softtool.serve.engine import AsyncEngine, Finished, Prompt, Row
 from softtool.serve.metrics import Metrics
 from softtool.serve.protocol import (
     CompletionChoice,
@@ -34,7 +37,7 @@ from softtool.serve.protocol import (
     completion_id,
     error_body,
 )
-from softtool.serve.registry import Registry, Task
+from softtool.serve.registry import PREFIX_MODE, Registry, Task
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -58,54 +61,11 @@ class Prepared:
     prompt_tokens: int
     stops: list[str]
     arrived: float
+    echoes: list[list[int] | None] = field(default_factory=list)  # per row with echo: its prompt's real tokens
     id: str = field(default_factory=completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
     generated: int = 0  # tokens generated over all choices (set when generation ends)
     status: int = 200  # what a stream ended with (an error is sent as an event after the 200 header)
-
-
-class _Choice:
-    """One row's text as it grows: detokenized, cut at a stop string."""
-
-    def __init__(self, tokenizer, stops: list[str]):
-        self.tokenizer = tokenizer
-        self.stops = stops
-        self.hold = max((len(s) for s in stops), default=1) - 1  # chars that may start a stop string
-        self.tokens: list[int] = []
-        self.text = ""  # the text so far (cut at a stop string once one is found)
-        self.sent = 0  # characters of `text` already released
-        self.finish_reason: str | None = None
-        self._checked = 0  # `text` before this index holds no stop string
-
-    def add(self, tokens: list[int]) -> None:
-        self.tokens += tokens
-        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if self.stops:
-            start = max(0, self._checked - self.hold)
-            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-            if hits:
-                self.text = self.text[: min(hits)]
-                self.finish_reason = "stop"
-            self._checked = len(self.text)
-
-    def finish(self, event: Finished, emitted: int) -> None:
-        if self.finish_reason is None:
-            # The engine emits the EOS token but leaves it out of the hypothesis.
-            hyp = event.hypothesis
-            self.finish_reason = "stop" if hyp is not None and emitted > len(hyp.tokens) else "length"
-
-    def release(self) -> str:
-        """The text not yet sent that can be sent now."""
-        end = len(self.text)
-        if self.finish_reason is None:
-            end -= self.hold
-            while end > self.sent and self.text[end - 1] == "\ufffd":  # a character still split between tokens
-                end -= 1
-        if end <= self.sent:
-            return ""
-        delta = self.text[self.sent : end]
-        self.sent = end
-        return delta
 
 
 class CompletionService:
@@ -125,9 +85,10 @@ class CompletionService:
 
     # -- a request into rows ----------------------------------------------------------------------------
     def prepare(self, request: CompletionRequest, arrived: float) -> Prepared:
-        task = self.registry.get(request.model)
-        if task is None:
+        found = self.registry.resolve(request.model)
+        if found is None:
             raise ApiError(404, f"The model '{request.model}' does not exist", "model", "model_not_found")
+        task, prefix = found
         cap = self.options.max_tokens
         budget = request.max_tokens if request.max_tokens is not None else min(DEFAULT_MAX_TOKENS, cap)
         if budget > cap:
@@ -136,27 +97,23 @@ class CompletionService:
             raise ApiError(400, f"n is {request.n}; this server allows at most {self.options.max_n}", "n")
         if request.min_tokens is not None and request.min_tokens > budget:
             raise ApiError(400, f"min_tokens ({request.min_tokens}) is above max_tokens ({budget})", "min_tokens")
-        options = self._search_options(request, budget, self.engine.generator.decoding(task.task_id))
-        fields = dict(request.fields or {})
-        template = task.template
-        unknown = sorted(set(fields) - set(template.fields))
-        open_fields = [f for f in template.fields if f not in fields]
-        if unknown or len(open_fields) != 1:
+        if request.echo and not self.engine.generator.can_score_prompt:
             raise ApiError(
                 400,
-                f"the template of '{task.name}' has the field(s) {template.fields}: the prompt fills one, `fields` "
-                f"gives the others (got fields {sorted(fields)})",
-                "fields",
+                f"echo needs the prompt's log-probs, which {self.engine.generator.where} cannot compute (an export "
+                "made before format 3); re-run softtool export on its adapters to use echo",
+                "echo",
             )
-        rows, prompt_tokens = [], 0
-        for text in request.prompts:
-            pieces = template.render({**fields, open_fields[0]: text})
-            ids = assemble_ids(
-                template,
-                [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in pieces],
-                self.vocab_size,
-                task.task_id,
-            )
+        options = self._search_options(request, budget, self.engine.generator.decoding(task.task_id))
+        make_ids = self._prefix_ids(task, request) if prefix else self._template_ids(task, request)
+        scoring = {"logprobs": request.logprobs, "prompt_logprobs": bool(request.echo) and request.logprobs is not None}
+        rows, echoes, prompt_tokens = [], [], 0
+        for prompt in request.prompts:
+            if isinstance(prompt, list) and max(prompt) >= self.vocab_size:
+                raise ApiError(
+                    400, f"prompt token id {max(prompt)} is outside the vocabulary [0, {self.vocab_size})", "prompt"
+                )
+            ids = make_ids(prompt)
             if not any(t < self.vocab_size for t in ids):
                 raise ApiError(400, "the prompt is empty: the template leaves no text to read", "prompt")
             limit = self.options.max_length
@@ -170,8 +127,71 @@ class CompletionService:
                     "context_length_exceeded",
                 )
             prompt_tokens += len(ids)
-            rows += [Row(ids, task.task_id, options) for _ in range(request.n)]
-        return Prepared(request, task, rows, prompt_tokens, request.stops, arrived)
+            rows += [Row(ids, task.task_id, options, **scoring) for _ in range(request.n)]
+            echoes += [[t for t in ids if t < self.vocab_size] if request.echo else None] * request.n
+        return Prepared(request, task, rows, prompt_tokens, request.stops, arrived, echoes=echoes)
+
+    def _prefix_ids(self, task: Task, request: CompletionRequest):
+        """Prefix mode: the task's virtual tokens, then the prompt as it is (PEFT's prepend convention)."""
+        template = task.template
+        if not template.is_prefix:
+            raise ApiError(
+                400,
+                f"'{request.model}' asks for prefix mode, but the template of '{task.name}' ({template}) has virtual "
+                f"tokens after its text; prefix mode needs all of them in front: use model '{task.name}'",
+                "model",
+            )
+        if request.fields:
+            raise ApiError(400, f"prefix mode ('{task.name}{PREFIX_MODE}') takes no template fields", "fields")
+        n = template.num_virtual_tokens
+        virtual = [virtual_token_id(self.vocab_size, n, task.task_id, j) for j in range(n)]
+        return lambda prompt: virtual + (prompt if isinstance(prompt, list) else self._tokenize(prompt))
+
+    def _template_ids(self, task: Task, request: CompletionRequest):
+        """Template mode: the prompt fills the template's one field that `fields` leaves open."""
+        fields = dict(request.fields or {})
+        template = task.template
+        unknown = sorted(set(fields) - set(template.fields))
+        open_fields = [f for f in template.fields if f not in fields]
+        if unknown or len(open_fields) != 1:
+            raise ApiError(
+                400,
+                f"the template of '{task.name}' has the field(s) {template.fields}: the prompt fills one, `fields` "
+                f"gives the others (got fields {sorted(fields)})",
+                "fields",
+            )
+        field_name = open_fields[0]
+
+        def make(prompt: str | list[int]) -> list[int]:
+            if isinstance(prompt, str):
+                pieces = [self._tokenize(p) for p in template.render({**fields, field_name: prompt})]
+            else:
+                pieces = self._pieces_around(task, template, fields, field_name, prompt)
+            return assemble_ids(template, pieces, self.vocab_size, task.task_id)
+
+        return make
+
+    def _pieces_around(self, task: Task, template: Template, fields: dict, field_name: str, ids: list[int]):
+        """Token ids fill a text piece that is the field alone; text around them would tokenize differently."""
+        alone = "{" + field_name + "}"
+        pieces = []
+        for text in template.render({**fields, field_name: alone}):
+            if text == alone:
+                pieces.append(list(ids))
+            elif alone in text:
+                raise ApiError(
+                    400,
+                    f"token-id prompts fill {alone} only where it stands alone in the template; the template of "
+                    f"'{task.name}' ({template}) has text around it: send text, or use model "
+                    f"'{task.name}{PREFIX_MODE}'",
+                    "prompt",
+                )
+            else:
+                pieces.append(self._tokenize(text))
+        return pieces
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _search_options(self, request: CompletionRequest, budget: int, decoding: dict) -> SearchOptions:
         """The request's decoding; what it leaves unset comes from the task's recorded defaults (`decoding`)."""
@@ -217,12 +237,13 @@ class CompletionService:
         self.inflight += rows
         self.metrics.prompt_tokens.labels(prepared.task.name).inc(prepared.prompt_tokens)
 
-    async def generate(self, prepared: Prepared) -> AsyncIterator[tuple[int, str, _Choice]]:
+    async def generate(self, prepared: Prepared) -> AsyncIterator[tuple[int, str, Choice]]:
         """Yield (choice index, new text, choice) as text arrives, and once more per choice when it ends.
 
         Leaving early (a disconnect, an error) cancels the rows still running."""
         rows = prepared.rows
-        choices = [_Choice(self.tokenizer, prepared.stops) for _ in rows]
+        want = prepared.request.logprobs
+        choices = [Choice(self.tokenizer, prepared.stops, echo, want) for echo in prepared.echoes]
         emitted = [0] * len(rows)
         open_rows = set(range(len(rows)))
         queue = rows[0].events
@@ -237,12 +258,16 @@ class CompletionService:
                     if event.error is not None and choice.finish_reason is None:
                         raise ApiError(500 if not event.cancelled else 503, event.error, code="engine_error")
                     choice.finish(event, emitted[index])
+                elif isinstance(event, Prompt):  # the prompt's scores, before its first tokens
+                    real = [s for t, s in zip(rows[index].ids, event.logprobs, strict=True) if t < self.vocab_size]
+                    choice.prompt_scores = real
+                    continue
                 else:
                     if first:
                         first = False
                         self.metrics.ttft.labels(prepared.task.name).observe(time.perf_counter() - prepared.arrived)
-                    emitted[index] += len(event)
-                    choice.add(event)
+                    emitted[index] += len(event.ids)
+                    choice.add(event.ids, event.logprobs)
                     if choice.finish_reason is not None:  # a stop string: end the row now
                         self.engine.cancel(rows[index])
                 if choice.finish_reason is not None:
@@ -267,17 +292,22 @@ class CompletionService:
 
     async def complete(self, prepared: Prepared) -> CompletionResponse:
         """The whole response at once."""
-        texts: dict[int, _Choice] = {}
+        texts: dict[int, Choice] = {}
         async for index, _, choice in self.generate(prepared):
             texts[index] = choice
         choices = [
-            CompletionChoice(index=i, text=texts[i].text, finish_reason=texts[i].finish_reason)
+            CompletionChoice(
+                index=i,
+                text=texts[i].echo + texts[i].text,
+                logprobs=texts[i].logprobs(),
+                finish_reason=texts[i].finish_reason,
+            )
             for i in range(len(prepared.rows))
         ]
         return CompletionResponse(
             id=prepared.id,
             created=prepared.created,
-            model=prepared.task.name,
+            model=prepared.request.model,
             choices=choices,
             usage=self.usage(prepared),
         )
@@ -291,14 +321,19 @@ class CompletionService:
 
         def chunk(choices, usage=None) -> str:
             body = CompletionStreamResponse(
-                id=prepared.id, created=prepared.created, model=prepared.task.name, choices=choices, usage=usage
+                id=prepared.id, created=prepared.created, model=prepared.request.model, choices=choices, usage=usage
             )
             return f"data: {body.model_dump_json(exclude=leave_out)}\n\n"
 
         try:
             async for index, delta, choice in self.generate(prepared):
-                if delta or choice.finish_reason is not None:  # release() gives the rest once a choice ends
-                    yield chunk([CompletionChoice(index=index, text=delta, finish_reason=choice.finish_reason)])
+                logprobs = choice.take_logprobs()
+                # release() gives the rest once a choice ends; a token's entry comes with the text it starts in
+                if delta or choice.finish_reason is not None or (logprobs is not None and logprobs.tokens):
+                    piece = CompletionChoice(
+                        index=index, text=delta, logprobs=logprobs, finish_reason=choice.finish_reason
+                    )
+                    yield chunk([piece])
         except ApiError as exc:
             prepared.status = exc.status
             yield f"data: {json.dumps(error_body(exc.status, exc.message, exc.param, exc.code))}\n\n"

@@ -9,9 +9,10 @@ decode step runs for every busy slot; rows of different tasks share that batch. 
 running, the thread sleeps on the command queue.
 
 A `Row` is one sequence of one request (a request with n choices or several prompts has several rows); the rows
-of a request share one asyncio queue. For each row it receives, in order, `(row.index, event)`: lists of new
-token ids (the EOS included when the row stops on it), then one `Finished` (the hypothesis, or `cancelled`,
-or the error that ended it).
+of a request share one asyncio queue. For each row it receives, in order, `(row.index, event)`: with
+`prompt_logprobs`, first one `Prompt` (its prompt tokens scored at prefill), then `Tokens` (new token ids, the EOS
+included when the row stops on it, each with its log-prob when the row asked for `logprobs`), then one
+`Finished` (the hypothesis, or `cancelled`, or the error that ended it).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from softtool.runtime.decode import Engine
+from softtool.runtime.logprobs import TokenLogprob
 from softtool.search import Hypothesis, SearchOptions
 
 log = logging.getLogger("softtool.serve")
@@ -40,6 +42,21 @@ class Finished:
     error: str | None = None
 
 
+@dataclass
+class Tokens:
+    """New tokens of a row, and their log-probs when it asked for them (else empty)."""
+
+    ids: list[int]
+    logprobs: list[TokenLogprob]
+
+
+@dataclass
+class Prompt:
+    """A row's prompt scored at prefill: per position of its ids, a TokenLogprob or None."""
+
+    logprobs: list[TokenLogprob | None]
+
+
 @dataclass(eq=False)
 class Row:
     """One sequence to decode: full ids (virtual ones included), its task, its search options."""
@@ -47,6 +64,8 @@ class Row:
     ids: list[int]
     task: int
     options: SearchOptions
+    logprobs: int | None = None  # score each new token with this many candidates
+    prompt_logprobs: bool = False  # score the prompt's tokens at prefill (echo)
     index: int = 0  # the choice it is in its request
     events: asyncio.Queue | None = None  # (index, event) of every row of its request; set before submit
     item: int | None = None  # the engine's item id, set on the engine thread
@@ -154,7 +173,9 @@ class AsyncEngine:
             return True
         if kind == "submit":
             try:
-                arg.item = self._engine.submit(arg.ids, arg.task, arg.options)
+                arg.item = self._engine.submit(
+                    arg.ids, arg.task, arg.options, logprobs=arg.logprobs, prompt_logprobs=arg.prompt_logprobs
+                )
             except Exception as exc:  # noqa: BLE001 - a bad row must not stop the engine
                 self._deliver({arg: [Finished(error=str(exc))]})
                 return False
@@ -181,15 +202,21 @@ class AsyncEngine:
             return
         self.stats.steps += 1
         out: dict[Row, list] = {}
+        for item, scores in self._engine.prompt_logprobs.items():
+            row = self._rows.get(item)
+            if row is not None:
+                out[row] = [Prompt(scores)]
+        scores = {item: iter(lps) for item, lps in self._engine.logprobs.items()}  # one per emitted token
         for item, token in emitted:
             row = self._rows.get(item)
             if row is None:
                 continue
             events = out.setdefault(row, [])
-            if events and isinstance(events[-1], list):
-                events[-1].append(token)
-            else:
-                events.append([token])
+            if not events or not isinstance(events[-1], Tokens):
+                events.append(Tokens([], []))
+            events[-1].ids.append(token)
+            if item in scores:
+                events[-1].logprobs.append(next(scores[item]))
         for item, hyp in finished:
             row = self._rows.pop(item, None)
             if row is not None:

@@ -7,6 +7,9 @@ unknown field, a value out of range, an option softtool does not implement) is a
 softtool's additions, passed by the openai client as `extra_body`: `fields` (the other fields of a template
 with several, e.g. {"context": "..."} while the prompt fills {question}), `top_k`, `repetition_penalty` and
 `min_tokens`.
+
+A prompt is a string, a list of strings, a list of token ids, or a list of such lists (OpenAI's four forms);
+`logprobs: k` (0 to MAX_LOGPROBS) and `echo` answer with `CompletionLogprobs`, OpenAI's legacy shape.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
+from softtool.runtime.logprobs import MAX_LOGPROBS
+
 Number = StrictInt | StrictFloat  # JSON numbers; "0.5" as a string is refused
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]  # checked against V in the service
 
 
 class Unsupported(ValueError):
-    """A field softtool accepts only at its neutral value (logprobs, echo, ...)."""
+    """A field softtool accepts only at its neutral value (suffix, the penalties, logit_bias, best_of != n)."""
 
 
 class StreamOptions(BaseModel):
@@ -36,8 +42,13 @@ class CompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: StrictStr
-    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1)]
+    model: StrictStr  # a task, or TASK:prefix (its virtual tokens, then the prompt as it is)
+    prompt: (
+        StrictStr
+        | Annotated[list[StrictStr], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    )
     max_tokens: StrictInt | None = Field(default=None, ge=1)
     temperature: Number | None = Field(default=None, ge=0, le=2)
     top_p: Number | None = Field(default=None, gt=0, le=1)
@@ -47,10 +58,10 @@ class CompletionRequest(BaseModel):
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
     seed: StrictInt | None = Field(default=None, ge=0, lt=2**63)
     user: StrictStr | None = None
+    echo: StrictBool | None = None
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     # OpenAI fields softtool does not implement: accepted at their neutral value only.
     best_of: StrictInt | None = None
-    echo: StrictBool | None = None
-    logprobs: StrictInt | None = None
     suffix: StrictStr | None = None
     presence_penalty: Number | None = None
     frequency_penalty: Number | None = None
@@ -65,8 +76,6 @@ class CompletionRequest(BaseModel):
     def _neutral_only(self) -> CompletionRequest:
         refused = {
             "best_of": self.best_of not in (None, self.n),
-            "echo": bool(self.echo),
-            "logprobs": self.logprobs is not None,
             "suffix": bool(self.suffix),
             "presence_penalty": bool(self.presence_penalty),
             "frequency_penalty": bool(self.frequency_penalty),
@@ -82,8 +91,11 @@ class CompletionRequest(BaseModel):
         return self
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a string, or a list of token ids."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
 
     @property
     def stops(self) -> list[str]:
@@ -98,10 +110,21 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy `logprobs` of a choice: per token its text, its log-prob (None for the first echoed prompt
+    token, which has nothing before it), its top candidates {text: log-prob}, and where it starts in the choice's
+    text."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 

@@ -44,6 +44,11 @@ class Task:
     created: int
 
 
+# A request's `model` may name a task with this suffix: its virtual tokens, then the request's prompt as it is,
+# instead of the prompt filling the task's template (PEFT's prepend convention; what lm-eval needs).
+PREFIX_MODE = ":prefix"
+
+
 class Registry:
     """Task name -> Task; changed only on the event loop."""
 
@@ -57,6 +62,18 @@ class Registry:
 
     def get(self, name: str) -> Task | None:
         return self.tasks.get(name)
+
+    def resolve(self, model: str) -> tuple[Task, bool] | None:
+        """The task a request's `model` names, and whether it asks for prefix mode (`TASK:prefix`); a task whose
+        own name ends in `:prefix` is that task."""
+        task = self.tasks.get(model)
+        if task is not None:
+            return task, False
+        if model.endswith(PREFIX_MODE):
+            task = self.tasks.get(model.removesuffix(PREFIX_MODE))
+            if task is not None:
+                return task, True
+        return None
 
     def __contains__(self, name: str) -> bool:
         return name in self.tasks
