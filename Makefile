@@ -49,7 +49,7 @@ ctest-asan: setup system-deps
 
 pytest: setup
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # The dependency floors: a separate venv with every dependency at the lowest version pyproject.toml allows
 # (pinned in constraints-floors.txt), softtool installed from source as `pip install .` would, and the tests
