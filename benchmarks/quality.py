@@ -82,6 +82,7 @@ def train_run(
     schedule: str = "linear",
     eval_generate: bool = True,
     eval_limit: int | None = None,
+    max_length: int | None = None,
     resume: bool = False,
 ) -> dict:
     """One softtool training run at the benchmark's budget (args: steps, batch size, max length, eval cadence):
@@ -101,7 +102,7 @@ def train_run(
         eval_limit=eval_limit or args.curve_limit,
         eval_generate=eval_generate,
         checkpoint_every=0,
-        max_length=args.max_length,
+        max_length=max_length or args.max_length,
         seed=seed,
     )
     data_options = DataOptions(task=args.task, data=str(data), task_options=task.options,

@@ -65,11 +65,15 @@ class Run:
     init_from: tuple[str, Run] | None = None  # (task, run) whose trained prompt starts this one
     until_flat: bool = False  # train in segments until the dev loss flattens (the method study)
     steps_like: str | None = None  # train as many steps as that run of the study took (PEFT's reference row)
+    # Max length counts the virtual tokens: with this set it moves with N (the budget's, plus N - 20), so the text
+    # keeps the room it has beside 20 virtual tokens and a longer prompt does not cut more of the context.
+    same_text_room: bool = False
 
 
 DEFAULT = Run("seed0", "N=20, vocab, seed 0")
 STUDIES = {
-    "length": ("squad", (Run("n5", "N=5", n=5), Run("n20", "N=20"), Run("n100", "N=100", n=100))),
+    "length": ("squad", (Run("n5", "N=5", n=5, same_text_room=True), Run("n20", "N=20", same_text_room=True),
+                         Run("n100", "N=100", n=100, same_text_room=True))),
     "spread": ("squad", (Run("seed0", "seed 0"), Run("seed1", "seed 1", seed=1), Run("seed2", "seed 2", seed=2))),
     "init": ("squad", (Run("vocab", "vocab"), Run("text", "text", n=None, init="text"),
                        Run("random", "random", init="random"))),  # fmt: skip
@@ -165,10 +169,17 @@ class Study:
     def lr(self, run: Run) -> float:
         return run.lr if run.lr is not None else self.budget["lr"][run.method]
 
+    def max_length(self, run: Run) -> int:
+        if run.same_text_room and run.n:
+            return self.budget["max_length"] + run.n - 20
+        return self.budget["max_length"]
+
     def key(self, run: Run) -> str:
         """The run folder's name: everything that defines the run, so studies share equal runs."""
         n = f"n{run.n}" if run.n else "ntext"
         parts = [run.method, n, run.init, f"s{run.seed}", f"lr{self.lr(run):g}"]
+        if self.max_length(run) != self.budget["max_length"]:
+            parts.append(f"len{self.max_length(run)}")
         if run.until_flat:
             parts += ["const", f"flat{self.budget['max_steps']}"]
         elif run.steps_like:
@@ -258,7 +269,7 @@ class Study:
             return
         with self.starting_table(run):
             done = train_run(self.qargs, self.task, self.data, out, self.prompt_config(run), self.lr(run),
-                             seed=run.seed)  # fmt: skip
+                             seed=run.seed, max_length=self.max_length(run))  # fmt: skip
         (out / DONE).write_text(json.dumps({**done, "stopped": "budget", **self.provenance()}, indent=2) + "\n")
 
     def flat(self, out: Path, steps: int) -> str | None:
@@ -393,6 +404,7 @@ class Study:
             "seed": run.seed,
             "lr": self.lr(run),
             "schedule": "constant" if (run.until_flat or run.steps_like) else "linear",
+            "max_length": self.max_length(run),
             "steps": train["steps"],
             "stopped": train["stopped"],
             "best_step": meta.get("metrics", {}).get("best_step"),
@@ -401,6 +413,11 @@ class Study:
             "segments": train.get("segments"),
             "curve": self.quality.curve(out),
             "held_out": self.held_out(out, out / "heldout"),
+            "truncated": {  # inputs whose long field (the context) was cut to fit the max length
+                "train": meta.get("metrics", {}).get("train_truncated"),
+                "train_examples": meta.get("metrics", {}).get("train_examples"),
+                "held_out": json.loads((out / "heldout" / "quality_eval.json").read_text())["soft_prompt"]["truncated"],
+            },
         }
         if self.name in STEP0_STUDIES:
             entry["step0"] = self.held_out(out / "step0" / "adapter", out / "step0" / "heldout")
@@ -525,8 +542,10 @@ def table(paths: list[Path]) -> str:
             ]
             lines.append("| " + " | ".join(cells) + " |")
         where = budget["held_out"]
+        lengths = sorted({run["max_length"] for run in result["runs"]})
+        length = f"{budget['max_length']}" if lengths == [budget["max_length"]] else "/".join(map(str, lengths))
         lines.append("")
-        lines.append(f"Budget: {budget['steps']} steps x {budget['batch_size']}, max length {budget['max_length']} "
+        lines.append(f"Budget: {budget['steps']} steps x {budget['batch_size']}, max length {length} "
                      f"(from `{budget['source']}`); held out: {where['split']} {where['offset']}+, {where['limit']} "
                      f"examples.")  # fmt: skip
         if result["not_run"]:
