@@ -485,7 +485,9 @@ def plot(result: dict, path: Path) -> None:
         points = [(c["step"], c[curve_key]) for c in run["curve"] if c.get(curve_key) is not None]
         if points:
             steps, values = zip(*points, strict=True)
-            left.plot(steps, values, marker="o", markersize=3, label=f"{run['label']} (N={run['num_virtual_tokens']})")
+            n = run["num_virtual_tokens"]
+            label = run["label"] if run["label"].startswith("N=") else f"{run['label']} (N={n})"
+            left.plot(steps, values, marker="o", markersize=3, label=label)
     budget = result["budget"]
     where = "first " + str(budget["dev_loss_examples"] if curve_key == "dev_loss" else budget["curve_limit"])
     left.set_xlabel("optimizer step")
