@@ -364,6 +364,9 @@ class Study:
     def do(self, run: Run) -> bool:
         """Train `run` (or continue it), then score it held out, and at step 0 where the study asks; False when a
         `method` run has used its --segments and is not done."""
+        if run.init_from:  # the prompt it starts from comes first (the spread study's run on the other task)
+            task, source = run.init_from
+            self.other(task).do(source)
         if run.steps_like:
             out = self.folder(run)
             self.train_peft(run, out)
