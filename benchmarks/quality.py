@@ -69,6 +69,54 @@ def parse_grid(values: list[str]) -> dict[str, list[float]]:
     return grid
 
 
+def train_run(
+    args,
+    task,
+    data: Path,
+    out: Path,
+    prompt,
+    lr: float,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    schedule: str = "linear",
+    eval_generate: bool = True,
+    eval_limit: int | None = None,
+    max_length: int | None = None,
+    resume: bool = False,
+) -> dict:
+    """One softtool training run at the benchmark's budget (args: steps, batch size, max length, eval cadence):
+    warmup over a tenth of args.steps, the curve generated on the first --curve-limit dev examples (or, with
+    eval_generate off, the dev loss alone on the first `eval_limit`). Returns its wall time, the time its
+    optimizer steps took and the steps done; exits 130 when stopped by the user."""
+    from softtool.data.options import DataOptions
+    from softtool.training import TrainOptions, train_prompt
+
+    options = TrainOptions(
+        max_steps=steps or args.steps,
+        batch_size=args.batch_size,
+        lr=lr,
+        warmup_steps=max(1, args.steps // 10),
+        schedule=schedule,
+        eval_every=args.eval_every,
+        eval_limit=eval_limit or args.curve_limit,
+        eval_generate=eval_generate,
+        checkpoint_every=0,
+        max_length=max_length or args.max_length,
+        seed=seed,
+    )
+    data_options = DataOptions(task=args.task, data=str(data), task_options=task.options,
+                               train_limit=getattr(args, "train_limit", None))  # fmt: skip
+    start = time.perf_counter()
+    summary = train_prompt(data_options, prompt, options, out, model_name=args.model, overwrite=not resume,
+                           resume=resume, progress=not args.quiet)  # fmt: skip
+    if summary.result.interrupted:
+        sys.exit(130)  # stopped by the user: no partial result is written as if it were complete
+    state = summary.result.state
+    return {"seconds": round(time.perf_counter() - start, 1), "step_seconds": round(state.seconds, 1),
+            "steps": state.step}  # fmt: skip
+
+
 class Quality:
     """The four stages for one (task, model); results accumulate in self.result and are written after each step."""
 
@@ -143,9 +191,7 @@ class Quality:
 
     # -- 1. grid ----------------------------------------------------------------------------------------
     def train(self, method: str, lr: float) -> Path:
-        from softtool.data.options import DataOptions
         from softtool.prompts.encoder import PromptConfig
-        from softtool.training import TrainOptions, train_prompt
 
         out = self.runs / f"{method}-lr{lr:g}"
         if (out / "softtool.json").exists():
@@ -155,30 +201,16 @@ class Quality:
             num_virtual_tokens=20,
             template=PTUNING_TEMPLATES[self.args.task] if method == "ptuning" else None,
         )
-        options = TrainOptions(
-            max_steps=self.args.steps,
-            batch_size=self.args.batch_size,
-            lr=lr,
-            warmup_steps=max(1, self.args.steps // 10),
-            eval_every=self.args.eval_every,
-            eval_limit=self.args.curve_limit,
-            eval_generate=True,
-            checkpoint_every=0,
-            max_length=self.args.max_length,
-            seed=0,
-        )
-        data = DataOptions(task=self.args.task, data=str(self.data), task_options=self.task.options)
-        start = time.perf_counter()
-        summary = train_prompt(data, prompt, options, out, model_name=self.args.model, overwrite=True,
-                               progress=not self.args.quiet)  # fmt: skip
-        if summary.result.interrupted:
-            sys.exit(130)  # stopped by the user: no partial result is written as if it were complete
-        (out / "quality_train.json").write_text(json.dumps({"seconds": round(time.perf_counter() - start, 1)}))
+        done = train_run(self.args, self.task, self.data, out, prompt, lr)
+        (out / "quality_train.json").write_text(json.dumps({"seconds": done["seconds"]}))
         return out
 
-    def train_peft_ptuning(self, lr: float) -> Path:
+    def train_peft_ptuning(
+        self, lr: float, steps: int | None = None, schedule: str = "linear", out: Path | None = None
+    ) -> Path:
         """PEFT's P-tuning (PromptEncoder with its LSTM reparameterization, 20 tokens before the input) with the
-        same steps, batch size, learning-rate schedule and length budget; saved by PEFT, read by softtool's eval."""
+        same steps, batch size, learning-rate schedule and length budget; saved by PEFT, read by softtool's eval.
+        Its last prompt is kept (no dev evaluation)."""
         import torch
         from peft import PromptEncoderConfig, TaskType, get_peft_model
         from transformers import get_scheduler
@@ -186,15 +218,19 @@ class Quality:
         from softtool.data import encode_example, load_split
         from softtool.models import load_model, load_tokenizer
         from softtool.training.batching import collate, make_feature
+        from softtool.training.options import SCHEDULES
 
-        out = self.runs / f"peft-ptuning-lr{lr:g}"
+        out = out or self.runs / f"peft-ptuning-lr{lr:g}"
+        steps = steps or self.args.steps
         if (out / "quality_train.json").exists():
             return out
         start = time.perf_counter()
         model, tokenizer = load_model(self.args.model), load_tokenizer(self.args.model)
         vocab, hidden = model.get_input_embeddings().weight.shape
         template = self.task.default_template(20)
-        examples = load_split(self.data, "train", task=self.task).examples
+        examples = load_split(
+            self.data, "train", task=self.task, limit=getattr(self.args, "train_limit", None)
+        ).examples
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
         config = PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=20, encoder_hidden_size=hidden,
                                      encoder_reparameterization_type="LSTM")  # fmt: skip
@@ -202,10 +238,10 @@ class Quality:
         peft_model = get_peft_model(model, config)
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr)
-        schedule = get_scheduler("linear", optimizer, max(1, self.args.steps // 10), self.args.steps)
+        scheduler = get_scheduler(SCHEDULES[schedule], optimizer, max(1, self.args.steps // 10), steps)
         losses = []
         bs = self.args.batch_size
-        for step in range(self.args.steps):
+        for step in range(steps):
             picked = [examples[order[(step * bs + i) % len(order)]] for i in range(bs)]
             feats = []
             for ex in picked:
@@ -217,11 +253,11 @@ class Quality:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
-            schedule.step()
+            scheduler.step()
             losses.append(round(loss.item(), 4))
         peft_model.save_pretrained(str(out))
         seconds = round(time.perf_counter() - start, 1)
-        (out / "quality_train.json").write_text(json.dumps({"seconds": seconds, "losses": losses}))
+        (out / "quality_train.json").write_text(json.dumps({"seconds": seconds, "steps": steps, "losses": losses}))
         return out
 
     def curve(self, out: Path) -> list[dict]:

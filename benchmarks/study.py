@@ -1,0 +1,604 @@
+"""Soft-prompt studies: how many virtual tokens, which initialization, which method at a fair budget, whether a
+trained prompt can start another task, and how far a score moves with the seed; all scored on held-out examples.
+
+Every run trains at the budget benchmarks/quality.py recorded for its task and model (steps, batch size, length,
+evaluation cadence, its chosen learning rate: benchmarks/results/quality_<task>_<model>.json) and is scored on the
+held-out examples quality.py tests on (SQuAD: the dev questions after the 50 used for selection; Multi30k: the 2016
+Flickr test split) with the decoding it chose, through quality.py's own training and evaluation stages:
+
+  length    prompt tuning with N = 5, 20, 100 virtual tokens (SQuAD, SmolLM2-135M)
+  spread    the default configuration (N=20, vocab init, 60 steps) with seeds 0, 1 and 2 (SQuAD, SmolLM2-135M)
+  init      vocab, text (the instruction prompt, at its own length) and random init, each also scored at step 0
+            (SQuAD on SmolLM2-135M; --task translation --model gemma3-270m for Multi30k En->De)
+  transfer  squad-qg started from the trained SQuAD prompt (spread's seed 0) against vocab init, at the same steps
+            and rate (0.1), both also scored at step 0
+  method    prompt tuning against P-tuning (LSTM encoder), each at its chosen rate held constant after the warmup,
+            trained in 20-step segments until the dev loss flattens (less than 2% relative improvement over the
+            last quarter of the run) or 400 steps; PEFT's P-tuning for as many steps as P-tuning took is the
+            reference row
+
+Runs are cached under --runs by what defines them, so studies share runs (length's N=20 is spread's seed 0 and
+init's vocab run) and a stopped study resumes. `--run NAME` does one run (benchmarks/study_pair.sh starts two side by
+side, one per core); `--segments K` lets a `method` run train at most K segments per call, so a shared machine
+gets its cores back between them. Without --run every missing run is done in turn. The study's JSON
+(benchmarks/results/study_<name>_<task>_<model>.json: commit, machine, command, budget, every run with its curve)
+and chart (.png) are then written; `--report` writes them from the runs done so far and lists the missing ones.
+
+    python benchmarks/study.py length
+    python benchmarks/study.py init --task translation --model gemma3-270m
+    python benchmarks/study.py table benchmarks/results/study_*.json   # the README's tables
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from quality import DATA_FOLDERS, PTUNING_TEMPLATES, Quality, _scores, machine, train_run
+from softtool.bench.limits import git_commit
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DONE = "study_train.json"  # written in a run folder once its training is complete
+SEGMENTS = "study_segments.json"  # a `method` run's segments so far
+FLAT = 0.02  # a `method` run stops when its best dev loss improved less than this (relative) over the last quarter
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of a study."""
+
+    name: str  # what --run takes
+    label: str  # the name in the table and the chart
+    method: str = "prompt"  # prompt, ptuning, or peft-ptuning (PEFT's own P-tuning)
+    n: int | None = 20  # virtual tokens; None: the init text's token count (--init text's own length)
+    init: str = "vocab"
+    seed: int = 0
+    lr: float | None = None  # None: the rate quality.py chose for the method
+    init_from: tuple[str, Run] | None = None  # (task, run) whose trained prompt starts this one
+    until_flat: bool = False  # train in segments until the dev loss flattens (the method study)
+    steps_like: str | None = None  # train as many steps as that run of the study took (PEFT's reference row)
+    # Max length counts the virtual tokens: with this set it moves with N (the budget's, plus N - 20), so the text
+    # keeps the room it has beside 20 virtual tokens and a longer prompt does not cut more of the context.
+    same_text_room: bool = False
+
+
+DEFAULT = Run("seed0", "N=20, vocab, seed 0")
+STUDIES = {
+    "length": ("squad", (Run("n5", "N=5", n=5, same_text_room=True), Run("n20", "N=20", same_text_room=True),
+                         Run("n100", "N=100", n=100, same_text_room=True))),
+    "spread": ("squad", (Run("seed0", "seed 0"), Run("seed1", "seed 1", seed=1), Run("seed2", "seed 2", seed=2))),
+    "init": ("squad", (Run("vocab", "vocab"), Run("text", "text", n=None, init="text"),
+                       Run("random", "random", init="random"))),  # fmt: skip
+    "transfer": ("squad-qg", (Run("vocab", "vocab init", lr=0.1),
+                              Run("from-squad", "from the SQuAD prompt", lr=0.1, init_from=("squad", DEFAULT)))),
+    "method": ("squad", (Run("prompt", "prompt tuning", until_flat=True),
+                         Run("ptuning", "P-tuning (LSTM)", method="ptuning", until_flat=True),
+                         Run("peft-ptuning", "PEFT P-tuning (LSTM)", method="peft-ptuning", steps_like="ptuning"))),
+}  # fmt: skip
+STEP0_STUDIES = ("init", "transfer")  # each run is also scored as it starts
+QUESTIONS = {
+    "length": "How many virtual tokens?",
+    "spread": "How far does the held-out score move with the seed alone?",
+    "init": "How should the prompt start?",
+    "transfer": "Does a trained SQuAD prompt start question generation better than vocabulary init?",
+    "method": "Prompt tuning or P-tuning, each trained until its dev loss flattens?",
+}
+
+
+def quality_budget(task: str, model: str) -> dict:
+    """The budget benchmarks/quality.py recorded for (task, model); squad-qg takes SQuAD's (same data and lengths),
+    with the task's own decoding (none), since quality.py has not been run on it."""
+    source = "squad" if task == "squad-qg" else task
+    path = RESULTS / f"quality_{source}_{Path(model).name}.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} is missing; run benchmarks/quality.py for {source} on {model} first")
+    result = json.loads(path.read_text())
+    budget, command = result["budget"], shlex.split(result["command"])
+
+    def flag(name: str, default: int) -> int:
+        return int(command[command.index(name) + 1]) if name in command else default
+
+    return {
+        "source": path.name,
+        "steps": budget["steps"],
+        "batch_size": budget["batch_size"],
+        "max_length": budget["max_length"],
+        "warmup_steps": max(1, budget["steps"] // 10),
+        "eval_every": budget["eval_every"],
+        "curve_limit": budget["curve_limit"],
+        "held_out": budget["test"],
+        "decoding": None if task == "squad-qg" else result.get("decoding_chosen"),
+        "lr": {method: chosen["lr"] for method, chosen in result["selected"].items()},
+        "eval_batch_size": flag("--eval-batch-size", 16),
+        "eval_max_length": flag("--eval-max-length", 512),
+    }
+
+
+class Study:
+    """One study on one (task, model): its runs, each trained, scored held out (and at step 0), then reported."""
+
+    def __init__(self, args):
+        from softtool.data import get_task
+
+        self.args = args
+        self.commit = git_commit(ROOT) or "unknown"  # the code this process runs (read before it trains)
+        self.name = args.study
+        default_task, runs = STUDIES[args.study]
+        self.task_name = args.task or default_task
+        self.model = args.model
+        self.runs = runs
+        self.budget = quality_budget(self.task_name, self.model)
+        if args.steps:
+            self.budget["steps"] = args.steps
+            self.budget["warmup_steps"] = max(1, args.steps // 10)
+        for key in ("curve_limit", "eval_every"):
+            if getattr(args, key):
+                self.budget[key] = getattr(args, key)
+        if args.test_limit:
+            self.budget["held_out"] = {**self.budget["held_out"], "limit": args.test_limit}
+        if args.study == "method":
+            self.budget.update(schedule="constant", segment_steps=args.segment_steps, max_steps=args.max_steps,
+                               flat_below=FLAT, dev_loss_examples=self.budget["held_out"]["offset"] or 50)  # fmt: skip
+        if args.train_limit:
+            self.budget["train_limit"] = args.train_limit
+        held = self.budget["held_out"]
+        # quality.py's stages, with this budget as their arguments.
+        self.qargs = argparse.Namespace(
+            task=self.task_name, model=self.model, data=args.data, grid=[], steps=self.budget["steps"],
+            batch_size=self.budget["batch_size"], max_length=self.budget["max_length"],
+            eval_every=self.budget["eval_every"], curve_limit=self.budget["curve_limit"],
+            select_limit=held["offset"], test_split=None if held["split"] == "dev" else held["split"],
+            test_limit=held["limit"], eval_batch_size=self.budget["eval_batch_size"],
+            eval_max_length=self.budget["eval_max_length"], runs=args.runs, output=args.output, quiet=args.quiet,
+            train_limit=args.train_limit,
+        )  # fmt: skip
+        self.quality = Quality(self.qargs)
+        self.task = get_task(self.task_name, **({"src": "en", "tgt": "de"} if self.task_name == "translation" else {}))
+        self.data = Path(args.data) / DATA_FOLDERS[self.task_name]
+        self.metric = self.task.main_metric
+
+    # -- where runs live ------------------------------------------------------------------------------
+    def lr(self, run: Run) -> float:
+        return run.lr if run.lr is not None else self.budget["lr"][run.method]
+
+    def max_length(self, run: Run) -> int:
+        if run.same_text_room and run.n:
+            return self.budget["max_length"] + run.n - 20
+        return self.budget["max_length"]
+
+    def key(self, run: Run) -> str:
+        """The run folder's name: everything that defines the run, so studies share equal runs."""
+        n = f"n{run.n}" if run.n else "ntext"
+        parts = [run.method, n, run.init, f"s{run.seed}", f"lr{self.lr(run):g}"]
+        if self.max_length(run) != self.budget["max_length"]:
+            parts.append(f"len{self.max_length(run)}")
+        if run.until_flat:
+            parts += ["const", f"flat{self.budget['max_steps']}"]
+        elif run.steps_like:
+            parts += ["const", f"{self.stopped_at(self.find(run.steps_like))}steps"]
+        else:
+            parts.append(f"{self.budget['steps']}steps")
+        if run.init_from:
+            task, source = run.init_from
+            parts.append(f"from-{task}-{self.other(task).key(source)}")
+        return "-".join(parts)
+
+    def folder(self, run: Run) -> Path:
+        return self.quality.runs / self.key(run)
+
+    def find(self, name: str) -> Run:
+        for run in self.runs:
+            if run.name == name:
+                return run
+        raise SystemExit(f"error: study {self.name} has no run {name!r}; it has {', '.join(r.name for r in self.runs)}")
+
+    def other(self, task: str) -> Study:
+        """The same study settings on another task (where a transferred prompt comes from)."""
+        return Study(argparse.Namespace(**{**vars(self.args), "study": "spread", "task": task}))
+
+    def stopped_at(self, run: Run) -> int:
+        done = self.folder(run) / DONE
+        if not done.is_file():
+            raise SystemExit(f"error: run {run.name} of study {self.name} is not done yet; it sets this run's steps")
+        return json.loads(done.read_text())["steps"]
+
+    # -- training ---------------------------------------------------------------------------------------
+    def prompt_config(self, run: Run):
+        from softtool.prompts.encoder import PromptConfig
+
+        template = PTUNING_TEMPLATES[self.task_name] if run.method == "ptuning" else None
+        return PromptConfig(method=run.method, num_virtual_tokens=run.n, init=run.init, template=template)
+
+    def source_table(self, run: Run):
+        """The trained prompt table a transfer run starts from."""
+        from softtool.adapter import load_adapter
+
+        task, source = run.init_from
+        folder = self.other(task).folder(source)
+        if not (folder / DONE).is_file():
+            raise SystemExit(f"error: {folder} is not trained yet; run `study.py spread --run {source.name}` first")
+        return load_adapter(folder).prompt_table, folder
+
+    @contextlib.contextmanager
+    def starting_table(self, run: Run):
+        """For a transfer run, make training start from the source prompt's table instead of its init."""
+        if not run.init_from:
+            yield
+            return
+        import softtool.training.run as training_run
+        from softtool.prompts.encoder import PromptTable
+
+        table, folder = self.source_table(run)
+        original = training_run.build_prompt_module
+
+        def from_source(config, model, tokenizer=None, seed=0):
+            hidden = model.get_input_embeddings().weight.shape[1]
+            if tuple(table.shape) != (config.num_virtual_tokens, hidden):
+                raise SystemExit(f"error: {folder} holds a {tuple(table.shape)} prompt, this run needs "
+                                 f"({config.num_virtual_tokens}, {hidden})")  # fmt: skip
+            return PromptTable(table)
+
+        training_run.build_prompt_module = from_source
+        try:
+            yield
+        finally:
+            training_run.build_prompt_module = original
+
+    def provenance(self) -> dict:
+        import torch
+
+        return {
+            "commit": self.commit,
+            "command": " ".join([sys.executable, *sys.argv]),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "torch_threads": torch.get_num_threads(),
+            "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+
+    def train(self, run: Run, out: Path) -> None:
+        if (out / DONE).is_file():
+            return
+        with self.starting_table(run):
+            done = train_run(self.qargs, self.task, self.data, out, self.prompt_config(run), self.lr(run),
+                             seed=run.seed, max_length=self.max_length(run))  # fmt: skip
+        (out / DONE).write_text(json.dumps({**done, "stopped": "budget", **self.provenance()}, indent=2) + "\n")
+
+    def flat(self, out: Path, steps: int) -> str | None:
+        """Why a `method` run stops at `steps`, or None: the cap, or a best dev loss that improved less than FLAT
+        (relative) since the last evaluation at or before three quarters of the run."""
+        if steps >= self.budget["max_steps"]:
+            return f"cap of {self.budget['max_steps']} steps"
+        losses = [(c["step"], c["dev_loss"]) for c in self.quality.curve(out) if c.get("dev_loss") is not None]
+        earlier = [s for s, _ in losses if s <= 0.75 * steps]
+        if steps < self.budget["steps"] or not earlier:
+            return None  # never before the quality budget's steps: this study asks what lies beyond them
+        quarter = max(earlier)
+        before = min(loss for s, loss in losses if s <= quarter)
+        now = min(loss for s, loss in losses if s <= steps)
+        gain = (before - now) / before
+        if gain < FLAT:
+            return (
+                f"flat: best dev loss {now:.4f} at step {steps} vs {before:.4f} at step {quarter} ({gain:.1%} better)"
+            )
+        return None
+
+    def train_until_flat(self, run: Run, out: Path) -> bool:
+        """Train in segments of --segment-steps, resuming the run (the same run as an uninterrupted one: a constant
+        rate after warmup does not depend on the last step), until `flat` says stop. False when --segments ran out."""
+        if (out / DONE).is_file():
+            return True
+        record = json.loads((out / SEGMENTS).read_text()) if (out / SEGMENTS).is_file() else {"segments": []}
+        segments = 0
+        while True:
+            steps = record["segments"][-1]["steps"] if record["segments"] else 0
+            stop = self.flat(out, steps)
+            if stop:
+                last = record["segments"][-1]
+                done = {"seconds": round(sum(s["seconds"] for s in record["segments"]), 1),
+                        "step_seconds": last["step_seconds"], "steps": steps, "stopped": stop,
+                        "segments": record["segments"], **self.provenance()}  # fmt: skip
+                (out / DONE).write_text(json.dumps(done, indent=2) + "\n")
+                return True
+            if self.args.segments and segments >= self.args.segments:
+                return False
+            target = min(steps + self.budget["segment_steps"], self.budget["max_steps"])
+            done = train_run(self.qargs, self.task, self.data, out, self.prompt_config(run), self.lr(run),
+                             seed=run.seed, steps=target, schedule="constant", eval_generate=False,
+                             eval_limit=self.budget["dev_loss_examples"], resume=steps > 0)  # fmt: skip
+            record["segments"].append({**done, **self.provenance()})
+            (out / SEGMENTS).write_text(json.dumps(record, indent=2) + "\n")
+            segments += 1
+
+    def train_peft(self, run: Run, out: Path) -> None:
+        if (out / DONE).is_file():
+            return
+        steps = self.stopped_at(self.find(run.steps_like))
+        self.quality.train_peft_ptuning(self.lr(run), steps=steps, schedule="constant", out=out)
+        seconds = json.loads((out / "quality_train.json").read_text())["seconds"]
+        done = {"seconds": seconds, "step_seconds": None, "steps": steps, "stopped": f"{run.steps_like}'s steps"}
+        (out / DONE).write_text(json.dumps({**done, **self.provenance()}, indent=2) + "\n")
+
+    # -- scoring --------------------------------------------------------------------------------------
+    def held_out(self, adapter: Path, folder: Path) -> dict:
+        held = self.budget["held_out"]
+        search = {"search": self.budget["decoding"]} if self.budget["decoding"] else {}
+        split = None if held["split"] == "dev" else held["split"]
+        records = self.quality.evaluate(adapter, folder, offset=held["offset"], limit=held["limit"], split=split,
+                                        **search)  # fmt: skip
+        return _scores(records["soft_prompt"], folder)
+
+    def step0_adapter(self, run: Run, out: Path) -> Path:
+        """The prompt a run starts from, saved as an adapter (the table training's step 0 uses)."""
+        from softtool.adapter import WEIGHTS_FILE, Adapter, AdapterMeta, save_adapter
+        from softtool.models import load_model, load_tokenizer
+        from softtool.prompts.encoder import initial_table
+
+        folder = out / "step0" / "adapter"
+        if (folder / WEIGHTS_FILE).is_file():
+            return folder
+        model, tokenizer = load_model(self.model), load_tokenizer(self.model)
+        prompt = self.prompt_config(run).resolved(self.task.instruction_prompt, tokenizer)
+        if run.init_from:
+            table = self.source_table(run)[0]
+        else:
+            table = initial_table(prompt, model.get_input_embeddings(), tokenizer, seed=run.seed)
+        n, hidden = table.shape
+        meta = AdapterMeta(
+            base_model=self.model, num_virtual_tokens=n, token_dim=hidden,
+            vocab_size=model.get_input_embeddings().weight.shape[0], template=str(self.task.default_template(n)),
+            task=self.task.name, method=run.method, task_options=self.task.options, init=run.init,
+            init_text=prompt.init_text, decoding=dict(self.task.decoding),
+        )  # fmt: skip
+        save_adapter(folder, Adapter(table, meta), model.config)
+        return folder
+
+    def do(self, run: Run) -> bool:
+        """Train `run` (or continue it), then score it held out, and at step 0 where the study asks; False when a
+        `method` run has used its --segments and is not done."""
+        if run.init_from:  # the prompt it starts from comes first (the spread study's run on the other task)
+            task, source = run.init_from
+            self.other(task).do(source)
+        if run.steps_like:
+            out = self.folder(run)
+            self.train_peft(run, out)
+        else:
+            out = self.folder(run)
+            if run.until_flat:
+                if not self.train_until_flat(run, out):
+                    return False
+            else:
+                self.train(run, out)
+        if self.name in STEP0_STUDIES:
+            self.held_out(self.step0_adapter(run, out), out / "step0" / "heldout")
+        self.held_out(out, out / "heldout")
+        return True
+
+    # -- the report -----------------------------------------------------------------------------------
+    def record(self, run: Run) -> dict | None:
+        """The run's entry in the study JSON, or None when it is not done."""
+        try:
+            out = self.folder(run)
+        except SystemExit:  # PEFT's row before P-tuning is done
+            return None
+        if not (out / DONE).is_file() or not (out / "heldout" / "quality_eval.json").is_file():
+            return None
+        if self.name in STEP0_STUDIES and not (out / "step0" / "heldout" / "quality_eval.json").is_file():
+            return None
+        train = json.loads((out / DONE).read_text())
+        meta_file = out / "softtool.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        config = json.loads((out / "adapter_config.json").read_text())
+        entry = {
+            "name": run.name,
+            "label": run.label,
+            "method": run.method,
+            "num_virtual_tokens": config["num_virtual_tokens"],
+            "init": f"from {shown(self.source_table(run)[1])}" if run.init_from else run.init,
+            "init_text": meta.get("init_text"),
+            "seed": run.seed,
+            "lr": self.lr(run),
+            "schedule": "constant" if (run.until_flat or run.steps_like) else "linear",
+            "max_length": self.max_length(run),
+            "steps": train["steps"],
+            "stopped": train["stopped"],
+            "best_step": meta.get("metrics", {}).get("best_step"),
+            "adapter": shown(out),
+            "train": {k: v for k, v in train.items() if k != "segments"},
+            "segments": train.get("segments"),
+            "curve": self.quality.curve(out),
+            "held_out": self.held_out(out, out / "heldout"),
+            "truncated": {  # inputs whose long field (the context) was cut to fit the max length
+                "train": meta.get("metrics", {}).get("train_truncated"),
+                "train_examples": meta.get("metrics", {}).get("train_examples"),
+                "held_out": json.loads((out / "heldout" / "quality_eval.json").read_text())["soft_prompt"]["truncated"],
+            },
+        }
+        if self.name in STEP0_STUDIES:
+            entry["step0"] = self.held_out(out / "step0" / "adapter", out / "step0" / "heldout")
+        return entry
+
+    def summary(self, runs: list[dict]) -> dict:
+        scores = {r["name"]: r["held_out"][self.metric] for r in runs}
+        out: dict = {"held_out": scores}
+        if len(scores) > 1:
+            out["max_minus_min"] = max(scores.values()) - min(scores.values())
+            out["best"] = max(scores, key=scores.get)
+        if self.name in STEP0_STUDIES:
+            out["step0"] = {r["name"]: r["step0"][self.metric] for r in runs}
+        return out
+
+    def report(self) -> Path:
+        import torch
+
+        runs, missing = [], []
+        for run in self.runs:
+            entry = self.record(run)
+            (runs.append(entry) if entry else missing.append(run.name))
+        result = {
+            "study": self.name,
+            "question": QUESTIONS[self.name],
+            "commit": git_commit(ROOT) or "unknown",
+            "machine": {**machine(), "torch_threads_per_run": torch.get_num_threads()},
+            "command": " ".join([sys.executable, *sys.argv]),
+            "task": self.task_name,
+            "model": self.model,
+            "main_metric": self.metric,
+            "budget": self.budget,
+            "runs": runs,
+            "not_run": missing,
+            "summary": self.summary(runs) if runs else {},
+        }
+        path = Path(self.args.output) / f"study_{self.name}_{self.task_name}_{Path(self.model).name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        if runs:
+            plot(result, path.with_suffix(".png"))
+        print(f"wrote {path}" + (f" (not run yet: {', '.join(missing)})" if missing else ""), file=sys.stderr)
+        return path
+
+
+def shown(path: Path) -> str:
+    """`path` as the JSON records it: relative to the checkout when inside it."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def plot(result: dict, path: Path) -> None:
+    """Left: each run's dev curve (the main metric on the curve examples; the dev loss for the method study).
+    Right: each run's held-out score, with the step-0 score beside it where the study has one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = result["main_metric"]
+    curve_key = "dev_loss" if result["study"] == "method" else metric
+    runs = result["runs"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110, gridspec_kw={"width_ratios": [3, 2]})
+    for run in runs:
+        points = [(c["step"], c[curve_key]) for c in run["curve"] if c.get(curve_key) is not None]
+        if points:
+            steps, values = zip(*points, strict=True)
+            n = run["num_virtual_tokens"]
+            label = run["label"] if run["label"].startswith("N=") else f"{run['label']} (N={n})"
+            left.plot(steps, values, marker="o", markersize=3, label=label)
+    budget = result["budget"]
+    where = "first " + str(budget["dev_loss_examples"] if curve_key == "dev_loss" else budget["curve_limit"])
+    left.set_xlabel("optimizer step")
+    left.set_ylabel(f"dev {'loss' if curve_key == 'dev_loss' else metric} ({where} dev examples)")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    y = range(len(runs))
+    held = [r["held_out"][metric] for r in runs]
+    has_step0 = all("step0" in r for r in runs)
+    height = 0.38 if has_step0 else 0.6
+    right.barh([i + (height / 2 if has_step0 else 0) for i in y], held, height=height, label="trained")
+    for i, value in enumerate(held):
+        right.text(value, i + (height / 2 if has_step0 else 0), f" {value:.1f}", va="center", fontsize=8)
+    if has_step0:
+        start = [r["step0"][metric] for r in runs]
+        right.barh([i - height / 2 for i in y], start, height=height, color="tab:gray", label="step 0")
+        for i, value in enumerate(start):
+            right.text(value, i - height / 2, f" {value:.1f}", va="center", fontsize=8)
+        right.legend(fontsize=8, loc="lower right")
+    right.set_yticks(list(y), [r["label"] for r in runs], fontsize=8)
+    right.invert_yaxis()
+    held_where = budget["held_out"]
+    split = held_where["split"] if held_where["split"] != "dev" else f"dev {held_where['offset']}+"
+    right.set_xlabel(f"held-out {metric} ({split}, {held_where['limit']} examples)")
+    right.grid(alpha=0.3, axis="x")
+    fig.suptitle(f"{result['study']}: {result['question']} ({result['task']}, {result['model']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def table(paths: list[Path]) -> str:
+    """The README's tables, one per study JSON."""
+    out = []
+    for path in paths:
+        result = json.loads(path.read_text())
+        metric, budget = result["main_metric"], result["budget"]
+        step0 = result["study"] in STEP0_STUDIES
+        head = ["run", "N", f"held-out {metric}"] + (["at step 0"] if step0 else []) + ["loop share", "steps",
+                                                                                        "train time"]  # fmt: skip
+        lines = [f"**{result['study']}** ({result['task']}, {result['model']}; `{path.name}`)", "",
+                 "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]  # fmt: skip
+        for run in result["runs"]:
+            # The optimizer steps' time; PEFT's loop records only its wall time (model loading included).
+            steps_only = run["train"]["step_seconds"] is not None
+            seconds = run["train"]["step_seconds"] if steps_only else run["train"]["seconds"]
+            cells = [f"{run['label']}", str(run["num_virtual_tokens"]), f"{run['held_out'][metric]:.2f}"]
+            if step0:
+                cells.append(f"{run['step0'][metric]:.2f}")
+            cells += [
+                f"{run['held_out']['loop_share']:.0f}%",
+                str(run["steps"]),
+                f"{seconds / 60:.1f} min" + ("" if steps_only else " (wall)"),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        where = budget["held_out"]
+        lengths = sorted({run["max_length"] for run in result["runs"]})
+        length = f"{budget['max_length']}" if lengths == [budget["max_length"]] else "/".join(map(str, lengths))
+        lines.append("")
+        lines.append(f"Budget: {budget['steps']} steps x {budget['batch_size']}, max length {length} "
+                     f"(from `{budget['source']}`); held out: {where['split']} {where['offset']}+, {where['limit']} "
+                     f"examples.")  # fmt: skip
+        if result["not_run"]:
+            lines.append(f"Not run: {', '.join(result['not_run'])}.")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", choices=[*STUDIES, "table"])
+    parser.add_argument("files", nargs="*", type=Path, help="table: the study JSONs")
+    parser.add_argument("--task", default=None, help="default: the study's own (squad; transfer: squad-qg)")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--run", default=None, help="do only this run of the study (then write nothing else)")
+    parser.add_argument("--report", action="store_true", help="only write the JSON and chart from the runs done")
+    parser.add_argument("--segments", type=int, default=0, help="method: at most this many segments now (0: all)")
+    parser.add_argument("--segment-steps", type=int, default=20, help="method: steps per segment (one evaluation)")
+    parser.add_argument("--max-steps", type=int, default=400, help="method: the most steps a run takes")
+    # Smaller budgets, for a smoke test of the whole path (use another --runs and --output with them).
+    parser.add_argument("--steps", type=int, default=0, help="override the quality JSON's steps")
+    parser.add_argument("--eval-every", type=int, default=0, help="override the quality JSON's evaluation interval")
+    parser.add_argument("--curve-limit", type=int, default=0, help="override the dev examples of the curves")
+    parser.add_argument("--test-limit", type=int, default=0, help="override the held-out examples")
+    parser.add_argument("--train-limit", type=int, default=None, help="train on the first N examples only")
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="the shared data folder")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores, at most 2)")
+    parser.add_argument("--runs", default=str(ROOT / "runs" / "study"), help="where adapters and predictions go")
+    parser.add_argument("--output", default=str(RESULTS))
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    if args.study == "table":
+        print(table(args.files))
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
+    study = Study(args)
+    if args.run:
+        done = study.do(study.find(args.run))
+        print(f"{args.study} {args.run}: {'done' if done else 'more segments to go'}", file=sys.stderr)
+        return
+    if not args.report:
+        for run in study.runs:
+            study.do(run)
+    study.report()
+
+
+if __name__ == "__main__":
+    main()
