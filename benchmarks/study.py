@@ -490,13 +490,16 @@ def plot(result: dict, path: Path) -> None:
             steps, values = zip(*points, strict=True)
             n = run["num_virtual_tokens"]
             label = run["label"] if run["label"].startswith("N=") else f"{run['label']} (N={n})"
-            left.plot(steps, values, marker="o", markersize=3, label=label)
+            (line,) = left.plot(steps, values, marker="o", markersize=3, label=label)
+            kept = dict(points).get(run.get("best_step"))
+            if kept is not None:  # the prompt the run kept (its best dev score)
+                left.plot([run["best_step"]], [kept], marker="*", markersize=11, color=line.get_color())
     budget = result["budget"]
     where = "first " + str(budget["dev_loss_examples"] if curve_key == "dev_loss" else budget["curve_limit"])
     left.set_xlabel("optimizer step")
     left.set_ylabel(f"dev {'loss' if curve_key == 'dev_loss' else metric} ({where} dev examples)")
     left.grid(alpha=0.3)
-    left.legend(fontsize=8)
+    left.legend(fontsize=8, title="* the prompt each run kept", title_fontsize=7)
     y = range(len(runs))
     held = [r["held_out"][metric] for r in runs]
     has_step0 = all("step0" in r for r in runs)
@@ -509,7 +512,8 @@ def plot(result: dict, path: Path) -> None:
         right.barh([i - height / 2 for i in y], start, height=height, color="tab:gray", label="step 0")
         for i, value in enumerate(start):
             right.text(value, i - height / 2, f" {value:.1f}", va="center", fontsize=8)
-        right.legend(fontsize=8, loc="lower right")
+        right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    right.set_xlim(0, max([*held, *(r["step0"][metric] for r in runs if "step0" in r)]) * 1.15)
     right.set_yticks(list(y), [r["label"] for r in runs], fontsize=8)
     right.invert_yaxis()
     held_where = budget["held_out"]
