@@ -73,7 +73,10 @@ class Run:
 DEFAULT = Run("seed0", "N=20, vocab, seed 0")
 STUDIES = {
     "length": ("squad", (Run("n5", "N=5", n=5, same_text_room=True), Run("n20", "N=20", same_text_room=True),
-                         Run("n100", "N=100", n=100, same_text_room=True))),
+                         Run("n100", "N=100", n=100, same_text_room=True),
+                         # Is N=100's gain more than the seed's spread, and does it hold without the extra max length?
+                         Run("n100-s1", "N=100, seed 1", n=100, seed=1, same_text_room=True),
+                         Run("n100-len320", "N=100, max length 320", n=100))),
     "spread": ("squad", (Run("seed0", "seed 0"), Run("seed1", "seed 1", seed=1), Run("seed2", "seed 2", seed=2))),
     "init": ("squad", (Run("vocab", "vocab"), Run("text", "text", n=None, init="text"),
                        Run("random", "random", init="random"))),  # fmt: skip
@@ -554,7 +557,12 @@ def table(paths: list[Path]) -> str:
         lengths = sorted({run["max_length"] for run in result["runs"]})
         length = f"{budget['max_length']}" if lengths == [budget["max_length"]] else "/".join(map(str, lengths))
         lines.append("")
-        lines.append(f"Budget: {budget['steps']} steps x {budget['batch_size']}, max length {length} "
+        steps = f"{budget['steps']} steps"
+        if result["study"] == "method":
+            steps = (f"until the dev loss ({budget['dev_loss_examples']} examples, every {budget['segment_steps']} "
+                     f"steps) improved < {budget['flat_below']:.0%} over the last quarter, at most {budget['max_steps']} "
+                     f"steps, {budget['schedule']} rate after warmup")  # fmt: skip
+        lines.append(f"Budget: {steps}, batch {budget['batch_size']}, max length {length} "
                      f"(from `{budget['source']}`); held out: {where['split']} {where['offset']}+, {where['limit']} "
                      f"examples.")  # fmt: skip
         if result["not_run"]:
