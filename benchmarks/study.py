@@ -73,7 +73,10 @@ class Run:
 DEFAULT = Run("seed0", "N=20, vocab, seed 0")
 STUDIES = {
     "length": ("squad", (Run("n5", "N=5", n=5, same_text_room=True), Run("n20", "N=20", same_text_room=True),
-                         Run("n100", "N=100", n=100, same_text_room=True))),
+                         Run("n100", "N=100", n=100, same_text_room=True),
+                         # Is N=100's gain more than the seed's spread, and does it hold without the extra max length?
+                         Run("n100-s1", "N=100, seed 1", n=100, seed=1, same_text_room=True),
+                         Run("n100-len320", "N=100, max length 320", n=100))),
     "spread": ("squad", (Run("seed0", "seed 0"), Run("seed1", "seed 1", seed=1), Run("seed2", "seed 2", seed=2))),
     "init": ("squad", (Run("vocab", "vocab"), Run("text", "text", n=None, init="text"),
                        Run("random", "random", init="random"))),  # fmt: skip
@@ -490,13 +493,16 @@ def plot(result: dict, path: Path) -> None:
             steps, values = zip(*points, strict=True)
             n = run["num_virtual_tokens"]
             label = run["label"] if run["label"].startswith("N=") else f"{run['label']} (N={n})"
-            left.plot(steps, values, marker="o", markersize=3, label=label)
+            (line,) = left.plot(steps, values, marker="o", markersize=3, label=label)
+            kept = dict(points).get(run.get("best_step"))
+            if kept is not None:  # the prompt the run kept (its best dev score)
+                left.plot([run["best_step"]], [kept], marker="*", markersize=11, color=line.get_color())
     budget = result["budget"]
     where = "first " + str(budget["dev_loss_examples"] if curve_key == "dev_loss" else budget["curve_limit"])
     left.set_xlabel("optimizer step")
     left.set_ylabel(f"dev {'loss' if curve_key == 'dev_loss' else metric} ({where} dev examples)")
     left.grid(alpha=0.3)
-    left.legend(fontsize=8)
+    left.legend(fontsize=8, title="* the prompt each run kept", title_fontsize=7)
     y = range(len(runs))
     held = [r["held_out"][metric] for r in runs]
     has_step0 = all("step0" in r for r in runs)
@@ -509,7 +515,8 @@ def plot(result: dict, path: Path) -> None:
         right.barh([i - height / 2 for i in y], start, height=height, color="tab:gray", label="step 0")
         for i, value in enumerate(start):
             right.text(value, i - height / 2, f" {value:.1f}", va="center", fontsize=8)
-        right.legend(fontsize=8, loc="lower right")
+        right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    right.set_xlim(0, max([*held, *(r["step0"][metric] for r in runs if "step0" in r)]) * 1.15)
     right.set_yticks(list(y), [r["label"] for r in runs], fontsize=8)
     right.invert_yaxis()
     held_where = budget["held_out"]
@@ -550,7 +557,12 @@ def table(paths: list[Path]) -> str:
         lengths = sorted({run["max_length"] for run in result["runs"]})
         length = f"{budget['max_length']}" if lengths == [budget["max_length"]] else "/".join(map(str, lengths))
         lines.append("")
-        lines.append(f"Budget: {budget['steps']} steps x {budget['batch_size']}, max length {length} "
+        steps = f"{budget['steps']} steps"
+        if result["study"] == "method":
+            steps = (f"until the dev loss ({budget['dev_loss_examples']} examples, every {budget['segment_steps']} "
+                     f"steps) improved < {budget['flat_below']:.0%} over the last quarter, at most {budget['max_steps']} "
+                     f"steps, {budget['schedule']} rate after warmup")  # fmt: skip
+        lines.append(f"Budget: {steps}, batch {budget['batch_size']}, max length {length} "
                      f"(from `{budget['source']}`); held out: {where['split']} {where['offset']}+, {where['limit']} "
                      f"examples.")  # fmt: skip
         if result["not_run"]:
