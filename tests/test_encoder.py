@@ -97,6 +97,14 @@ def test_text_init_starts_as_exactly_the_tasks_instruction_prompt(task_name, tin
     assert torch.equal(got, want)
 
 
+def test_without_n_prompt_tuning_learns_100_virtual_tokens_and_ptuning_20():
+    """The defaults the length study chose (README "What to choose"); a template or an explicit N still wins."""
+    assert PromptConfig().num_virtual_tokens == 100
+    assert PromptConfig(method="ptuning").num_virtual_tokens == 20
+    assert PromptConfig(num_virtual_tokens=20).num_virtual_tokens == 20
+    assert PromptConfig(template="[P:8]{source}").num_virtual_tokens == 8
+
+
 def test_text_init_keeps_a_given_size_and_ptuning_keeps_twenty(smollm2_tokenizer):
     given = PromptConfig(init="text", num_virtual_tokens=7).resolved("Translate this.\n", smollm2_tokenizer)
     assert given.num_virtual_tokens == 7 and given.init_text == "Translate this.\n"
