@@ -23,8 +23,8 @@ ENCODERS = ("lstm", "mlp")
 # frequent merges at low ids, so the lowest ids stand in for "frequent" without a corpus.
 VOCAB_INIT_RANGE = 5000
 # N when none is given. Prompt tuning: 100, from benchmarks/results/study_length_squad_smollm2-135m.json (held-out
-# SQuAD F1 57.5 and 63.8 at N=100 against 47.9-50.9 at N=20 over three seeds; README "What to choose"), as in
-# Lester et al. 2021's own default. P-tuning keeps 20: its length was not studied.
+# SQuAD F1 57.5 and 63.8 at N=100 against 47.9-50.9 at N=20 over three seeds; README "What to choose"). P-tuning
+# keeps 20: its length was not studied.
 DEFAULT_VIRTUAL_TOKENS = {"prompt": 100, "ptuning": 20}
 
 
