@@ -24,6 +24,7 @@ RESULTS=${RESULTS:-benchmarks/results}
 DTYPE=${DTYPE:-float16}
 ADAPTER=${ADAPTER:-}
 BACKENDS=${BACKENDS:-peft,hf,hf-cb,torch,onnx}
+THREADS=${THREADS:-4}   # CPU threads of each bench (a dry run on a small machine: its core count)
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu DTYPE=float32 MODEL=tiny-model-dir dry-runs the script itself
 MODEL=${MODEL:-}
 EXTRA=${EXTRA:-}              # more `softtool bench` flags for the generation steps (a dry run: --limit 4)
@@ -48,7 +49,7 @@ step() {  # step NAME LIMIT_S ARGS...: one softtool bench call, its exit status 
 }
 
 [ "$DEVICE" = cpu ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-COMMON=(--device "$DEVICE" --dtype "$DTYPE" --data "$DATA" --backends "$BACKENDS" --threads 4 --no-isolate)
+COMMON=(--device "$DEVICE" --dtype "$DTYPE" --data "$DATA" --backends "$BACKENDS" --threads "$THREADS" --no-isolate)
 [ -n "$ADAPTER" ] && COMMON+=(--adapter "$ADAPTER")
 [ -n "$MODEL" ] && COMMON+=(--model "$MODEL")
 # shellcheck disable=SC2206  # EXTRA is a list of flags
