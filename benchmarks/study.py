@@ -6,8 +6,10 @@ evaluation cadence, its chosen learning rate: benchmarks/results/quality_<task>_
 held-out examples quality.py tests on (SQuAD: the dev questions after the 50 used for selection; Multi30k: the 2016
 Flickr test split) with the decoding it chose, through quality.py's own training and evaluation stages:
 
-  length    prompt tuning with N = 5, 20, 100 virtual tokens (SQuAD, SmolLM2-135M)
-  spread    the default configuration (N=20, vocab init, 60 steps) with seeds 0, 1 and 2 (SQuAD, SmolLM2-135M)
+  length    prompt tuning with N = 5, 20, 100 virtual tokens, N=100 also with seed 1 and at max length 320 (SQuAD,
+            SmolLM2-135M)
+  spread    the defaults before these studies (N=20, vocab init, 60 steps) with seeds 0, 1 and 2 (SQuAD,
+            SmolLM2-135M; --task translation --model gemma3-270m for Multi30k)
   init      vocab, text (the instruction prompt, at its own length) and random init, each also scored at step 0
             (SQuAD on SmolLM2-135M; --task translation --model gemma3-270m for Multi30k En->De)
   transfer  squad-qg started from the trained SQuAD prompt (spread's seed 0) against vocab init, at the same steps
