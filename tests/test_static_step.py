@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import run_cli, save_tiny_adapter, save_tiny_llama
+from helpers import format_2_copy, run_cli, save_tiny_adapter, save_tiny_llama
 from softtool.runtime.decode import Engine, EngineOptions
 from softtool.runtime.static_step import bucket_for, round_capacity, slot_buckets
 from softtool.search import SearchOptions
@@ -209,24 +209,17 @@ def test_gqa_form_refuses_a_model_it_does_not_cover(tmp_path, tiny_model_dir, ca
 
 
 def test_a_format_2_export_still_runs(tmp_path, exports, adapter_dir, options):
-    import shutil
-
     from softtool.export_meta import ExportMeta
     from softtool.runtime import load_generator
 
-    old = tmp_path / "old"
-    shutil.copytree(exports["traced"], old)
-    record = json.loads((old / ExportMeta.FILE).read_text())
-    # Format 2 had no prompt scoring: its record has no target_top_k (the graph's target_ids input is optional).
-    record["format"] = 2
-    del record["target_top_k"]
-    (old / ExportMeta.FILE).write_text(json.dumps(record))
+    old = format_2_copy(exports["traced"], tmp_path / "old")
     generator = load_generator(str(old), "onnx")
     assert not generator.can_score_prompt
     reference = load_generator(str(adapter_dir), "torch")
     rows = _rows(reference)[:4]
     greedy = options["greedy"]
     assert generator.generate(rows, None, greedy) == reference.generate(rows, None, greedy)
+    record = json.loads((old / ExportMeta.FILE).read_text())
     record["format"] = 1
     (old / ExportMeta.FILE).write_text(json.dumps(record))
     with pytest.raises(Exception, match="export format 1"):
