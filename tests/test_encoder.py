@@ -97,9 +97,9 @@ def test_text_init_starts_as_exactly_the_tasks_instruction_prompt(task_name, tin
     assert torch.equal(got, want)
 
 
-def test_without_n_prompt_tuning_learns_100_virtual_tokens_and_ptuning_20():
-    """The defaults the length study chose (README "What to choose"); a template or an explicit N still wins."""
-    assert PromptConfig().num_virtual_tokens == 100
+def test_without_n_both_methods_learn_20_virtual_tokens():
+    """The measured default (README "What to choose"); a template or an explicit N still wins."""
+    assert PromptConfig().num_virtual_tokens == 20
     assert PromptConfig(method="ptuning").num_virtual_tokens == 20
     assert PromptConfig(num_virtual_tokens=20).num_virtual_tokens == 20
     assert PromptConfig(template="[P:8]{source}").num_virtual_tokens == 8
