@@ -9,6 +9,10 @@ class SofttoolError(Exception):
     """
 
 
+class SofttoolWarning(UserWarning):
+    """Something the user should know that does not stop the work (the CLI prints it as ``warning: <message>``)."""
+
+
 def written_by(version: object) -> str:
     """'written by softtool X', from the version a refused file recorded, for the refusal message. Every file
     of softtool up to 0.2.0 recorded its version; a file without one is not softtool's, or was edited."""

@@ -3,6 +3,9 @@
 Examples are encoded without their target, sorted by length so batches carry little padding,
 generated, restored to file order, post-processed by the task and scored. A run writes
 DIR/predictions.jsonl (one line per example) and DIR/metrics.json (scores, counts, options, speed).
+A classify task ranks its labels instead of generating (softtool.classify): predictions.jsonl also holds each
+label's score, metrics.json the classification report, and DIR/confusion.png its confusion matrix; its baselines
+add the train split's majority class.
 
 Under torchrun the length-sorted batches are dealt out to the ranks whole, so each batch is generated
 exactly as in one process, and the predictions are gathered back in file order: same texts, same scores.
@@ -19,9 +22,19 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from softtool.classify import (
+    CONFUSION_PLOT,
+    LENGTH_NORMS,
+    Ranked,
+    majority_label,
+    plot_confusion,
+    rank,
+    warn_unseen_labels,
+)
 from softtool.distributed import DistributedContext, distributed_context
 from softtool.errors import SofttoolError
 from softtool.fileio import atomic_write_bytes, atomic_write_json
+from softtool.prompts.chat import chat_template
 from softtool.runtime.base import Generator, SearchOptions
 from softtool.search import DECODING_OFF
 
@@ -65,8 +78,20 @@ class EvalOptions:
     shots: int = field(
         default=0,
         metadata={"help": "with --baseline, also a k-shot prompt: the instruction and the train split's first k "
-                  "examples (0: none)", "min": 0},
+                  "examples (classify: k drawn class-balanced with --seed) (0: none)", "min": 0},
     )  # fmt: skip
+    instruction: str | None = field(
+        default=None,
+        metadata={"help": "the baseline's instruction (default: the task's; classify: one naming the labels)"},
+    )
+    length_norm: str = field(
+        default="none",
+        metadata={
+            "help": "classify: rank labels by their log-likelihood (none), or divided by their length in tokens or "
+            "characters",
+            "choices": LENGTH_NORMS,
+        },
+    )
     search: dict[str, Any] = field(
         default_factory=dict,
         metadata={"cli": False, "help": "more SearchOptions fields (sampling, penalties), e.g. {'do_sample': True}"},
@@ -83,6 +108,8 @@ class EvalOptions:
             raise ValueError(f"offset and shots must be >= 0, got {self.offset} and {self.shots}")
         if self.max_new_tokens < 0 or self.max_length < 8:
             raise ValueError("max_new_tokens must be >= 0 and max_length >= 8")
+        if self.length_norm not in LENGTH_NORMS:
+            raise ValueError(f"length_norm must be one of {LENGTH_NORMS}, got {self.length_norm!r}")
         owned = {"num_beams", "max_new_tokens", "eos_token_ids", "pad_token_id"} & set(self.search)
         if owned:
             raise ValueError(f"search sets {sorted(owned)}, which come from EvalOptions and the tokenizer")
@@ -160,19 +187,28 @@ def predict(
     return Predictions(texts, sum(e.truncated for e in encoded), generated, seconds)
 
 
-def write_eval(output: Path, task, examples: Sequence, preds: Predictions, info: dict[str, Any]) -> dict[str, Any]:
-    """Score `preds`, write predictions.jsonl and metrics.json under `output`; returns the metrics record."""
+def write_eval(
+    output: Path,
+    task,
+    examples: Sequence,
+    preds: Predictions,
+    info: dict[str, Any],
+    row_extras: Sequence[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Score `preds`, write predictions.jsonl (each row with its `row_extras`, e.g. the label scores) and
+    metrics.json under `output`, and for a classify task confusion.png; returns the metrics record."""
     output.mkdir(parents=True, exist_ok=True)
     references = [ex.references for ex in examples]
     scores = task.score(preds.texts, references) if examples else {}
     lines = []
-    for ex, pred in zip(examples, preds.texts, strict=True):
+    for i, (ex, pred) in enumerate(zip(examples, preds.texts, strict=True)):
         row = {
             "id": ex.id,
             **ex.fields,
             "references": ex.references,
             "prediction": pred,
             **task.sentence_scores(pred, ex.references),
+            **(row_extras[i] if row_extras else {}),
         }
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
     atomic_write_bytes(output / PREDICTIONS_FILE, "".join(lines).encode())
@@ -183,9 +219,13 @@ def write_eval(output: Path, task, examples: Sequence, preds: Predictions, info:
         "seconds": round(preds.seconds, 3),
         "generated_tokens": preds.generated_tokens,
         "tokens_per_s": round(preds.generated_tokens / preds.seconds, 2) if preds.seconds > 0 else None,
+        "examples_per_s": round(len(examples) / preds.seconds, 2) if preds.seconds > 0 else None,
         **info,
     }
     atomic_write_json(output / METRICS_FILE, record)
+    if "confusion" in scores:
+        title = f"{task.name} on {info.get('split', '')}: {info.get('prompt', output.name)}"
+        plot_confusion(output / CONFUSION_PLOT, scores, title)
     return record
 
 
@@ -232,6 +272,8 @@ def run_eval(
     if name is None:
         raise SofttoolError(f"{path} does not say which task it was trained for; pass --task")
     task = get_task(name, **(task_options or (meta.task_options if meta is not None and not task_name else {})))
+    if options.instruction:
+        task.instruction = options.instruction
     split_name = options.split or default_dev_split(data)
     limit = None if options.limit is None else options.offset + options.limit
     split = load_split(data, split_name, task=task, limit=limit)
@@ -241,6 +283,9 @@ def run_eval(
             f"{data}: split {split_name} has no usable examples"
             + (f" after the first {options.offset} (--offset)" if options.offset else "")
         )
+    classify = task.name == "classify"
+    if classify:
+        warn_unseen_labels(task, split)
     max_new = options.max_new_tokens or task.max_target_tokens
     so = options.search_options(generator.tokenizer, max_new, generator.decoding(0))
     common = {
@@ -255,7 +300,26 @@ def run_eval(
         "decoding": {name: getattr(so, name) for name in DECODING_OFF},
     }
 
-    def run(gen: Generator, desc: str, folder: Path, info: dict[str, Any]) -> dict[str, Any]:
+    def run(gen: Generator, desc: str, folder: Path, info: dict[str, Any], trained: bool = True) -> dict[str, Any]:
+        info = {**info, "prompt": desc}
+        if classify:
+            # A trained prompt learned each label followed by EOS; a discrete prompt is scored on the label alone.
+            ranked = rank(
+                gen,
+                task,
+                split.examples,
+                eos=trained,
+                length_norm=options.length_norm,
+                max_length=options.max_length,
+                batch_size=options.batch_size,
+                progress=progress,
+                desc=desc,
+                dist=dist,
+            )
+            extras = label_score_rows(task, ranked)
+            info = {**info, "scored": "label + EOS" if trained else "label"}
+            preds = Predictions(ranked.predictions, ranked.truncated, 0, ranked.seconds)
+            return dist.on_main(write_eval, folder, task, split.examples, preds, {**common, **info}, extras)
         preds = predict(
             gen,
             task,
@@ -285,18 +349,32 @@ def run_eval(
             if not base:
                 raise SofttoolError(f"{path} does not name its base model; pass --model for --baseline")
             model = load_model(base, device=device)
-        for kind, tmpl in discrete_prompts(task, generator.tokenizer, data, options.shots).items():
+        seed = int(options.search.get("seed", 0))
+        for kind, tmpl in discrete_prompts(task, generator.tokenizer, data, options.shots, seed).items():
             plain = TorchGenerator(model, generator.tokenizer, tmpl, None, meta)
             info = {"backend": "torch", "adapter": None, "template": str(tmpl)}
-            results[kind] = run(plain, kind.replace("_", "-"), output / kind, info)
+            results[kind] = run(plain, kind.replace("_", "-"), output / kind, info, trained=False)
+        if classify:
+            label = majority_label(task, load_split(data, "train", task=task).examples)
+            preds = Predictions([label] * len(split.examples), 0, 0, 0.0)
+            info = {"backend": None, "adapter": None, "template": None, "prompt": "majority", "majority_label": label}
+            results["majority"] = dist.on_main(
+                write_eval, output / "majority", task, split.examples, preds, {**common, **info}
+            )
     return results
 
 
-def discrete_prompts(task, tokenizer, data: str | Path, shots: int = 0) -> dict[str, Any]:
+def label_score_rows(task, ranked: Ranked) -> list[dict[str, Any]]:
+    """predictions.jsonl's extra column for a classify task: each label's summed log-prob."""
+    return [{"label_scores": {label: round(float(v), 6) for label, v in zip(task.labels, row, strict=True)}}
+            for row in ranked.scores]  # fmt: skip
+
+
+def discrete_prompts(task, tokenizer, data: str | Path, shots: int = 0, seed: int = 0) -> dict[str, Any]:
     """The discrete prompts a soft prompt is compared with, by name: the instruction prompt (baseline), the
     bare input (zero_shot), the instruction through the tokenizer's chat template (chat, for an instruct
     model: the way its makers prompt it), and with `shots` the instruction followed by the train split's
-    first `shots` worked examples (few_shot)."""
+    first `shots` worked examples (few_shot; a classify task draws them class-balanced with `seed`)."""
     from softtool.data import load_split
 
     prompts: dict[str, Any] = {"baseline": task.baseline_template(), "zero_shot": task.zero_shot_template()}
@@ -304,27 +382,12 @@ def discrete_prompts(task, tokenizer, data: str | Path, shots: int = 0) -> dict[
     if chat is not None:
         prompts["chat"] = chat
     if shots:
+        picks = getattr(task, "demonstrations", None)
         try:
-            demos = load_split(data, "train", task=task, limit=shots).examples
+            demos = load_split(data, "train", task=task, limit=None if picks else shots).examples
         except SofttoolError as exc:
             raise SofttoolError(f"--shots {shots} takes its examples from the train split: {exc}") from exc
+        if picks:
+            demos = picks(demos, shots, seed)
         prompts["few_shot"] = task.few_shot_template(demos)
     return prompts
-
-
-def chat_template(tokenizer, template) -> Any:
-    """`template` (a discrete prompt) as the user turn of the tokenizer's chat template, ending where the
-    assistant's reply starts; None when the tokenizer has no chat template (a base model)."""
-    from softtool.prompts.template import Template
-
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    # The fields go through the chat template as markers (the template's own braces could clash with them).
-    fields = template.fields
-    content = str(template).format(**{f: f"\x00{i}\x00" for i, f in enumerate(fields)})
-    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                         add_generation_prompt=True)  # fmt: skip
-    text = text.replace("{", "{{").replace("}", "}}")
-    for i, f in enumerate(fields):
-        text = text.replace(f"\x00{i}\x00", "{" + f + "}")
-    return Template.parse(text)

@@ -1,4 +1,5 @@
-"""Scores for generated text: SQuAD v1.1 exact match / F1, sacrebleu BLEU and chrF, and ROUGE.
+"""Scores for generated text: SQuAD v1.1 exact match / F1, sacrebleu BLEU and chrF, and ROUGE; and for
+classification, accuracy, macro-F1, per-class precision and recall and the confusion matrix.
 
 All scores are on a 0-100 scale. BLEU and chrF come from sacrebleu with their signatures, so a
 number can be reproduced; ROUGE comes from Google's rouge-score package, with rougeLsum (the
@@ -163,6 +164,50 @@ def loop_share(predictions: Sequence[str]) -> float:
     if not predictions:
         raise ValueError("nothing to score: no predictions")
     return 100 * sum(ends_in_loop(p) for p in predictions) / len(predictions)
+
+
+def accuracy(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Percentage (0-100) of predictions equal to one of their references (both stripped; case kept)."""
+    _check_lengths(predictions, references)
+    hits = sum(p.strip() in {r.strip() for r in refs} for p, refs in zip(predictions, references, strict=True))
+    return 100 * hits / len(predictions)
+
+
+def classification_scores(predictions: Sequence[str], gold: Sequence[str], labels: Sequence[str]) -> dict:
+    """Accuracy and macro-F1 (0-100), per-class precision, recall, F1 and support, and the confusion matrix
+    (rows: gold label, columns: predicted label, in `labels` order).
+
+    The definitions are scikit-learn's (precision_recall_fscore_support, confusion_matrix): a class never predicted
+    has precision 0, macro-F1 averages the F1 of every class in `labels`. A prediction or gold label outside
+    `labels` counts as wrong and lands in no matrix cell.
+    """
+    if len(predictions) != len(gold):
+        raise ValueError(f"{len(predictions)} predictions but {len(gold)} gold labels")
+    if not predictions:
+        raise ValueError("nothing to score: no predictions")
+    index = {label: i for i, label in enumerate(labels)}
+    confusion = [[0] * len(labels) for _ in labels]
+    for p, g in zip(predictions, gold, strict=True):
+        if p in index and g in index:
+            confusion[index[g]][index[p]] += 1
+    per_class, f1s = {}, []
+    for i, label in enumerate(labels):
+        tp = confusion[i][i]
+        predicted = sum(p == label for p in predictions)
+        support = sum(1 for g in gold if g == label)
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        f1s.append(f1)
+        per_class[label] = {"precision": 100 * precision, "recall": 100 * recall, "f1": 100 * f1, "support": support}
+    correct = sum(p == g for p, g in zip(predictions, gold, strict=True))
+    return {
+        "accuracy": 100 * correct / len(predictions),
+        "macro_f1": 100 * sum(f1s) / len(f1s),
+        "per_class": per_class,
+        "confusion": confusion,
+        "labels": list(labels),
+    }
 
 
 def _check_lengths(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> None:

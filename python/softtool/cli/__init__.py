@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 import click
 
 from softtool import __version__
-from softtool.errors import SofttoolError
+from softtool.errors import SofttoolError, SofttoolWarning
 
 # command name -> "module:attribute"
 _COMMANDS = {
@@ -83,9 +84,18 @@ def cli() -> None:
     """
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _shown=warnings.showwarning) -> None:
+    if issubclass(category, SofttoolWarning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _shown(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: runs the CLI and turns user errors into a one-line message (exit status 2)."""
+    """Entry point: runs the CLI and turns user errors into a one-line message (exit status 2), softtool's
+    warnings into `warning: ...` lines."""
     args = sys.argv[1:] if argv is None else argv
+    warnings.showwarning = _show_warning
     try:
         if args and not {"-h", "--help", "--version"} & set(args):
             # Before any command imports torch: OpenMP reads its wait policy once, at load (softtool.threads).

@@ -123,13 +123,16 @@ def print_scores(results: dict, output: Path, console=None) -> None:
         k for k, v in first["metrics"].items() if isinstance(v, int | float) and not isinstance(v, bool) and k != "n"
     ]
     columns = [Column("prompt", "left", essential=True), *(Column(n, essential=True) for n in names)]
-    columns.append(Column("tokens/s"))
+    # A classify task ranks labels instead of generating: its speed is examples per second.
+    speed = "examples_per_s" if first["task"] == "classify" else "tokens_per_s"
+    columns.append(Column(speed.replace("_per_s", "/s")))
     rows = []
     for kind, record in results.items():
         cells = [
             f"{record['metrics'][n]:.2f}" if isinstance(record["metrics"].get(n), int | float) else "-" for n in names
         ]
-        rows.append([kind.replace("_", "-"), *cells, f"{record['tokens_per_s'] or 0:.1f}"])
+        value = record.get(speed)
+        rows.append([kind.replace("_", "-"), *cells, f"{value:.1f}" if value else "-"])
     console = console or Console()
     title = f"{first['task']} on {first['split']} ({first['n']} examples)"
     print_table(console, title, columns, rows, rest_in=str(output / "metrics.json"))

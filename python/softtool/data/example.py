@@ -34,6 +34,7 @@ class Split:
     skipped_empty: int = 0  # rows left out because a needed field was empty or whitespace
     total_rows: int = 0  # rows read, kept or skipped (stops early when `limit` is reached)
     source: str = ""  # the file(s) or "hf:<name>", for messages
+    columns: dict[str, str] = field(default_factory=dict)  # what the task read from which column (Task.resolve_columns)
 
     @property
     def path(self) -> Path | None:

@@ -58,7 +58,9 @@ def load_hub_split(data: str, split: str | None, *, task: Task, limit: int | Non
     examples, skipped, total = collect_examples((flatten_translation(r) for r in dataset), mapping, task, limit)
     if not examples:
         raise SofttoolError(f"{where}: no usable examples ({total} rows, {skipped} with an empty field)")
-    return Split(hub_split, examples, paths=[], skipped_empty=skipped, total_rows=total, source=where)
+    return Split(
+        hub_split, examples, paths=[], skipped_empty=skipped, total_rows=total, source=where, columns=dict(mapping)
+    )
 
 
 register_source(Source("Hugging Face dataset", claims=looks_like_hub_name, load=load_hub_split))

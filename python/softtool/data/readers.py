@@ -78,7 +78,10 @@ def load_split(data: str | Path, split: str | None, *, task: Task, limit: int | 
         else:
             columns, records = _read_table(paths[0])
         mapping = task.resolve_columns(columns, where)
-        result = collect_examples(records, mapping, task, limit)
+        try:
+            result = collect_examples(records, mapping, task, limit)
+        except SofttoolError as exc:  # a record the task refuses (softtool.data.user_tasks): name the file
+            raise SofttoolError(f"{where}: {exc}") from exc
     except SofttoolError:
         raise
     except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:  # a file failing outside _reading
@@ -90,7 +93,9 @@ def load_split(data: str | Path, split: str | None, *, task: Task, limit: int | 
         raise SofttoolError(
             f"{where}: no usable examples ({total} rows, {skipped} with an empty field); check the file's contents"
         )
-    return Split(split, examples, paths=paths, skipped_empty=skipped, total_rows=total, source=where)
+    return Split(
+        split, examples, paths=paths, skipped_empty=skipped, total_rows=total, source=where, columns=dict(mapping)
+    )
 
 
 def split_files(data: str | Path, split: str | None, *, task: Task) -> list[Path]:

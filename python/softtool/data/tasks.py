@@ -1,9 +1,13 @@
-"""The four tasks: how an input is phrased, what the model must produce, and how it is scored.
+"""The tasks: how an input is phrased, what the model must produce, and how it is scored.
 
     squad        context + question -> answer       exact match, F1 (SQuAD v1.1), BLEU
     squad-qg     context + answer -> question       BLEU
     cnndm        article -> highlights              ROUGE-1/2/L(sum), BLEU
     translation  source -> target (src/tgt codes)   BLEU, chrF (sacrebleu, with signatures)
+    text         your template -> your target       exact match/F1, BLEU, chrF, ROUGE-L or accuracy
+    classify     your template -> one of the labels accuracy, macro-F1 (rank classification)
+
+The last two are the user's own tasks (softtool.data.user_tasks): their template, columns and labels are options.
 
 A task also turns a reader's record (a dict of columns) into an Example, accepting the column
 names the common formats use (SQuAD JSON, the Hugging Face datasets, CSV/JSONL with named columns).
@@ -321,13 +325,19 @@ _TASKS: dict[str, type[Task]] = {
     "cnndm": CnnDmTask,
     "translation": TranslationTask,
 }
-TASK_NAMES = tuple(_TASKS)
+USER_TASKS = ("text", "classify")  # the user's own tasks (softtool.data.user_tasks)
+TASK_NAMES = (*_TASKS, *USER_TASKS)
 
 
 def get_task(name: str, **options: Any) -> Task:
-    """The task `name` (squad, squad-qg, cnndm, translation); only translation takes options (src, tgt)."""
+    """The task `name` (see the module docstring). translation takes src and tgt; text and classify their
+    TextOptions / ClassifyOptions (softtool.data.user_tasks)."""
+    if name in USER_TASKS:
+        from softtool.data.user_tasks import make_user_task
+
+        return make_user_task(name, options)
     if name not in _TASKS:
-        raise SofttoolError(f"--task {name!r} is not a task; use one of {', '.join(_TASKS)}")
+        raise SofttoolError(f"--task {name!r} is not a task; use one of {', '.join(TASK_NAMES)}")
     if name == "translation":
         try:
             return TranslationTask(TranslationOptions(**options))

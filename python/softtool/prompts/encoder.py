@@ -62,7 +62,11 @@ class PromptConfig:
         default=0, metadata={"help": "P-tuning encoder width (0: the model's hidden size)", "min": 0}
     )
     template: str | None = field(
-        default=None, metadata={"help": "template with [P:N] blocks and {field}s (default: the task's, with N tokens)"}
+        default=None,
+        metadata={
+            "help": "template with {field}s and [P:N] blocks of virtual tokens; without a block, N virtual tokens go "
+            "first (default: the task's input, with N tokens first)"
+        },
     )
 
     def __post_init__(self) -> None:
@@ -82,14 +86,18 @@ class PromptConfig:
             self.num_virtual_tokens = DEFAULT_VIRTUAL_TOKENS[self.method]
         if self.template is not None:
             n = Template.parse(self.template).num_virtual_tokens
-            if n == 0:
-                raise ValueError(f"template {self.template!r} has no [P:N] block; add one")
-            self.num_virtual_tokens = n
+            if n == 0 and self.num_virtual_tokens is not None:
+                # A template without virtual tokens gets the default prefix, prompt tuning's layout (with init=text
+                # and no N, once resolved() knows the init text's length).
+                self.template = str(Template.prefix(self.num_virtual_tokens, self.template))
+            elif n:
+                self.num_virtual_tokens = n
 
     @property
     def counts_init_text(self) -> bool:
         """True when N is still to come from the init text's token count (prompt tuning, init=text, no N given)."""
-        return self.num_virtual_tokens is None and self.init == "text" and self.method == "prompt" and not self.template
+        blocks = Template.parse(self.template).num_virtual_tokens if self.template else 0
+        return self.num_virtual_tokens is None and self.init == "text" and self.method == "prompt" and not blocks
 
     def resolved(self, default_text: str, tokenizer) -> PromptConfig:
         """This config with init=text made concrete: the init text (default: `default_text`, the task's

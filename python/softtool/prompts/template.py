@@ -79,6 +79,18 @@ class Template:
     def __str__(self) -> str:
         return "".join(f"[P:{s.size}]" if s.kind == "virtual" else s.text for s in self.segments)
 
+    def text_only(self) -> str:
+        """The template's text without its virtual blocks: the input a discrete prompt reads. Pieces are joined as
+        written, with a space where neither side had whitespace (`{a}[P:4]{b}` -> `{a} {b}`)."""
+        out = ""
+        for seg in self.segments:
+            if seg.kind != "text":
+                continue
+            if out and not (out[-1].isspace() or seg.text[0].isspace()):
+                out += " "
+            out += seg.text
+        return out
+
     @property
     def num_virtual_tokens(self) -> int:
         return sum(s.size for s in self.segments if s.kind == "virtual")

@@ -144,13 +144,17 @@ class SlotModel(ABC):
         return self._prefix
 
     # -- the three operations ------------------------------------------------------------------------
-    def prefill(self, slots: Sequence[int], rows: Sequence[Sequence[int]], task_ids: Sequence[int]) -> Head:
+    def prefill(
+        self, slots: Sequence[int], rows: Sequence[Sequence[int]], task_ids: Sequence[int], *, prompt_only_ok=False
+    ) -> Head | None:
         """Run `rows` (full ids, virtual ones included) and leave their cache in `slots`; returns their head.
 
         The rows run together, left-padded, on a temporary cache (padding goes to its scratch column), and
-        each row's entries are then copied into its slot.
+        each row's entries are then copied into its slot. `prompt_only_ok`: rows that are only their task's shared
+        prompt are allowed (rank classification prefills all but a prompt's last token); the slots then get the
+        prompt's keys/values and the head is None.
         """
-        return self._prefill(slots, rows, task_ids, score=False)[0]
+        return self._prefill(slots, rows, task_ids, score=False, prompt_only_ok=prompt_only_ok)[0]
 
     def prefill_scored(
         self, slots: Sequence[int], rows: Sequence[Sequence[int]], task_ids: Sequence[int]
@@ -161,10 +165,18 @@ class SlotModel(ABC):
             raise SofttoolError(f"{getattr(self, 'where', 'this model')} cannot score prompt tokens; re-export it")
         return self._prefill(slots, rows, task_ids, score=True)
 
-    def _prefill(self, slots, rows, task_ids, score: bool) -> tuple[Head, list[list[TokenLogprob | None]]]:
+    def _prefill(
+        self, slots, rows, task_ids, score: bool, prompt_only_ok: bool = False
+    ) -> tuple[Head | None, list[list[TokenLogprob | None]]]:
         n = self.num_virtual if self.shares_prefix and not self.right_padded_prefill else 0
         texts = [list(row[n:]) for row in rows]
         width = max(len(t) for t in texts)
+        if width == 0 and n and prompt_only_ok and not score:
+            index = torch.as_tensor(list(slots), dtype=torch.long, device=self.kv_device)
+            tasks = torch.as_tensor(list(task_ids), dtype=torch.long, device=self.kv_device)
+            for dst, prompt in zip(self.kv, self._prefix_kv(), strict=True):
+                dst[:, :, :n].index_copy_(0, index, prompt.index_select(0, tasks))
+            return None, []
         if width == 0:
             raise SofttoolError("every row is empty after the prompt; give some input text")
         lengths = [n + len(t) for t in texts]

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from softtool.adapter import CONFIG_FILE, META_FILE, WEIGHTS_FILE, Adapter, AdapterMeta, save_adapter
+from softtool.classify import rank, warn_unseen_labels
 from softtool.data.options import DataOptions
 from softtool.distributed import DistributedContext, DistributedOptions, distributed_context, shard_base_fsdp
 from softtool.errors import SofttoolError
@@ -110,6 +111,18 @@ def prepare_output(output: Path, identity: dict[str, Any], *, resume: bool, over
     atomic_write_json(output / RUN_FILE, identity)
 
 
+def wrap_in_chat(tokenizer, template: Template, model_name: str) -> Template:
+    """`template` as the user turn of the tokenizer's chat template (--chat-template); one line when it has none."""
+    from softtool.prompts.chat import chat_template
+
+    wrapped = chat_template(tokenizer, template)
+    if wrapped is None:
+        raise SofttoolError(
+            f"--chat-template: {model_name}'s tokenizer has no chat template (a base model); drop the flag"
+        )
+    return wrapped
+
+
 def encode_features(
     tokenizer, template: Template, task, examples, max_length: int, vocab_size: int, desc: str, progress: bool
 ) -> tuple[list[Feature], int]:
@@ -171,6 +184,11 @@ def train_prompt(
     started = time.perf_counter()
     output = Path(output)
     task = get_task(data.task, **data.task_options)
+    train_split = load_split(data.data, data.train_split, task=task, limit=data.train_limit)
+    if hasattr(task, "fit"):
+        # The user's own task: the train split decides what its options leave open (softtool.data.user_tasks).
+        tokenizer = tokenizer or load_tokenizer(model_name)
+        task = task.fit(train_split, tokenizer)
     if prompt.init == "text":
         tokenizer = tokenizer or load_tokenizer(model_name)
         prompt = prompt.resolved(task.instruction_prompt, tokenizer)
@@ -180,14 +198,18 @@ def train_prompt(
         raise SofttoolError(
             f"--template {template}: field(s) {missing} are not fields of task {task.name} (it has {list(task.fields)})"
         )
+    if getattr(task, "chat_template", False):
+        tokenizer = tokenizer or load_tokenizer(model_name)
+        template = wrap_in_chat(tokenizer, template, model_name)
     identity = _run_identity(data, model_name, prompt, options)
     dist.on_main(check_output, output, identity, resume=resume, overwrite=overwrite)
     device = dist.device
     torch.manual_seed(options.seed)
 
-    train_split = load_split(data.data, data.train_split, task=task, limit=data.train_limit)
     dev_name = data.dev_split or default_dev_split(data.data)
     dev_split = load_split(data.data, dev_name, task=task, limit=options.eval_limit)
+    if task.name == "classify":
+        warn_unseen_labels(task, dev_split)
     if tokenizer is None:
         tokenizer = load_tokenizer(model_name)
     if model is None:
@@ -291,6 +313,19 @@ def _dev_metrics(model, tokenizer, template, task, examples, options: TrainOptio
 
     def metrics(table: torch.Tensor) -> dict[str, float]:
         generator.set_prompt(table)
+        if task.name == "classify":  # ranked, as eval scores it
+            ranked = rank(
+                generator,
+                task,
+                examples,
+                eos=True,
+                max_length=options.max_length + task.max_target_tokens,
+                batch_size=options.batch_size,
+                progress=False,
+                dist=dist,
+            )
+            scores = task.score(ranked.predictions, [ex.references for ex in examples])
+            return {k: float(scores[k]) for k in ("accuracy", "macro_f1")}
         preds = predict(
             generator,
             task,
