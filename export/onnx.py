@@ -132,13 +132,17 @@ def resolve_top_k(top_k: int, vocab_size: int) -> int:
     return AUTO_TOP_K if vocab_size > LARGE_VOCAB else 0
 
 
-def resolve_form(options: ExportOptions, model, device: str) -> str:
-    """The graph form to write: as given, or for auto gqa on cuda in fp16 where the model allows, else traced."""
+def resolve_form(options: ExportOptions, model, device: str, tasks: tuple[str, ...] = ()) -> str:
+    """The graph form to write: as given, or for auto gqa on cuda in fp16 where the model allows, else traced. A
+    classify task ranks its labels with the graph's target scoring, which the gqa form lacks: auto then writes the
+    traced form, and --form gqa is refused."""
     from softtool.export.gqa import gqa_unsupported
 
     if options.form in ("traced", "genai"):
         return options.form
     reason = gqa_unsupported(model)
+    if "classify" in tasks:
+        reason = "a classify task scores its labels in the graph, which only the traced form does"
     if options.form == "gqa":
         if reason:
             raise SofttoolError(f"--form gqa does not cover this model: {reason}; use --form traced")
@@ -399,7 +403,7 @@ def _build(adapters, adapter_dirs, base, folder: Path, device: str, options: Exp
         raise SofttoolError(f"{bad}: the prompt table holds NaN or infinite values; retrain it")
 
     model_path = folder / ExportMeta.MODEL_FILE
-    form = resolve_form(options, model, device)
+    form = resolve_form(options, model, device, tuple(a.meta.task for a in adapters))
     if form == "gqa":
         from softtool.export.gqa import build_gqa_graph
 

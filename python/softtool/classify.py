@@ -55,6 +55,21 @@ def normalized(scores: np.ndarray, task, choices: Sequence[Sequence[int]], lengt
     return scores
 
 
+def rank_rows(
+    generator, task, rows: Sequence[Sequence[int]], task_ids: Sequence[int], *, eos: bool, length_norm: str = "none"
+) -> tuple[np.ndarray, list[str]]:
+    """Every label's score after each row (full ids, virtual ones included) and the predicted labels: what `rank`
+    does per batch, and what `generate` and `serve` answer a classify task with."""
+    choices = label_choices(task, generator.tokenizer, eos)
+    scores = score_choices(generator, rows, task_ids, choices, max_rows=max(len(rows), 1) * len(choices))
+    return scores, predict_labels(scores, task, choices, length_norm)
+
+
+def predict_labels(scores: np.ndarray, task, choices: Sequence[Sequence[int]], length_norm: str) -> list[str]:
+    """The best label of each row of `scores` (after length normalisation)."""
+    return [task.labels[int(i)] for i in normalized(scores, task, choices, length_norm).argmax(axis=1)]
+
+
 def rank(
     generator,
     task,
@@ -88,15 +103,12 @@ def rank(
     done: list[tuple[int, np.ndarray]] = []
     with tqdm(total=sum(map(len, mine)), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True) as bar:
         for chunk in mine:
-            scores = score_choices(
-                generator, [rows[i] for i in chunk], [0] * len(chunk), choices, max_rows=batch_size * len(choices)
-            )
+            scores, _ = rank_rows(generator, task, [rows[i] for i in chunk], [0] * len(chunk), eos=eos)
             done += list(zip(chunk, scores, strict=True))
             bar.update(len(chunk))
     seconds = max(dist.gather_objects(time.perf_counter() - start))
     scores = np.stack(dist.gather_in_order(done, len(rows))) if rows else np.zeros((0, len(choices)))
-    best = normalized(scores, task, choices, length_norm).argmax(axis=1)
-    predictions = [task.labels[int(i)] for i in best]
+    predictions = predict_labels(scores, task, choices, length_norm)
     tokens = len(rows) * sum(len(c) for c in choices)
     return Ranked(scores, predictions, sum(e.truncated for e in encoded), seconds, tokens)
 

@@ -218,9 +218,15 @@ def _run(generator, encoder: _Encoder, inputs: Inputs, options, chunk_size, outp
     done = 0
     bar = tqdm(total=total, unit="input", desc="generating", disable=quiet or not to_file, file=sys.stderr)
     records = iter(inputs)
+    classify = encoder.task is not None and encoder.task.name == "classify"
     try:
         while chunk := list(islice(records, chunk_size)):
             rows = [encoder.encode(record) for record in chunk]
+            if classify:  # the label ranked first, as eval predicts it
+                _write_labels(generator, encoder.task, chunk, rows, output_path, sink)
+                bar.update(len(chunk))
+                done += len(chunk)
+                continue
             outputs = generator.generate(rows, None, options)
             for record, hyps in zip(chunk, outputs, strict=True):
                 texts = [encoder.postprocess(generator.tokenizer.decode(h, skip_special_tokens=True)) for h in hyps]
@@ -242,6 +248,23 @@ def _run(generator, encoder: _Encoder, inputs: Inputs, options, chunk_size, outp
         if sink is not None:
             sink.close()
     return done
+
+
+def _write_labels(generator, task, chunk: list[Record], rows, output_path, sink) -> None:
+    """A classify task's answer: every label scored after each input (rank classification), the best printed, or
+    written with all the labels' scores."""
+    from softtool.classify import rank_rows
+
+    scores, labels = rank_rows(generator, task, generator.row_ids(rows, [0] * len(rows)), [0] * len(rows), eos=True)
+    for record, label, row in zip(chunk, labels, scores, strict=True):
+        text = task.verbalize(label)
+        if output_path is None:
+            click.echo(text)
+            continue
+        line = {**record.echo, "output": text, "label": label,
+                "label_scores": {name: round(float(v), 6) for name, v in zip(task.labels, row, strict=True)}}  # fmt: skip
+        (sink or sys.stdout).write(json.dumps(line, ensure_ascii=False) + "\n")
+    (sink or sys.stdout).flush()
 
 
 def _open_output(path: str):
