@@ -1,7 +1,8 @@
 """Rank classification on the slot cache: the log-likelihood of each of a few continuations (the labels) after each
 prompt, the way lm-evaluation-harness and Lester et al. (2021) score classification.
 
-A prompt is computed once: every token but its last is prefilled into one slot (a task's shared virtual-token prefix
+It runs on a cache of its own (SlotModel.scratch_cache), so it can run between two decode steps of a server without
+touching the rows being decoded. A prompt is computed once: every token but its last is prefilled into one slot (a task's shared virtual-token prefix
 is copied in, as for generation), and that slot's cache is copied to one row per choice. One batched forward then
 feeds each row the prompt's last token followed by its choice, and the model's target scoring
 (`SlotModel._forward_scored`: the log-softmax gathered where the model runs) gives the log-prob of every choice token.
@@ -56,25 +57,24 @@ def score_choices(
 def _score_part(model: SlotModel, rows: list[list[int]], tasks: list[int], choices) -> np.ndarray:
     n_choices, width = len(choices), max(len(c) for c in choices)
     # Each row's prompt but its last token, then that token and the choice: positions up to len(row) - 1 + width.
-    model.reserve(len(rows) * n_choices, max(map(len, rows)) + width + 1)
-    firsts = [i * n_choices for i in range(len(rows))]
-    model.prefill(firsts, [r[:-1] for r in rows], tasks, prompt_only_ok=True)
-    source = torch.as_tensor(firsts, dtype=torch.long, device=model.kv_device).repeat_interleave(n_choices)
-    for t in model.kv:
-        t.copy_(t.index_select(0, source))
-
-    total = len(rows) * n_choices
-    ids = torch.full((total, width), model.pad_token_id, dtype=torch.long)
-    positions = torch.full((total, width), model.scratch, dtype=torch.long)
-    targets = torch.zeros((total, width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        for j, choice in enumerate(choices):
-            k = i * n_choices + j
-            fed = [row[-1], *choice[:-1]]
-            ids[k, : len(fed)] = torch.as_tensor(fed)
-            positions[k, : len(fed)] = torch.arange(len(row) - 1, len(row) - 1 + len(fed))
-            targets[k, : len(choice)] = torch.as_tensor(choice)
-    _, scored = model._forward_scored(ids, positions, model.kv, targets)
+    with model.scratch_cache(len(rows) * n_choices, max(map(len, rows)) + width + 1):
+        firsts = [i * n_choices for i in range(len(rows))]
+        model.prefill(firsts, [r[:-1] for r in rows], tasks, prompt_only_ok=True)
+        source = torch.as_tensor(firsts, dtype=torch.long, device=model.kv_device).repeat_interleave(n_choices)
+        for t in model.kv:
+            t.copy_(t.index_select(0, source))
+        total = len(rows) * n_choices
+        ids = torch.full((total, width), model.pad_token_id, dtype=torch.long)
+        positions = torch.full((total, width), model.scratch, dtype=torch.long)
+        targets = torch.zeros((total, width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            for j, choice in enumerate(choices):
+                k = i * n_choices + j
+                fed = [row[-1], *choice[:-1]]
+                ids[k, : len(fed)] = torch.as_tensor(fed)
+                positions[k, : len(fed)] = torch.arange(len(row) - 1, len(row) - 1 + len(fed))
+                targets[k, : len(choice)] = torch.as_tensor(choice)
+        _, scored = model._forward_scored(ids, positions, model.kv, targets)
     logprobs = np.asarray(scored[0], dtype=np.float64).reshape(len(rows), n_choices, width)
     lengths = np.array([len(c) for c in choices])
     mask = np.arange(width)[None, :] < lengths[:, None]  # [choices, width]

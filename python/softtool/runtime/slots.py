@@ -112,6 +112,17 @@ class SlotModel(ABC):
         self.kv = self._empty(slots, capacity)
         self.capacity = capacity
 
+    @contextlib.contextmanager
+    def scratch_cache(self, slots: int, capacity: int):
+        """A fresh cache of `slots` x `capacity` for work beside decoding (rank classification between two decode
+        steps of a server); the cache in use, with the rows being decoded, is put back afterwards untouched."""
+        saved = (self.kv, self.capacity)
+        self.kv, self.capacity = self._empty(slots, capacity), capacity
+        try:
+            yield
+        finally:
+            self.kv, self.capacity = saved
+
     def template_of(self, task: int) -> Template:
         """Task `task`'s template: its own when it differs from `template` (several adapters or an export's
         tasks in one generator), else `template`."""

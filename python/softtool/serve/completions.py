@@ -12,6 +12,10 @@ prompt's tokens (a string tokenized without special tokens, or token ids as give
 every virtual token in front. Token ids are checked against the vocabulary. `echo` puts the row's real tokens
 (the prompt, and in template mode the template's text) before the completion. Each choice's text and
 log-probs are built by softtool.serve.choice.Choice.
+
+A classify task (template mode) is answered as `softtool eval` predicts: every label is scored after the prompt
+(rank classification, softtool.classify, run on the engine thread between two decode steps) and the completion is
+the best label's text; with `logprobs`, the one entry's `top_logprobs` holds every label's log-likelihood.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from softtool.serve.engine import AsyncEngine, Finished, Prompt, Row
 from softtool.serve.metrics import Metrics
 from softtool.serve.protocol import (
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     CompletionStreamResponse,
@@ -66,6 +71,7 @@ class Prepared:
     created: int = field(default_factory=lambda: int(time.time()))
     generated: int = 0  # tokens generated over all choices (set when generation ends)
     status: int = 200  # what a stream ended with (an error is sent as an event after the 200 header)
+    ranked: bool = False  # a classify task's request: its labels are ranked, nothing is generated
 
 
 class CompletionService:
@@ -104,6 +110,9 @@ class CompletionService:
                 "made before format 3); re-run softtool export on its adapters to use echo",
                 "echo",
             )
+        ranked = task.classifier is not None and not prefix
+        if ranked and request.echo:
+            raise ApiError(400, f"'{task.name}' is a classify task: it answers with a label, without echo", "echo")
         options = self._search_options(request, budget, self.engine.generator.decoding(task.task_id))
         make_ids = self._prefix_ids(task, request) if prefix else self._template_ids(task, request)
         scoring = {"logprobs": request.logprobs, "prompt_logprobs": bool(request.echo) and request.logprobs is not None}
@@ -117,6 +126,8 @@ class CompletionService:
             if not any(t < self.vocab_size for t in ids):
                 raise ApiError(400, "the prompt is empty: the template leaves no text to read", "prompt")
             limit = self.options.max_length
+            if ranked:  # the completion is a label, whatever max_tokens says
+                budget = max(len(c) for c in task.classifier.label_token_ids(self.tokenizer, eos=True))
             if len(ids) + budget > limit:
                 raise ApiError(
                     400,
@@ -129,7 +140,7 @@ class CompletionService:
             prompt_tokens += len(ids)
             rows += [Row(ids, task.task_id, options, **scoring) for _ in range(request.n)]
             echoes += [[t for t in ids if t < self.vocab_size] if request.echo else None] * request.n
-        return Prepared(request, task, rows, prompt_tokens, request.stops, arrived, echoes=echoes)
+        return Prepared(request, task, rows, prompt_tokens, request.stops, arrived, echoes=echoes, ranked=ranked)
 
     def _prefix_ids(self, task: Task, request: CompletionRequest):
         """Prefix mode: the task's virtual tokens, then the prompt as it is (PEFT's prepend convention)."""
@@ -217,9 +228,13 @@ class CompletionService:
 
     # -- rows through the engine ------------------------------------------------------------------------
     def admit(self, prepared: Prepared) -> None:
-        """Submit the rows, or refuse with 429 (queue full) or 503 (shutting down)."""
+        """Submit the rows, or refuse with 429 (queue full) or 503 (shutting down). A classify request's rows are
+        ranked when it is answered, not submitted."""
         if not self.accepting or not self.engine.alive:
             raise ApiError(503, "the server is shutting down", code="shutting_down")
+        if prepared.ranked:
+            self.metrics.prompt_tokens.labels(prepared.task.name).inc(prepared.prompt_tokens)
+            return
         rows = len(prepared.rows)
         room = self.options.slots + self.options.max_queue - self.inflight
         if rows > room:
@@ -290,8 +305,47 @@ class CompletionService:
             prompt_tokens=prompt, completion_tokens=prepared.generated, total_tokens=prompt + prepared.generated
         )
 
+    async def rank(self, prepared: Prepared) -> list[CompletionChoice]:
+        """A classify request's choices: its labels ranked after each prompt (n copies of each answer)."""
+        from softtool.classify import rank_rows
+
+        task, generator = prepared.task, self.engine.generator
+        spec = task.classifier
+        distinct = prepared.rows[:: prepared.request.n]
+        ids = [row.ids for row in distinct]
+        scores, labels = await self.engine.call(
+            lambda: rank_rows(generator, spec, ids, [task.task_id] * len(ids), eos=True)
+        )
+        choices = []
+        for i, (row, label) in enumerate(zip(scores, labels, strict=True)):
+            text = spec.separator + spec.verbalize(label)
+            logprobs = None
+            if prepared.request.logprobs is not None:
+                by_label = {
+                    spec.separator + spec.verbalize(name): float(v) for name, v in zip(spec.labels, row, strict=True)
+                }
+                logprobs = CompletionLogprobs(
+                    tokens=[text], token_logprobs=[by_label[text]], top_logprobs=[by_label], text_offset=[0]
+                )
+            for k in range(prepared.request.n):
+                choices.append(CompletionChoice(index=i * prepared.request.n + k, text=text, logprobs=logprobs,
+                                                finish_reason="stop"))  # fmt: skip
+        label_ids = dict(zip(spec.labels, spec.label_token_ids(self.tokenizer), strict=True))
+        prepared.generated = prepared.request.n * sum(len(label_ids[label]) for label in labels)
+        self.metrics.generated_tokens.labels(task.name).inc(prepared.generated)
+        self.metrics.latency.labels(task.name).observe(time.perf_counter() - prepared.arrived)
+        return choices
+
     async def complete(self, prepared: Prepared) -> CompletionResponse:
         """The whole response at once."""
+        if prepared.ranked:
+            return CompletionResponse(
+                id=prepared.id,
+                created=prepared.created,
+                model=prepared.request.model,
+                choices=await self.rank(prepared),
+                usage=self.usage(prepared),
+            )
         texts: dict[int, Choice] = {}
         async for index, _, choice in self.generate(prepared):
             texts[index] = choice
@@ -326,14 +380,18 @@ class CompletionService:
             return f"data: {body.model_dump_json(exclude=leave_out)}\n\n"
 
         try:
-            async for index, delta, choice in self.generate(prepared):
-                logprobs = choice.take_logprobs()
-                # release() gives the rest once a choice ends; a token's entry comes with the text it starts in
-                if delta or choice.finish_reason is not None or (logprobs is not None and logprobs.tokens):
-                    piece = CompletionChoice(
-                        index=index, text=delta, logprobs=logprobs, finish_reason=choice.finish_reason
-                    )
+            if prepared.ranked:
+                for piece in await self.rank(prepared):
                     yield chunk([piece])
+            else:
+                async for index, delta, choice in self.generate(prepared):
+                    logprobs = choice.take_logprobs()
+                    # release() gives the rest once a choice ends; a token's entry comes with the text it starts in
+                    if delta or choice.finish_reason is not None or (logprobs is not None and logprobs.tokens):
+                        piece = CompletionChoice(
+                            index=index, text=delta, logprobs=logprobs, finish_reason=choice.finish_reason
+                        )
+                        yield chunk([piece])
         except ApiError as exc:
             prepared.status = exc.status
             yield f"data: {json.dumps(error_body(exc.status, exc.message, exc.param, exc.code))}\n\n"

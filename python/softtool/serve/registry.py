@@ -18,10 +18,11 @@ request names.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -42,6 +43,17 @@ class Task:
     template: Template
     source: str
     created: int
+    kind: str = "generic"  # softtool's task: squad, translation, classify, ... (the adapter's or export's record)
+    task_options: dict = field(default_factory=dict)
+
+    @functools.cached_property
+    def classifier(self):
+        """For a classify task, its softtool task (labels, verbalizer): requests get the best-ranked label."""
+        if self.kind != "classify":
+            return None
+        from softtool.data import get_task
+
+        return get_task("classify", **self.task_options)
 
 
 # A request's `model` may name a task with this suffix: its virtual tokens, then the request's prompt as it is,
@@ -55,8 +67,16 @@ class Registry:
     def __init__(self) -> None:
         self.tasks: dict[str, Task] = {}
 
-    def add(self, name: str, task_id: int, template: Template, source: str | os.PathLike) -> Task:
-        task = Task(name, task_id, template, str(source), int(time.time()))
+    def add(
+        self,
+        name: str,
+        task_id: int,
+        template: Template,
+        source: str | os.PathLike,
+        kind: str = "generic",
+        task_options: dict | None = None,
+    ) -> Task:
+        task = Task(name, task_id, template, str(source), int(time.time()), kind, dict(task_options or {}))
         self.tasks[name] = task
         return task
 
@@ -205,7 +225,8 @@ def load(
         kw = {"device": device, **({"model_name": model} if model else {})}
         generator = TorchGenerator.from_adapter(first.path, **kw)
         generator.task_names = [first.name]
-        registry.add(first.name, 0, generator.template_of(0), first.path)
+        meta = generator.meta
+        registry.add(first.name, 0, generator.template_of(0), first.path, meta.task, meta.task_options)
         backend = "torch"
     check_base = model is None
     for source in adapters:
@@ -213,7 +234,8 @@ def load(
             raise SofttoolError(f"two tasks are named {source.name!r}; name one with NAME=PATH")
         adapter = load_adapter(source.path)
         task_id = add_adapter(generator, adapter, source.name, check_base=check_base)
-        registry.add(source.name, task_id, generator.template_of(task_id), source.path)
+        meta = adapter.meta
+        registry.add(source.name, task_id, generator.template_of(task_id), source.path, meta.task, meta.task_options)
     return Loaded(generator, registry, backend, check_base)
 
 
@@ -230,8 +252,8 @@ def _load_export(source: Source, device: str, threads: int | None, registry: Reg
     if len(set(names)) != len(names):
         raise SofttoolError(f"{source.path} holds two tasks of one name ({names}); re-export with distinct folders")
     generator.task_names = names
-    for task_id, name in enumerate(names):
-        registry.add(name, task_id, generator.template_of(task_id), source.path)
+    for task_id, (name, task) in enumerate(zip(names, generator.export_meta.tasks, strict=True)):
+        registry.add(name, task_id, generator.template_of(task_id), source.path, task.task, task.task_options)
     return generator
 
 
@@ -293,7 +315,7 @@ class AdapterWatcher:
                 log.warning("not serving %s: %s", source.path, exc)
                 continue
             template = Template.parse(adapter.meta.template)
-            registry.add(source.name, task_id, template, source.path)
+            registry.add(source.name, task_id, template, source.path, adapter.meta.task, adapter.meta.task_options)
             added.append(source.name)
             log.info("serving a new task %r from %s", source.name, source.path)
             if self.on_added:
