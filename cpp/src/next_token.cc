@@ -26,10 +26,10 @@ Sample draw(float* scores, int64_t n, const SearchOptions& options, DrawKey key)
 // the same, the log-prob is normalized over the allowed tokens, and a draw sees the same
 // distribution in the same order.
 NextToken pick_allowed(float* vals, const int64_t* ids, int64_t n, const RowHistory& history,
-                       const SearchOptions& options, DrawKey key, std::vector<float>& raw) {
+                       const SearchOptions& options, DrawKey key) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   if (options.has_processors()) {
-    raw.assign(vals, vals + n);
+    const std::vector<float> raw(vals, vals + n);
     apply_processors_sparse(vals, ids, n, history, options);
     // The constraint wins: when the processors banned every allowed token (n-gram blocking,
     // min_new_tokens before the EOS of a complete choice), rank them as if the processors were
@@ -64,8 +64,7 @@ NextToken next_token(const float* row, int64_t vocab, const RowHistory& history,
     // Gathers only the allowed scores: a constrained row costs its allowed tokens, not V.
     buf.resize(static_cast<size_t>(allowed.size));
     for (int64_t i = 0; i < allowed.size; ++i) buf[i] = row[allowed.tokens[i]];
-    std::vector<float> raw;
-    return pick_allowed(buf.data(), allowed.tokens, allowed.size, history, options, key, raw);
+    return pick_allowed(buf.data(), allowed.tokens, allowed.size, history, options, key);
   }
   if (options.has_processors() || options.do_sample) {
     buf.assign(row, row + vocab);
@@ -103,9 +102,8 @@ NextToken next_token_topk(const float* values, const int64_t* ids, int64_t k,
           std::to_string(k) +
           " candidates; score the choices instead (or step() with the full logits)");
     }
-    std::vector<float> raw;
     return pick_allowed(buf.data(), kept.data(), static_cast<int64_t>(kept.size()), history,
-                        options, key, raw);
+                        options, key);
   }
   buf.assign(values, values + k);
   apply_processors_sparse(buf.data(), ids, k, history, options);
