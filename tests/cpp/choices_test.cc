@@ -236,7 +236,7 @@ TEST(ChoicesSlots, ItemsWithDifferentChoicesShareABatch) {
   EXPECT_EQ(out[3], (Ids{6, 2}));
 }
 
-TEST(ChoicesSlots, SparseStepFailsOnlyForTheRowThatCannotContinue) {
+TEST(ChoicesSlots, SparseStepErrorChangesNothing) {
   SlotSearch s(constrained({{4}}), 2);
   s.submit({1});
   s.admit();
@@ -244,7 +244,13 @@ TEST(ChoicesSlots, SparseStepFailsOnlyForTheRowThatCannotContinue) {
   const std::vector<float> values{-0.1f, -2.0f};
   const Ids slots{0};
   EXPECT_THROW(s.step_topk(values.data(), ids.data(), slots.data(), 1, 2), std::runtime_error);
-  EXPECT_EQ(s.slot_item(0), 0);  // still there, nothing chosen
+  EXPECT_EQ(s.slot_item(0), 0);  // still there, nothing chosen: full logits carry on
+  const std::vector<float> row = ranking({9, 4});
+  EXPECT_EQ(s.step(row.data(), slots.data(), 1, kVocab).next_tokens, (Ids{4}));
+  EXPECT_EQ(s.step(row.data(), slots.data(), 1, kVocab).next_tokens, (Ids{kEos}));
+  const std::vector<FinishedItem> done = s.take_finished();
+  ASSERT_EQ(done.size(), 1u);
+  EXPECT_EQ(done[0].hypothesis.tokens, (Ids{4}));
 }
 
 TEST(ChoicesOptions, BadChoicesAreRefusedWithTheReason) {
