@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from softtool.runtime.decode import EngineOptions
+from softtool.runtime.decode import EngineOptions, greedy_only
 from softtool.search import SearchOptions
 
 TEMPLATE = "[P:4]English: {source}\nGerman:"
@@ -205,3 +205,10 @@ def test_continuous_batching_on_smollm2_equals_static_batches(smollm2, smollm2_t
     continuous = gen.generate(rows, None, options, EngineOptions(slots=8))
     share, diffs = _compare(continuous, static)
     assert share >= 0.99, diffs
+
+
+def test_rows_with_choices_get_more_than_their_greedy_choice():
+    # A row constrained to choices takes its best allowed token, often not the arg-max, so the static step must
+    # hand the search its full head (logits or top-k), not only the greedy id.
+    assert greedy_only(SearchOptions(eos_token_ids=[2]))
+    assert not greedy_only(SearchOptions(eos_token_ids=[2], choices=[[5], [6, 7]]))

@@ -137,6 +137,27 @@ SEARCH_CASES = [
     (dict(seed=2**64 - 1), "accepted"),
     (dict(num_threads=-1), "rejected"),
     (dict(num_threads=0), "accepted"),
+    (dict(choices=[[5]], eos_token_ids=[2]), "accepted"),
+    (dict(choices=[[5, 6], [5], (7,)], eos_token_ids=[2]), "accepted"),  # a choice may be a prefix of another
+    (dict(choices=np.array([[5, 6], [7, 8]]), eos_token_ids=[2]), "accepted"),
+    (dict(choices=[torch.tensor([5, 6]), [np.int64(7)]], eos_token_ids=[2]), "accepted"),
+    (dict(choices=[[5] * 63], eos_token_ids=[2]), "accepted"),  # max_new_tokens 64 leaves room for the EOS
+    (dict(choices=[[5] * 64], eos_token_ids=[2]), "rejected"),  # ... and here it does not
+    (dict(choices=[[5, 6]], eos_token_ids=[2], max_new_tokens=2), "rejected"),
+    (dict(choices=[[5]]), "rejected"),  # no EOS id to end it
+    (dict(choices=[[]], eos_token_ids=[2]), "rejected"),
+    (dict(choices=[[5], [6], [5]], eos_token_ids=[2]), "rejected"),
+    (dict(choices=[[-5]], eos_token_ids=[2]), "rejected"),
+    (dict(choices=[[5, 2]], eos_token_ids=[2]), "rejected"),  # the EOS would end it early
+    (dict(choices=[[5]], eos_token_ids=[2], num_beams=2), "rejected"),
+    (dict(choices=[[5]], eos_token_ids=[2], do_sample=True), "accepted"),
+    (dict(choices=[5, 6], eos_token_ids=[2]), "rejected"),  # flat: not read as one-token choices
+    (dict(choices=[[1.5]], eos_token_ids=[2]), "rejected"),
+    (dict(choices=[["5"]], eos_token_ids=[2]), "rejected"),
+    (dict(choices=["ab"], eos_token_ids=[2]), "rejected"),
+    (dict(choices=[[2**70]], eos_token_ids=[2]), "rejected"),
+    (dict(choices=[torch.tensor(5)], eos_token_ids=[2]), "rejected"),
+    (dict(choices=None), "rejected"),
 ]
 
 BATCH_CASES = [
@@ -198,5 +219,20 @@ def test_errors_name_the_field():
         search.SearchOptions(num_beams=2, num_return_sequences=3)
     with pytest.raises(TypeError, match="eos_token_ids"):
         search.SearchOptions(eos_token_ids=[1.5])
+    with pytest.raises(ValueError, match=r"choices\[0\] and choices\[2\] are the same sequence"):
+        search.SearchOptions(choices=[[5], [6], [5]], eos_token_ids=[2])
+    with pytest.raises(TypeError, match="choices"):
+        search.SearchOptions(choices=[5, 6], eos_token_ids=[2])
     with pytest.raises(ValueError, match="pad_id"):
         search.BatchOptions(vocab_size=10, pad_id=-1)
+
+
+def test_choices_come_back_as_plain_lists():
+    opts = search.SearchOptions(choices=(np.array([5, 6]), torch.tensor([7])), eos_token_ids=[2])
+    assert opts.choices == [[5, 6], [7]] and all(type(t) is int for c in opts.choices for t in c)
+    assert opts.to_core().choices == [[5, 6], [7]]
+
+
+def test_choices_are_not_a_command_line_flag():
+    meta = {f.name: f.metadata for f in dataclasses.fields(search.SearchOptions)}["choices"]
+    assert meta["cli"] is False and meta["help"]

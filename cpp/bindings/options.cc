@@ -5,8 +5,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <functional>
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "register.h"
@@ -33,36 +36,70 @@ EarlyStopping early_stopping_from_py(const py::object& v) {
       "SearchOptions.early_stopping must be True, False or \"never\", got " +
       py::repr(v).cast<std::string>());
 }
-// One id or an iterable of ids (list, tuple, numpy array, torch tensor); each an int or anything
-// with __index__ (numpy/torch integers), never a float or a string.
+// An int or anything with __index__ (numpy/torch integers), never a float or a string.
+int64_t id_from_py(const py::handle& x, const std::function<py::type_error()>& bad) {
+  PyObject* index = PyIndex_Check(x.ptr()) ? PyNumber_Index(x.ptr()) : nullptr;
+  if (index == nullptr) {
+    PyErr_Clear();
+    throw bad();
+  }
+  try {
+    return py::reinterpret_steal<py::int_>(index).cast<int64_t>();
+  } catch (const py::cast_error&) {  // beyond int64
+    throw bad();
+  }
+}
+
+// An iterable of ids (list, tuple, numpy array, torch tensor); nullopt when `v` has no __iter__
+// (an int) or is a string.
+std::optional<std::vector<int64_t>> id_list_from_py(const py::handle& v,
+                                                    const std::function<py::type_error()>& bad) {
+  if (py::isinstance<py::str>(v) || py::isinstance<py::bytes>(v) || !py::hasattr(v, "__iter__")) {
+    return std::nullopt;
+  }
+  std::vector<int64_t> ids;
+  try {
+    for (const py::handle& x : v) ids.push_back(id_from_py(x, bad));
+  } catch (const py::error_already_set&) {  // not iterable after all (a 0-d tensor)
+    throw bad();
+  }
+  return ids;
+}
+
+// One id or an iterable of ids.
 std::vector<int64_t> eos_ids_from_py(const py::object& v) {
   const auto bad = [&] {
     return py::type_error("SearchOptions.eos_token_ids must be an int or a sequence of ints, got " +
                           py::repr(v).cast<std::string>());
   };
-  const auto as_id = [&](const py::handle& x) {
-    PyObject* index = PyIndex_Check(x.ptr()) ? PyNumber_Index(x.ptr()) : nullptr;
-    if (index == nullptr) {
-      PyErr_Clear();
-      throw bad();
-    }
-    try {
-      return py::reinterpret_steal<py::int_>(index).cast<int64_t>();
-    } catch (const py::cast_error&) {  // beyond int64
-      throw bad();
-    }
+  if (py::isinstance<py::int_>(v)) return {id_from_py(v, bad)};
+  if (auto ids = id_list_from_py(v, bad)) return *ids;
+  return {id_from_py(v, bad)};  // a numpy integer scalar
+}
+
+// An iterable of id sequences ([[5, 7], [9]], tuples, arrays, a 2-D array); a flat list of ints
+// is refused rather than read as one-token choices.
+std::vector<std::vector<int64_t>> choices_from_py(const py::object& v) {
+  const auto bad = [&] {
+    return py::type_error(
+        "SearchOptions.choices must be a sequence of token-id sequences (e.g. [[5, 7], [9]]), "
+        "got " +
+        py::repr(v).cast<std::string>());
   };
-  if (py::isinstance<py::int_>(v)) return {as_id(v)};
-  if (!py::isinstance<py::str>(v) && !py::isinstance<py::bytes>(v) && py::hasattr(v, "__iter__")) {
-    std::vector<int64_t> ids;
-    try {
-      for (const py::handle& x : v) ids.push_back(as_id(x));
-    } catch (const py::error_already_set&) {  // not iterable after all (a 0-d tensor)
-      throw bad();
-    }
-    return ids;
+  if (py::isinstance<py::str>(v) || py::isinstance<py::bytes>(v) || !py::hasattr(v, "__iter__")) {
+    throw bad();
   }
-  return {as_id(v)};  // a numpy integer scalar
+  std::vector<std::vector<int64_t>> choices;
+  try {
+    for (const py::handle& c : v) {
+      std::optional<std::vector<int64_t>> ids = id_list_from_py(c, bad);
+      if (!ids) throw bad();  // an int where a sequence belongs
+      choices.push_back(std::move(*ids));
+    }
+  } catch (const py::error_already_set&) {  // not iterable after all (a 0-d tensor)
+    throw bad();
+  }
+  return choices;
 }
 }  // namespace
 
@@ -114,6 +151,9 @@ void register_options(py::module_& m) {
       .def_readwrite("top_p", &SearchOptions::top_p)
       .def_readwrite("seed", &SearchOptions::seed)
       .def_readwrite("num_threads", &SearchOptions::num_threads)
+      .def_property(
+          "choices", [](const SearchOptions& o) { return o.choices; },
+          [](SearchOptions& o, const py::object& v) { o.choices = choices_from_py(v); })
       .def("validate", &SearchOptions::validate);
 }
 

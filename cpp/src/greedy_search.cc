@@ -10,6 +10,7 @@ namespace softtool {
 
 GreedySearch::GreedySearch(const SearchOptions& options) : SearchStrategy(options) {
   copies_ = options_.do_sample ? options_.num_return_sequences : 1;
+  if (!options_.choices.empty()) trie_.emplace(options_.choices, options_.eos_token_ids);
 }
 
 void GreedySearch::reset(const std::vector<std::vector<int64_t>>& prompts) {
@@ -21,6 +22,7 @@ void GreedySearch::reset(const std::vector<std::vector<int64_t>>& prompts) {
   }
   hyps_.assign(static_cast<size_t>(num_rows_), Hypothesis{});
   finished_.assign(static_cast<size_t>(num_rows_), 0);
+  node_.assign(static_cast<size_t>(num_rows_), ChoiceTrie::kRoot);
 }
 
 StepResult GreedySearch::step(const float* logits, int64_t rows, int64_t vocab) {
@@ -28,16 +30,16 @@ StepResult GreedySearch::step(const float* logits, int64_t rows, int64_t vocab) 
   if (vocab <= 0) throw std::invalid_argument("step: logits need at least one column");
   std::vector<int64_t> chosen(static_cast<size_t>(rows), options_.pad_token_id);
   std::vector<float> log_probs(static_cast<size_t>(rows), 0.0f);
-  parallel_for(rows, threads_for(rows, vocab, num_threads_),
-               [&](int64_t t, int64_t begin, int64_t end) {
-                 for (int64_t r = begin; r < end; ++r) {
-                   if (finished_[r]) continue;
-                   const NextToken next = next_token(logits + r * vocab, vocab, row_history(r),
-                                                     options_, draw_key(r), scratch_[t]);
-                   chosen[r] = next.token;
-                   log_probs[r] = next.log_prob;
-                 }
-               });
+  parallel_for(
+      rows, threads_for(rows, vocab, num_threads_), [&](int64_t t, int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          if (finished_[r]) continue;
+          const NextToken next = next_token(logits + r * vocab, vocab, row_history(r), options_,
+                                            draw_key(r), scratch_[t], allowed(r));
+          chosen[r] = next.token;
+          log_probs[r] = next.log_prob;
+        }
+      });
   return commit(chosen, log_probs);
 }
 
@@ -50,7 +52,7 @@ StepResult GreedySearch::step_topk(const float* values, const int64_t* indices, 
   for (int64_t r = 0; r < rows; ++r) {
     if (finished_[r]) continue;
     const NextToken next = next_token_topk(values + r * k, indices + r * k, k, row_history(r),
-                                           options_, draw_key(r), scratch_[0]);
+                                           options_, draw_key(r), scratch_[0], allowed(r));
     chosen[r] = next.token;
     log_probs[r] = next.log_prob;
   }
@@ -63,6 +65,10 @@ RowHistory GreedySearch::row_history(int64_t r) const {
 
 // One generator per row and step, seeded from (seed, row, step): independent of thread layout.
 DrawKey GreedySearch::draw_key(int64_t r) const { return DrawKey{static_cast<uint64_t>(r), step_}; }
+
+Allowed GreedySearch::allowed(int64_t r) const {
+  return trie_ ? trie_->allowed(node_[r]) : Allowed{};
+}
 
 StepResult GreedySearch::commit(const std::vector<int64_t>& chosen,
                                 const std::vector<float>& log_probs) {
@@ -79,6 +85,7 @@ StepResult GreedySearch::commit(const std::vector<int64_t>& chosen,
         finished_[r] = 1;
       } else {
         hyps_[r].tokens.push_back(token);
+        if (trie_) node_[r] = trie_->next(node_[r], token);
       }
     }
     if (step_ >= options_.max_new_tokens) finished_[r] = 1;

@@ -3,12 +3,51 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <stdexcept>
 
 namespace softtool {
 namespace {
 void require(bool ok, const std::string& message) {
   if (!ok) throw std::invalid_argument(message);
+}
+
+// The rules SearchOptions::choices adds; every finished sequence is then a choice plus an EOS.
+void validate_choices(const SearchOptions& o) {
+  require(!o.eos_token_ids.empty(),
+          "SearchOptions.choices needs at least one id in eos_token_ids: each choice ends with an "
+          "EOS");
+  require(o.num_beams == 1,
+          "SearchOptions.choices works with greedy search and sampling only (num_beams must be 1, "
+          "got " +
+              std::to_string(o.num_beams) + "); to rank the choices, score each one instead");
+  size_t longest = 0;
+  for (size_t i = 0; i < o.choices.size(); ++i) {
+    const std::vector<int64_t>& choice = o.choices[i];
+    const std::string name = "SearchOptions.choices[" + std::to_string(i) + "]";
+    require(!choice.empty(), name + " is empty; each choice needs at least one token");
+    for (int64_t t : choice) {
+      require(t >= 0, name + " has a negative token id " + std::to_string(t));
+      // The search ends a row at an EOS id, so the rest of the choice could never be generated.
+      require(!o.is_eos(t), name + " contains the EOS id " + std::to_string(t) +
+                                "; a choice cannot hold a token that ends the sequence");
+    }
+    longest = std::max(longest, choice.size());
+  }
+  std::vector<size_t> order(o.choices.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return o.choices[a] != o.choices[b] ? o.choices[a] < o.choices[b] : a < b;
+  });
+  for (size_t i = 1; i < order.size(); ++i) {
+    require(o.choices[order[i - 1]] != o.choices[order[i]],
+            "SearchOptions.choices[" + std::to_string(order[i - 1]) + "] and choices[" +
+                std::to_string(order[i]) + "] are the same sequence; list each choice once");
+  }
+  require(o.max_new_tokens > static_cast<int64_t>(longest),
+          "SearchOptions.max_new_tokens (" + std::to_string(o.max_new_tokens) +
+              ") must be at least the longest choice's length + 1 (" + std::to_string(longest + 1) +
+              ") so that its EOS fits");
 }
 }  // namespace
 
@@ -58,6 +97,7 @@ void SearchOptions::validate() const {
   }
   require(pad_token_id >= 0,
           "SearchOptions.pad_token_id must be >= 0, got " + std::to_string(pad_token_id));
+  if (!choices.empty()) validate_choices(*this);
 }
 
 bool SearchOptions::is_eos(int64_t token) const {

@@ -27,6 +27,16 @@ void validate_item_options(const SearchOptions& o, const char* who) {
   }
 }
 
+// Built once per options (the search's, or an item's own), not per step.
+std::shared_ptr<const ChoiceTrie> make_trie(const SearchOptions& o) {
+  if (o.choices.empty()) return nullptr;
+  return std::make_shared<const ChoiceTrie>(o.choices, o.eos_token_ids);
+}
+
+Allowed allowed(const std::shared_ptr<const ChoiceTrie>& trie, int64_t node) {
+  return trie ? trie->allowed(node) : Allowed{};
+}
+
 }  // namespace
 
 SlotSearch::SlotSearch(const SearchOptions& options, int64_t num_slots) : options_(options) {
@@ -36,6 +46,7 @@ SlotSearch::SlotSearch(const SearchOptions& options, int64_t num_slots) : option
                                 std::to_string(num_slots));
   }
   num_threads_ = resolve_threads(options_.num_threads);
+  trie_ = make_trie(options_);
   slots_.resize(static_cast<size_t>(num_slots));
   scratch_.resize(static_cast<size_t>(num_threads_));
 }
@@ -45,6 +56,7 @@ int64_t SlotSearch::submit(const std::vector<int64_t>& prompt, const SearchOptio
   Item item;
   item.id = next_id_++;
   item.options = options != nullptr ? *options : options_;
+  item.trie = options != nullptr ? make_trie(*options) : trie_;
   item.history = prompt;
   if (item.options.max_new_tokens == 0) {
     finish(item);
@@ -97,8 +109,8 @@ SlotStepResult SlotSearch::step(const float* logits, const int64_t* slots, int64
     for (int64_t i = begin; i < end; ++i) {
       const Item& item = *slots_[slots[i]];
       const DrawKey key{static_cast<uint64_t>(item.id), item.steps};
-      chosen[i] =
-          next_token(logits + i * vocab, vocab, row_history(item), item.options, key, scratch_[t]);
+      chosen[i] = next_token(logits + i * vocab, vocab, row_history(item), item.options, key,
+                             scratch_[t], allowed(item.trie, item.node));
     }
   });
   return commit(slots, chosen);
@@ -116,7 +128,7 @@ SlotStepResult SlotSearch::step_topk(const float* values, const int64_t* indices
     const Item& item = *slots_[slots[i]];
     const DrawKey key{static_cast<uint64_t>(item.id), item.steps};
     chosen[i] = next_token_topk(values + i * k, indices + i * k, k, row_history(item), item.options,
-                                key, scratch_[0]);
+                                key, scratch_[0], allowed(item.trie, item.node));
   }
   return commit(slots, chosen);
 }
@@ -134,6 +146,7 @@ SlotStepResult SlotSearch::commit(const int64_t* slots, const std::vector<NextTo
     item.hypothesis.score += chosen[i].log_prob;
     const bool eos = item.options.is_eos(token);
     if (!eos) item.hypothesis.tokens.push_back(token);
+    if (!eos && item.trie) item.node = item.trie->next(item.node, token);
     result.next_tokens[i] = token;
     result.finished[i] = eos || item.steps >= item.options.max_new_tokens;
     if (result.finished[i]) {

@@ -20,6 +20,8 @@ you have logits for, take_finished() the items that ended (docs/search.md, "Slot
 Greedy search matches transformers' generate(do_sample=False) and beam search its `_beam_search`
 (tokens, order and sequences_scores), with the same processors. Sampling draws from the same warped
 distribution as transformers but with its own seeded generator, so sampled tokens differ from torch's.
+`SearchOptions(choices=[[...], ...])` makes greedy search and sampling output one of the given token sequences
+(transformers' prefix_allowed_tokens_fn over a trie of them; docs/search.md, "Choices").
 """
 
 from __future__ import annotations
@@ -133,10 +135,21 @@ class SearchOptions:
         default=1,
         metadata={"help": "Threads for per-row work in a step (0: one per core; 1 measured fastest here).", "min": 0},
     )
+    choices: list[list[int]] = field(
+        default_factory=list,
+        metadata={
+            "help": "Token-id sequences the output must be one of, each then followed by an EOS (labels; empty: "
+            "unconstrained). Greedy search and sampling only; docs/search.md, 'Choices'.",
+            "cli": False,
+        },
+    )
 
     def __post_init__(self) -> None:
-        # The core struct converts and validates every field (one int or ids for eos_token_ids); keep its list.
-        self.eos_token_ids = list(self.to_core().eos_token_ids)
+        # The core struct converts and validates every field (one int or ids for eos_token_ids, arrays for
+        # choices); keep its plain lists.
+        core = self.to_core()
+        self.eos_token_ids = list(core.eos_token_ids)
+        self.choices = [list(c) for c in core.choices]
 
     def to_core(self) -> _core.SearchOptions:
         return _to_core(self, _core.SearchOptions)

@@ -44,6 +44,13 @@ struct SearchOptions {
   // Threads for the per-row reductions; 0 = one per hardware core (max 8). Default 1: on the shared
   // 2-core machine we measured, a second thread made a [64, 49152] step slower (bench_search.py).
   int64_t num_threads = 1;
+  // Token-id sequences the output must be one of (classification labels); empty = unconstrained.
+  // A finished sequence is exactly one choice followed by an EOS: each step allows only the next
+  // token of the choices that start with what was generated, and EOS once that is a whole choice
+  // (choices.h). The constraint applies after the processors, and wins over them: when they ban
+  // every allowed token, the row ranks its allowed tokens without them. Greedy search and sampling
+  // only (num_beams == 1).
+  std::vector<std::vector<int64_t>> choices;
 
   void validate() const;
   bool is_eos(int64_t token) const;

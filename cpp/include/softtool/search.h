@@ -7,8 +7,10 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
+#include "softtool/choices.h"
 #include "softtool/logits_processors.h"
 #include "softtool/next_token.h"
 #include "softtool/options.h"
@@ -92,10 +94,13 @@ class GreedySearch : public SearchStrategy {
   StepResult commit(const std::vector<int64_t>& chosen, const std::vector<float>& log_probs);
   RowHistory row_history(int64_t r) const;
   DrawKey draw_key(int64_t r) const;
+  Allowed allowed(int64_t r) const;
 
   int64_t copies_ = 1;  // rows per batch item (num_return_sequences when sampling)
   std::vector<Hypothesis> hyps_;
   std::vector<uint8_t> finished_;
+  std::optional<ChoiceTrie> trie_;  // options.choices, when set
+  std::vector<int64_t> node_;       // [num_rows] each row's trie node
 };
 
 class BeamSearch : public SearchStrategy {

@@ -8,9 +8,11 @@
 
 #include <cstdint>
 #include <deque>
+#include <memory>
 #include <optional>
 #include <vector>
 
+#include "softtool/choices.h"
 #include "softtool/next_token.h"
 #include "softtool/options.h"
 #include "softtool/search.h"
@@ -71,6 +73,8 @@ class SlotSearch {
     std::vector<int64_t> history;  // prompt + generated tokens
     int64_t steps = 0;
     Hypothesis hypothesis;
+    std::shared_ptr<const ChoiceTrie> trie;  // options.choices, when set
+    int64_t node = ChoiceTrie::kRoot;        // the item's node in it
   };
 
   void check_slots(const int64_t* slots, int64_t n) const;
@@ -79,6 +83,7 @@ class SlotSearch {
   void finish(Item& item);
 
   SearchOptions options_;
+  std::shared_ptr<const ChoiceTrie> trie_;  // of options_.choices: items without their own options
   int64_t num_threads_ = 1;
   std::vector<std::optional<Item>> slots_;
   std::deque<Item> pending_;

@@ -98,11 +98,12 @@ def _select(head: Head, rows) -> Head:
 
 
 def greedy_only(options: SearchOptions) -> bool:
-    """Whether the search needs nothing but each row's greedy choice (no sampling, no processors)."""
+    """Whether the search needs nothing but each row's greedy choice (no sampling, no processors, no choices: a
+    constrained row takes its best allowed token, often not the arg-max)."""
     return (
         not options.do_sample
         and options.repetition_penalty == 1.0
-        and not (options.no_repeat_ngram_size or options.min_new_tokens)
+        and not (options.no_repeat_ngram_size or options.min_new_tokens or options.choices)
     )
 
 
