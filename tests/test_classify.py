@@ -306,3 +306,28 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, lively_model_dir, ca
     code, _, err = run_cli([*args, *extra, "--max-steps", 1, "-o", tmp_path / "out"], capsys)
     assert says in error_line(code, err)
     assert not (tmp_path / "out").exists()
+
+
+def generated(args: list) -> list[dict]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code, _, _ = run_cli(["generate", *args, "-o", "-"])
+    assert code == 0
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def test_constrained_generation_writes_a_label_where_free_generation_does_not(trained):
+    texts = [s for s, _ in ROWS]
+    labels = {"may", "mayhem", "no", "yes"}
+    free = generated([trained, *texts, "--classify-by", "free", "--max-new-tokens", 6])
+    assert any(line["output"] not in labels for line in free)
+    constrained = generated([trained, *texts, "--classify-by", "constrained"])
+    assert {line["output"] for line in constrained} <= labels
+
+
+def test_labels_where_one_starts_the_other_are_both_reachable(trained, smollm2_tokenizer):
+    assert smollm2_tokenizer(" mayhem")["input_ids"][:1] == smollm2_tokenizer(" may")["input_ids"]
+    args = [trained, "a new comet", "--choice", "may", "--choice", "mayhem", "--raw"]
+    lines = generated([*args, "--do-sample", "--temperature", 2.0, "--num-return-sequences", 40, "--seed", 3])
+    outputs = {o["output"] for o in lines[0]["outputs"]}
+    assert outputs == {"may", "mayhem"}

@@ -32,6 +32,7 @@ from softtool.evaluate import EvalOptions
 from softtool.options import cli_options, click_type, given_on_command_line
 
 SEARCH_FIELDS = ("num_beams", "max_new_tokens", "num_return_sequences", *SAMPLING_FIELDS)
+CLASSIFY_BY = ("rank", "constrained", "free")
 
 
 @click.command(name="generate", context_settings={"show_default": True})
@@ -69,6 +70,20 @@ SEARCH_FIELDS = ("num_beams", "max_new_tokens", "num_return_sequences", *SAMPLIN
 )
 @threads_option
 @click.option("--raw", is_flag=True, help="print the decoded output as is (no task post-processing)")
+@click.option(
+    "--choice",
+    "choice_texts",
+    multiple=True,
+    help="constrain the output to one of these texts (repeatable; a trie in the C++ search): what follows the input, "
+    "after the space a task puts before its output",
+)
+@click.option(
+    "--classify-by",
+    type=click.Choice(CLASSIFY_BY),
+    default="rank",
+    help="a classify task: rank every label (as eval does), generate within the labels (constrained), or "
+    "generate freely (free)",
+)
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
 @click.pass_context
 def generate(
@@ -87,6 +102,8 @@ def generate(
     chunk_size,
     threads,
     raw,
+    choice_texts,
+    classify_by,
     quiet,
     **search,
 ) -> None:
@@ -100,6 +117,8 @@ def generate(
     Example:
       softtool generate runs/de "A man rides a bicycle down the street."
       softtool generate runs/de --input sentences.txt --output outputs.jsonl --num-beams 4
+      softtool generate runs/sst2 "a gripping film"                        # a classify task: its best label
+      softtool generate runs/qa --choice yes --choice no "Is the sky blue?"  # only "yes" or "no"
     """
     template = unescape_template(template)
     folder, backend = resolve_backend(path, backend)
@@ -145,9 +164,27 @@ def generate(
     options = replace(
         decoding_options(generator.tokenizer, search["num_beams"], search["max_new_tokens"]), **{**search, **defaults}
     )
+    classify = encoder.task is not None and encoder.task.name == "classify"
+    if choice_texts or (classify and classify_by == "constrained"):
+        options = _constrained(options, generator, encoder.task, choice_texts)
+    encoder.rank = classify and classify_by == "rank" and not choice_texts
     done = _run(generator, encoder, inputs, options, chunk_size, output_path, total, quiet)
     if done == 0 and not texts and input_path is None:
         raise SofttoolError("no input: pass TEXT arguments, --input FILE, or lines on stdin")
+
+
+def _constrained(options, generator, task, texts: tuple[str, ...]):
+    """`options` whose output must be one of `texts` (or the classify task's labels): their token ids, after the
+    separator the task puts before its output, as a trie in the C++ search."""
+    if not texts:
+        texts = tuple(task.verbalize(label) for label in task.labels)
+    sep = getattr(task, "separator", " ")
+    tokenize = generator.tokenizer
+    choices = [tokenize(t if t[:1].isspace() else sep + t, add_special_tokens=False)["input_ids"] for t in texts]
+    try:
+        return replace(options, choices=choices)
+    except ValueError as exc:
+        raise SofttoolError(f"--choice: {exc}") from exc
 
 
 def _fixed_fields(items: tuple[str, ...]) -> dict[str, str]:
@@ -180,6 +217,7 @@ class _Encoder:
         if meta is not None and meta.task != "generic":
             self.task = get_task(meta.task, **meta.task_options)
         self.postprocess = self.task.postprocess if self.task and not raw else str.strip
+        self.rank = False  # a classify task answered by ranking its labels
 
     def encode(self, record: Record) -> list[list[int]]:
         template = self.generator.template
@@ -218,16 +256,22 @@ def _run(generator, encoder: _Encoder, inputs: Inputs, options, chunk_size, outp
     done = 0
     bar = tqdm(total=total, unit="input", desc="generating", disable=quiet or not to_file, file=sys.stderr)
     records = iter(inputs)
-    classify = encoder.task is not None and encoder.task.name == "classify"
     try:
         while chunk := list(islice(records, chunk_size)):
             rows = [encoder.encode(record) for record in chunk]
-            if classify:  # the label ranked first, as eval predicts it
+            if encoder.rank:  # the label ranked first, as eval predicts it
                 _write_labels(generator, encoder.task, chunk, rows, output_path, sink)
                 bar.update(len(chunk))
                 done += len(chunk)
                 continue
-            outputs = generator.generate(rows, None, options)
+            try:
+                outputs = generator.generate(rows, None, options)
+            except RuntimeError as exc:  # the sparse search meets a constrained row with no allowed candidate
+                if not options.choices:
+                    raise
+                raise SofttoolError(
+                    f"--choice / --classify-by constrained: {exc}; use --classify-by rank, which scores every label"
+                ) from exc
             for record, hyps in zip(chunk, outputs, strict=True):
                 texts = [encoder.postprocess(generator.tokenizer.decode(h, skip_special_tokens=True)) for h in hyps]
                 if output_path is None:
