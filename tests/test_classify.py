@@ -331,3 +331,62 @@ def test_labels_where_one_starts_the_other_are_both_reachable(trained, smollm2_t
     lines = generated([*args, "--do-sample", "--temperature", 2.0, "--num-return-sequences", 40, "--seed", 3])
     outputs = {o["output"] for o in lines[0]["outputs"]}
     assert outputs == {"may", "mayhem"}
+
+
+def test_the_documented_lm_eval_task_scores_each_label_as_softtool_ranks_it(lively_model_dir, tmp_path):
+    """docs/lm_eval/softtool_sst2.yaml, run by `lm_eval` against `softtool serve` in prefix mode on a soft prompt
+    trained with its template: every label's log-likelihood equals softtool's rank score without EOS (lm-eval scores
+    the label alone), and its accuracy is the one those scores give."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from softtool.classify import rank
+    from softtool.data import get_task, load_split
+    from softtool.runtime import load_generator
+
+    reviews = [("a gripping , funny film", "positive"), ("dull and far too long", "negative"),
+               ("a triumph", "positive"), ("a mess from start to end", "negative")]  # fmt: skip
+    data = tmp_path / "sst2"
+    data.mkdir()
+    lines = "".join(json.dumps({"sentence": s, "label": label}) + "\n" for s, label in reviews)
+    for split in ("train", "dev"):
+        (data / f"{split}.jsonl").write_text(lines)
+    config = yaml.safe_load((Path(__file__).parents[1] / "docs" / "lm_eval" / "softtool_sst2.yaml").read_text())
+    adapter = tmp_path / "sst2-adapter"
+    args = ["train", "--task", "classify", "--data", data, "--model", lively_model_dir, "--num-virtual-tokens", 4]
+    template = config["doc_to_text"].replace("{{sentence}}", "{sentence}")
+    assert run_cli([*args, "--template", template, "--max-steps", 2, "-o", adapter, "-q"]).code == 0
+    config["dataset_kwargs"]["data_files"]["validation"] = str(data / "dev.jsonl")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "softtool_sst2.yaml").write_text(yaml.safe_dump(config))
+
+    server = Server([adapter, "--slots", "2", "--max-length", "128", "--max-tokens", "16"], tmp_path / "server.log")
+    try:
+        model_args = (f"model={adapter.name}:prefix,base_url={server.url}/v1/completions,tokenizer={lively_model_dir},"
+                      "tokenizer_backend=huggingface,tokenized_requests=True,max_length=128,max_retries=1")  # fmt: skip
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+        command = [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", model_args,
+                   "--tasks", "softtool_sst2", "--include_path", str(tasks), "--batch_size", "4",
+                   "--output_path", str(tmp_path / "out"), "--log_samples"]  # fmt: skip
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-4000:]
+    finally:
+        assert server.stop() == 0
+    samples = [json.loads(line) for line in next((tmp_path / "out").rglob("samples_*.jsonl")).read_text().splitlines()]
+    samples.sort(key=lambda s: s["doc_id"])
+    generator = load_generator(adapter, "torch")
+    task = get_task("classify", **generator.meta.task_options)
+    ranked = rank(generator, task, load_split(data, "dev", task=task).examples, eos=False, progress=False)
+    labels = list(task.labels)
+    for sample, scores in zip(samples, ranked.scores, strict=True):
+        got = [float(r[0][0]) for r in sample["resps"]]
+        assert got == pytest.approx([scores[labels.index(c)] for c in config["doc_to_choice"]], abs=1e-4)
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["softtool_sst2"]
+    gold = [label for _, label in reviews]
+    assert results["acc,none"] == pytest.approx(
+        np.mean([p == g for p, g in zip(ranked.predictions, gold, strict=True)])
+    )
