@@ -11,6 +11,8 @@ For one model and each data set (SST-2, RTE, CB from ../shared/data):
   4. dev     once: the kept soft prompt, PEFT's prompt, the majority class of train, the instruction prompt, the
              bare input, the instruction through the chat template (instruct models) and k-shot prompts
              (class-balanced, seeded) for each --shots; every prompt by rank classification.
+  5. onnx    the kept soft prompt exported (traced form, fp32, verified) and ranked on dev by ONNX Runtime: its
+             predictions against PyTorch's, label for label, and the largest score difference.
 Everything a stage writes stays under --runs, so a stopped run resumes. Writes
 benchmarks/results/classify_<model>.json (commit, machine, versions, command, budget, every score and curve).
 
@@ -267,6 +269,33 @@ class ClassifyQuality:
         cached.write_text(json.dumps(out, indent=2) + "\n")
         return out
 
+    def onnx_check(self, spec: DataSet, data: Path, soft: Path) -> dict:
+        """The kept prompt's export ranks dev as PyTorch does (cached)."""
+        from softtool.classify import rank
+        from softtool.data import get_task, load_split
+        from softtool.export.onnx import ExportOptions, export_adapters
+        from softtool.runtime import load_generator
+
+        cached = self.runs / spec.name / "onnx_check.json"
+        if cached.exists():
+            return json.loads(cached.read_text())
+        folder = self.runs / spec.name / "export"
+        if not (folder / "softtool_export.json").exists():
+            export_adapters([str(soft)], str(folder), ExportOptions(overwrite=True))
+        torch_gen = load_generator(soft, "torch")
+        task = get_task("classify", **torch_gen.meta.task_options)
+        dev = load_split(data, "dev", task=task).examples
+        kw = {"eos": True, "max_length": self.args.eval_max_length, "batch_size": self.args.eval_batch_size,
+              "progress": not self.args.quiet}  # fmt: skip
+        want = rank(torch_gen, task, dev, **kw)
+        got = rank(load_generator(folder, "onnx"), task, dev, **kw)
+        same = sum(a == b for a, b in zip(got.predictions, want.predictions, strict=True))
+        out = {"examples": len(dev), "identical_predictions": same, "all_identical": same == len(dev),
+               "max_abs_score_diff": float(abs(got.scores - want.scores).max()),
+               "examples_per_s": {"torch": round(len(dev) / want.seconds, 1), "onnx": round(len(dev) / got.seconds, 1)}}  # fmt: skip
+        cached.write_text(json.dumps(out, indent=2) + "\n")
+        return out
+
     def run_set(self, name: str) -> None:
         spec = SETS[name]
         data = self.runs / name / "data"
@@ -292,6 +321,9 @@ class ClassifyQuality:
         entry["peft"] = {"lr": best["lr"], "steps": steps,
                          "train_seconds": json.loads((peft / "quality_train.json").read_text())["seconds"]}  # fmt: skip
         entry["dev"] = self.dev_scores(spec, data, Path(best["adapter"]), peft)
+        self.write()
+        entry["onnx"] = self.onnx_check(spec, data, Path(best["adapter"]))
+        entry["commit"] = self.result["commit"]
         self.write()
 
 
@@ -334,6 +366,8 @@ def main(argv=None) -> int:
 
     import softtool.classify  # noqa: F401
     import softtool.evaluate  # noqa: F401
+    import softtool.export.onnx  # noqa: F401
+    import softtool.runtime.onnx_backend  # noqa: F401
     import softtool.runtime.torch_backend  # noqa: F401
     import softtool.training  # noqa: F401
 
