@@ -221,9 +221,15 @@ def test_generate_answers_with_the_label_eval_ranks_first(trained, evaluated):
 
 
 def test_serve_answers_a_classify_task_with_the_label_and_every_labels_score(trained, exported, evaluated, tmp_path):
+    from helpers import save_tiny_adapter
+
     rows = read_rows(evaluated / "predictions.jsonl")[:3]
-    for folder in (trained, exported):
-        server = Server([folder, "--slots", "2"], tmp_path / f"{folder.name}.log")
+    torch.manual_seed(0)
+    model_dir = json.loads((trained / "softtool.json").read_text())["base_model"]
+    de = save_tiny_adapter(tmp_path / "de", Path(model_dir), torch.randn(4, 32))  # a translation task beside it
+    expected = generated([de, "A dog runs.", "--raw", "--max-new-tokens", 8])[0]["output"]
+    for folder, others in ((trained, [de]), (exported, [])):
+        server = Server([folder, *others, "--slots", "2"], tmp_path / f"{folder.name}.log")
         try:
             client = server.client()
             for row in rows:
@@ -234,6 +240,9 @@ def test_serve_answers_a_classify_task_with_the_label_and_every_labels_score(tra
                 assert scores == pytest.approx(row["label_scores"], abs=1e-4)
             stream = client.completions.create(model=folder.name, prompt=rows[0]["sentence"], stream=True)
             assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == " " + rows[0]["prediction"]
+            if others:  # a generation task served beside the classify task answers as generate does
+                reply = client.completions.create(model="de", prompt="A dog runs.", max_tokens=8)
+                assert reply.choices[0].text.strip() == expected  # generate --raw strips the text
         finally:
             assert server.stop() == 0, (tmp_path / f"{folder.name}.log").read_text()[-2000:]
 
