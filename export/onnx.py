@@ -18,6 +18,7 @@ is replaced only when it is itself an export (`--overwrite`) and never when it h
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -184,6 +185,28 @@ def _model_facts(model, tokenizer) -> dict[str, Any]:
         "eos_token_ids": eos_ids,
         "pad_token_id": int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]),
     }
+
+
+@contextlib.contextmanager
+def traceable_experts(model):
+    """A mixture-of-experts model routes with transformers' batched_mm experts while it is traced: each token's k
+    experts are gathered and applied with batched matmuls, ops ONNX has, where the default grouped_mm counts tokens
+    per expert with aten::histc (no ONNX op) and the eager loop's experts would be baked in from the trace's
+    sample. The same experts, the same weights; only the order of the additions differs."""
+    config = model.config
+    previous = getattr(config, "_experts_implementation", None)
+    if previous is None or not is_mixture_of_experts(config):
+        yield
+        return
+    config._experts_implementation = "batched_mm"
+    try:
+        yield
+    finally:
+        config._experts_implementation = previous
+
+
+def is_mixture_of_experts(config) -> bool:
+    return bool(getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0))
 
 
 def _trace(wrapper, facts: dict[str, Any], path: Path, options: ExportOptions, table) -> tuple[list, list]:
@@ -427,7 +450,8 @@ def _build(adapters, adapter_dirs, base, folder: Path, device: str, options: Exp
 
             wrapper = LastTokenLogits(wrapper)
         say("tracing the graph")
-        inputs, outputs = _trace(wrapper, facts, model_path, options, table)
+        with traceable_experts(model):
+            inputs, outputs = _trace(wrapper, facts, model_path, options, table)
         if _is_large(model_path) and not model_path.with_name(ExportMeta.MODEL_FILE + ".data").exists():
             import onnx
 

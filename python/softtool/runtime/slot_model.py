@@ -91,12 +91,17 @@ def slot_mask(positions: torch.Tensor, capacity: int, dtype: torch.dtype, window
 
 
 def slot_masks(config, positions: torch.Tensor, capacity: int, dtype: torch.dtype):
-    """The mask the decoder takes: one tensor, or for models with sliding-window layers (Gemma 2/3, whose
-    config lists `layer_types`) transformers' mapping {"full_attention": ..., "sliding_attention": ...}, which
-    the decoder hands to each layer by its type instead of building its own masks."""
-    full = slot_mask(positions, capacity, dtype)
+    """The mask the decoder takes: one tensor, or for models with sliding-window layers among full ones (Gemma 2/3,
+    Qwen2/3 with use_sliding_window, whose config lists `layer_types`) transformers' mapping {"full_attention": ...,
+    "sliding_attention": ...}, which the decoder hands to each layer by its type instead of building its own masks.
+    A model with a window and no layer types (Mistral, Mixtral, Phi-3, Starcoder2) slides every layer: transformers
+    builds its one mask with create_sliding_window_causal_mask whenever config.sliding_window is set, and takes a
+    ready 4-D mask as it is, so the window must be in this one."""
     layer_types = set(getattr(config, "layer_types", None) or ())
     window = getattr(config, "sliding_window", None)
+    if not layer_types:
+        return slot_mask(positions, capacity, dtype, int(window) if window else None)
+    full = slot_mask(positions, capacity, dtype)
     if "sliding_attention" not in layer_types or not window:
         return full
     masks = {kind: full for kind in layer_types}
@@ -156,6 +161,10 @@ class SlotLM(nn.Module):
     ):
         super().__init__()
         self.model = model
+        # The wrapper takes the model's mode: a module is made in training mode, and torch.onnx.export puts its
+        # argument back in the mode it found it in, which would leave the base model training (dropout on: GPT-2's
+        # 0.1 made the export's own verification fail against the model it had just traced).
+        self.train(model.training)
         self.vocab_size = int(vocab_size)
         self.table_as_input = table_as_input
         self.top_k = int(top_k)
