@@ -16,7 +16,8 @@ from pathlib import Path
 from softtool.bench.measure import row_steps_per_s
 from softtool.bench.report import where as hardware
 
-START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+# The markers of docs/bench.md's block, the one benchmarks/render_docs.py renders as `bench` (make docs).
+START, END = "<!-- render:bench:start -->", "<!-- render:bench:end -->"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
