@@ -101,3 +101,11 @@ def test_classify_table_shows_accuracy_with_macro_f1_and_the_kept_budget(tmp_pat
 def test_classify_table_before_any_run_says_the_runs_are_pending(tmp_path):
     out = render_docs.render_block("classify", tmp_path)
     assert out.startswith("The runs are pending") and "|" not in out
+
+
+def test_a_study_table_gives_step_time_and_wall_time_apart():
+    out = render_docs.render_block("study_method_squad_smollm2-135m", render_docs.RESULTS)
+    assert "| steps | optimizer steps | wall time |" in out
+    # PEFT's loop records no step time: its row leaves that column empty rather than putting wall time in it.
+    peft = next(line for line in out.splitlines() if line.startswith("| PEFT P-tuning"))
+    assert peft.endswith("| - | 11.7 min |")
