@@ -279,10 +279,9 @@ def gpu_targets(results: Results) -> str:
                  f"{examples}/{examples}, torch and onnx (`bench_translation_static_cpu.json`: `torch` "
                  f"{static['torch']['tokens_per_s']:.1f}, `onnx` {static['onnx']['tokens_per_s']:.1f} tok/s; tokens "
                  f"compared by `benchmarks/compare_outputs.py`)", "yes"])  # fmt: skip
-    hf = {name: cpu[name]["speedup_vs_hf"] for name in SOFTTOOL}
     rows.append(["CPU: no row more than 5% slower than the committed results",
-                 f"not comparable in tok/s (another VM); against `hf`: `torch` {hf['torch']:.2f}x (was 0.82x), `onnx` "
-                 f"{hf['onnx']:.2f}x (1.45x), `onnx-int8` {hf['onnx-int8']:.2f}x (1.54x)", "by ratio, yes"])  # fmt: skip
+                 "not checked: the results committed before ran on the Intel Xeon VM and were replaced by these, so "
+                 "no file holds both", "-"])  # fmt: skip
     return "\n".join([*table(["target", "measured", "met?"], rows), "", source_line(results)])
 
 
