@@ -503,7 +503,8 @@ def serve_targets(results: Results) -> str:
         ["`softtool serve` >= 1.5x `transformers serve --continuous-batching` (tokens/s, 16 clients)",
          f"{s['serve16_vs_transformers_serve']['ratio']:.2f}x ({_best(at16):.1f} vs {_best(peer):.1f}); in "
          f"requests/s {at16['requests_per_s'] / peer['requests_per_s']:.2f}x ({at16['requests_per_s']:.2f} vs "
-         f"{peer['requests_per_s']:.2f})", met(s["serve16_vs_transformers_serve"])],
+         f"{peer['requests_per_s']:.2f}); tokens a request: {at16['generated_tokens'] / at16['requests']:.1f} vs "
+         f"{peer['generated_tokens'] / peer['requests']:.1f}", met(s["serve16_vs_transformers_serve"])],
     ]  # fmt: skip
     note = (f"Tokens/s compare the best of {result['options']['repeats']} runs of each row, as the file's summary "
             f"does; requests/s the run each row records in full.")  # fmt: skip

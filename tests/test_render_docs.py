@@ -109,3 +109,17 @@ def test_a_study_table_gives_step_time_and_wall_time_apart():
     # PEFT's loop records no step time: its row leaves that column empty rather than putting wall time in it.
     peft = next(line for line in out.splitlines() if line.startswith("| PEFT P-tuning"))
     assert peft.endswith("| - | 11.7 min |")
+
+
+def test_a_serving_row_pairs_the_requests_and_tokens_of_one_run(tmp_path):
+    row = {"clients": 16, "requests": 64, "errors": 0, "requests_per_s": 3.46, "tokens_per_s": 135.56,
+           "generated_tokens": 2507, "runs_tokens_per_s": [135.56, 136.62], "ttft_s": None, "latency_s": None}  # fmt: skip
+    result = json.loads((render_docs.RESULTS / "serve_load.json").read_text())
+    result["serve"] = [row]
+    (tmp_path / "serve_load.json").write_text(json.dumps(result))
+    line = next(
+        x
+        for x in render_docs.render_block("serve-load", tmp_path).splitlines()
+        if x.startswith("| `softtool serve` | 16")
+    )
+    assert "| 3.46 | 135.6 (other run: 136.6) |" in line
