@@ -144,9 +144,12 @@ SOFTTOOL = ("torch", "onnx", "onnx-int8")
 def bench_all(results: Results) -> str:
     """docs/bench.md: every `bench_*.json`, one row per backend (benchmarks/make_table.py's tables)."""
     names = results.glob("bench_*.json")
-    for name in names:
-        results.get(name)  # read through Results, so --list names them
-    return make_tables([results.folder / name for name in names]).rstrip("\n")
+    dirty = [name for name in names if (commit_of(results[name]) or "").endswith("-dirty")]
+    lines = [make_tables([results.folder / name for name in names]).rstrip("\n")]
+    if dirty:
+        lines += ["", "Run from a tree with uncommitted edits (a commit that ends in `-dirty`; the edits were not kept): "
+                  + ", ".join(f"`{name}`" for name in dirty) + "."]  # fmt: skip
+    return "\n".join(lines)
 
 
 CPU_LABELS = {
@@ -402,7 +405,7 @@ def study(results: Results, name: str) -> str:
     metric, budget = result["main_metric"], result["budget"]
     step0 = result["study"] in STEP0_STUDIES
     header = ["run", "N", f"held-out {metric}", *(["at step 0"] if step0 else []), "loop share", "steps",
-              "optimizer steps", "wall time"]  # fmt: skip
+              "optimizer steps", "wall time", "trained at"]  # fmt: skip
     rows = []
     for run in result["runs"]:
         train = run["train"]
@@ -413,7 +416,7 @@ def study(results: Results, name: str) -> str:
         if step0:
             cells.append(f"{run['step0'][metric]:.2f}")
         cells += [f"{run['held_out']['loop_share']:.0f}%", str(run["steps"]), steps_time,
-                  f"{train['seconds'] / 60:.1f} min"]  # fmt: skip
+                  f"{train['seconds'] / 60:.1f} min", train.get("commit") or "-"]  # fmt: skip
         rows.append(cells)
     held = budget["held_out"]
     lengths = sorted({run["max_length"] for run in result["runs"]})
@@ -428,7 +431,8 @@ def study(results: Results, name: str) -> str:
              f"held out: {held['split']} {held['offset']}+, {held['limit']} examples."]  # fmt: skip
     if result.get("not_run"):
         lines.append(f"Not run: {', '.join(result['not_run'])}.")
-    lines.append(source_line(results, [name]))
+    # The JSON's own commit is where the report was written; each run trained at the commit in its row.
+    lines.append(source_line(results, [name]) + " Each run trained at the commit in its row.")
     return "\n".join(lines)
 
 
