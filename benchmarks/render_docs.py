@@ -336,6 +336,71 @@ def distributed_memory(results: Results) -> str:
     return "\n".join([*table(["layout", "global batch", "per GPU"], rows), "", source_line(results)])
 
 
+def search_step_detail(results: Results) -> str:
+    """docs/search.md: the same step with 1 and 2 threads on each side; speed-ups of each side's fastest setting."""
+    result = results["search_step.json"]
+    rows = []
+    for entry in result["results"].values():
+        opts = {k: v for k, v in entry["options"].items() if k in ("repetition_penalty", "no_repeat_ngram_size")}
+        med, low = entry["median_ms"], entry["min_ms"]
+        by = {side: [k for k in med if k.startswith(side)] for side in ("transformers", "core")}
+        speed = [min(m[k] for k in by["transformers"]) / min(m[k] for k in by["core"]) for m in (med, low)]
+        rows.append([", ".join(f"{k}={v:g}" for k, v in opts.items()) or "no processors",
+                     *(f"{med[k]:.2f} ms" for k in ("transformers_1t_ms", "transformers_2t_ms", "core_1t_ms",
+                                                    "core_2t_ms")), *(f"{x:.1f}x" for x in speed)])  # fmt: skip
+    header = ["options", "transformers, 1 torch thread", "transformers, 2 torch threads", "core, 1 thread",
+              "core, 2 threads", "speedup (median)", "speedup (min)"]  # fmt: skip
+    note = f"Medians of {result['reps']} steps after {result['warmup']} warm-up runs."
+    return "\n".join([*table(header, rows), "", note, source_line(results)])
+
+
+def distributed_memory_detail(results: Results) -> str:
+    """docs/distributed.md: every layout and batch of the 7B computation, weights and activations apart."""
+    result = results["distributed_memory_7b.json"]
+    rows = []
+    for r in result["rows"]:
+        flag, _, rest = r["layout"].partition(",")
+        layout = f"`{flag}`,{rest}" if flag.startswith("-") else r["layout"]
+        layout = layout.replace(f", {r['gpus']} GPUs", "")
+        if layout.startswith("DDP") and r["global_batch"] // r["gpus"] > 1:
+            layout += f" ({r['global_batch'] // r['gpus']} rows each)"
+        rows.append([str(r["global_batch"]), layout, f"{r['weights_gib']:.2f} GiB", f"{r['activations_gib']:.2f} GiB",
+                     f"{r['total_gib']:.2f} GiB"])  # fmt: skip
+    header = ["global batch", "layout (4 GPUs)", "weights", "activations", "total per GPU"]
+    return "\n".join([*table(header, rows), "", source_line(results)])
+
+
+def data_stats(results: Results) -> str:
+    """docs/data.md: each split's size, input lengths and how many examples the max length cuts."""
+    result = results["data_stats.json"]
+    rows = [[f"`{s['task']}`", s["split"], f"{s['examples']:,}",
+             f"{s['input_tokens']['mean']:.1f} / {s['input_tokens']['p95']:,} / {s['input_tokens']['max']:,}",
+             f"{s['truncated_at_max_length']:,}"] for s in result["splits"]]  # fmt: skip
+    header = ["task", "split", "examples", "input tokens (mean / p95 / max)", f"cut at {result['max_length']}"]
+    return "\n".join([*table(header, rows), "", source_line(results)])
+
+
+SHARED_POLICIES = {"balanced": "**balanced** (default)", "passive": "passive", "spin": "spin (before)"}
+
+
+def shared_machine(results: Results) -> str:
+    """docs/safety.md: an eval's wall time alone, next to a busy core, and two at once, per thread policy."""
+    result = results["shared_machine.json"]
+    rows = []
+    for backend, policies in result["summary"].items():
+        for policy, label in SHARED_POLICIES.items():
+            p = policies.get(policy)
+            if not p:
+                continue
+            pair = [p[k] for k in ("pair[0]", "pair[1]") if k in p]
+            rows.append([f"{backend}, {label}", f"{p['alone']['wall_s']:.1f} s",
+                         f"{p['busy']['wall_s']:.1f} s ({p['busy']['x_alone']:.2f}x)",
+                         ", ".join(f"{x['wall_s']:.1f} s" for x in pair) + " ("
+                         + ", ".join(f"{x['x_alone']:.2f}x" for x in pair) + ")"])  # fmt: skip
+    header = ["backend, policy", "alone", "next to a busy core", "two at once (each)"]
+    return "\n".join([*table(header, rows), "", source_line(results)])
+
+
 # -- quality -------------------------------------------------------------------------------------------------------
 
 QUALITY_FILES = ("quality_squad_smollm2-135m.json", "quality_cnndm_smollm2-135m.json",
@@ -603,6 +668,10 @@ RENDERERS: dict[str, Callable[[Results], str]] = {
     "training-speed": training_speed,
     "search-step": search_step,
     "distributed-memory": distributed_memory,
+    "distributed-memory-detail": distributed_memory_detail,
+    "search-step-detail": search_step_detail,
+    "data-stats": data_stats,
+    "shared-machine": shared_machine,
     "quality": quality,
     "classify": classify,
     "serve-load": serve_load,
