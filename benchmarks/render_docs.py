@@ -111,12 +111,12 @@ def source_line(results: Results, names: list[str] | None = None) -> str:
 # -- formatting ----------------------------------------------------------------------------------------------------
 
 
-def f(value, spec: str = ".1f", suffix: str = "") -> str:
+def num(value, spec: str = ".1f", suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
 def ratio(value, bold: bool = False) -> str:
-    text = f(value, ".2f", "x")
+    text = num(value, ".2f", "x")
     return f"**{text}**" if bold and value is not None else text
 
 
@@ -171,9 +171,9 @@ def speed_cpu(results: Results) -> str:
             continue
         b, b1 = slots[name], one.get(name, {})
         label = label.format(peft=b["examples"], peft_b1=b1.get("examples"))
-        rows.append([label, f(b["tokens_per_s"]), ratio(b.get("speedup_vs_hf_embeds"), name in SOFTTOOL[:2]),
-                     ratio(b.get("speedup_vs_hf")), f(b["examples_per_s"], ".2f"), f(b1.get("tokens_per_s")),
-                     ratio(b1.get("speedup_vs_hf_embeds"), name == "onnx"), f(b.get("metric"), ".2f"),
+        rows.append([label, num(b["tokens_per_s"]), ratio(b.get("speedup_vs_hf_embeds"), name in SOFTTOOL[:2]),
+                     ratio(b.get("speedup_vs_hf")), num(b["examples_per_s"], ".2f"), num(b1.get("tokens_per_s")),
+                     ratio(b1.get("speedup_vs_hf_embeds"), name == "onnx"), num(b.get("metric"), ".2f"),
                      share(b.get("identical_share"))])  # fmt: skip
     header = ["backend", "tok/s (16 slots)", "vs hf-embeds", "vs hf", "examples/s", "tok/s (batch 1)", "vs hf-embeds",
               "BLEU", "outputs = torch"]  # fmt: skip
@@ -189,7 +189,7 @@ def speed_cpu_short(results: Results) -> str:
         same = share(b.get("identical_share"))
         if b.get("identical_share") != b1.get("identical_share"):
             same = f"{same} (16 slots), {share(b1.get('identical_share'))} (batch 1)"
-        rows.append([f"`{name}`", f(b["tokens_per_s"]), ratio(b["speedup_vs_hf_embeds"]), f(b1["tokens_per_s"]),
+        rows.append([f"`{name}`", num(b["tokens_per_s"]), ratio(b["speedup_vs_hf_embeds"]), num(b1["tokens_per_s"]),
                      ratio(b1["speedup_vs_hf_embeds"]), same])  # fmt: skip
     header = ["backend", "tok/s (16 slots)", "vs hf-embeds", "tok/s (batch 1)", "vs hf-embeds", "same as torch"]
     return "\n".join([*table(header, rows), "", source_line(results)])
@@ -207,8 +207,8 @@ def speed_gemma(results: Results) -> str:
         )
         to, same = b.get("identical_to"), b.get("identical_share")
         same_text = "-" if same is None else (share(same) if to == "torch" else f"(= `{to}` {share(same)})")
-        rows.append([label, f(b["tokens_per_s"]), ratio(b.get("speedup_vs_hf"), b["name"] == "onnx"),
-                     ratio(b.get("speedup_vs_hf_cb")), f(b["examples_per_s"], ".2f"), f(b.get("metric"), ".2f"),
+        rows.append([label, num(b["tokens_per_s"]), ratio(b.get("speedup_vs_hf"), b["name"] == "onnx"),
+                     ratio(b.get("speedup_vs_hf_cb")), num(b["examples_per_s"], ".2f"), num(b.get("metric"), ".2f"),
                      "-" if b["name"] == "hf" else same_text])  # fmt: skip
     header = ["backend", "tok/s", "vs hf", "vs hf-cb", "examples/s", "BLEU", "outputs = torch"]
     return "\n".join([*table(header, rows), "", source_line(results)])
@@ -225,8 +225,8 @@ def speed_gpu(results: Results) -> str:
     """README: the H200 run at 16 slots and at batch 1, against transformers' static cache."""
     slots, one = results["bench_translation_cuda.json"], results["bench_translation_b1_cuda.json"]
     s, o = backends(slots), backends(one)
-    rows = [[label, f(s[name]["tokens_per_s"], ",.0f"), ratio(s[name]["speedup_vs_hf_static"], name != "hf-static"),
-             f(o[name]["tokens_per_s"], ",.0f"), ratio(o[name]["speedup_vs_hf_static"], name != "hf-static")]
+    rows = [[label, num(s[name]["tokens_per_s"], ",.0f"), ratio(s[name]["speedup_vs_hf_static"], name != "hf-static"),
+             num(o[name]["tokens_per_s"], ",.0f"), ratio(o[name]["speedup_vs_hf_static"], name != "hf-static")]
             for name, label in GPU_LABELS.items()]  # fmt: skip
     header = ["backend", f"tok/s ({slots['options']['batch_size']} slots, {slots['workload']['examples']} sentences)",
               "vs hf-static", f"tok/s (batch 1, {one['workload']['examples']} sentences)", "vs hf-static"]  # fmt: skip
@@ -247,8 +247,8 @@ def speed_gpu_detail(results: Results) -> str:
             once = f"{b['warmup_s']:.1f} s (its warm-up)" if backend == "hf-static" else f"{b['capture_s']:.2g} s"
             if backend != "hf-static" and b["capture_s"] >= 1:
                 once = f"{b['capture_s']:.1f} s"
-            rows.append([workload if k == 0 else "", label, f(b["tokens_per_s"], ",.0f"),
-                         ratio(b["speedup_vs_hf_static"], backend != "hf-static"), once, f(b["peak_gpu_mb"], ".0f")])  # fmt: skip
+            rows.append([workload if k == 0 else "", label, num(b["tokens_per_s"], ",.0f"),
+                         ratio(b["speedup_vs_hf_static"], backend != "hf-static"), once, num(b["peak_gpu_mb"], ".0f")])  # fmt: skip
     header = ["workload", "backend", "tokens/s", "vs hf-static", "capture/compile, once", "GPU MB"]
     return "\n".join([*table(header, rows), "", source_line(results)])
 
@@ -299,8 +299,8 @@ def training_speed(results: Results) -> str:
     for n in result["options"]["num_virtual_tokens"]:
         peft, naive, shared = by[(n, "peft")], by[(n, "softtool-naive")], by[(n, "softtool")]
         agree = {True: "yes", False: "no"}
-        rows.append([str(n), f(peft["samples_per_s"], ".2f"), f(naive["samples_per_s"], ".2f"),
-                     f(shared["samples_per_s"], ".2f"), ratio(shared["speedup_vs_peft"], True),
+        rows.append([str(n), num(peft["samples_per_s"], ".2f"), num(naive["samples_per_s"], ".2f"),
+                     num(shared["samples_per_s"], ".2f"), ratio(shared["speedup_vs_peft"], True),
                      f"{agree[shared['losses_agree']]} (largest difference {shared['max_loss_diff_vs_peft']:.2g}, "
                      f"{shared['max_loss_diff_vs_peft'] / peft['final_loss']:.1%})"])  # fmt: skip
     opts = result["options"]
