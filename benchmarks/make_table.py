@@ -75,10 +75,12 @@ def train_rows(result: dict, name: str) -> list[str]:
 
 
 def make_tables(paths: list[Path]) -> str:
-    gen, train, limits = [], [], []
+    gen, train, limits, dirty = [], [], [], []
     for path in sorted(paths):
         result = json.loads(path.read_text())
         name = path.name
+        if str(result["machine"].get("git_commit") or "").endswith("-dirty"):
+            dirty.append(f"`{name}`")
         if result.get("kind") == "train":
             train += train_rows(result, name)
             continue
@@ -113,6 +115,9 @@ def make_tables(paths: list[Path]) -> str:
             *train,
             "",
         ]
+    if dirty:
+        out += [f"Run from a tree with uncommitted edits (a commit that ends in `-dirty`; the edits were not kept): "
+                f"{', '.join(dirty)}.", ""]  # fmt: skip
     return "\n".join(out)
 
 
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    args.update.write_text(f"{head}{START}\n{tables}\n{END}{tail}")
+    args.update.write_text(f"{head}{START}\n{tables.rstrip()}\n{END}{tail}")  # as render_docs.py writes it
     return 0
 
 

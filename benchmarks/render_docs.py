@@ -144,12 +144,9 @@ SOFTTOOL = ("torch", "onnx", "onnx-int8")
 def bench_all(results: Results) -> str:
     """docs/bench.md: every `bench_*.json`, one row per backend (benchmarks/make_table.py's tables)."""
     names = results.glob("bench_*.json")
-    dirty = [name for name in names if (commit_of(results[name]) or "").endswith("-dirty")]
-    lines = [make_tables([results.folder / name for name in names]).rstrip("\n")]
-    if dirty:
-        lines += ["", "Run from a tree with uncommitted edits (a commit that ends in `-dirty`; the edits were not kept): "
-                  + ", ".join(f"`{name}`" for name in dirty) + "."]  # fmt: skip
-    return "\n".join(lines)
+    for name in names:
+        results.get(name)  # read through Results, so --list names them
+    return make_tables([results.folder / name for name in names]).rstrip("\n")
 
 
 CPU_LABELS = {
