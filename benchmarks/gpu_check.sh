@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check for `softtool export` (not yet run: the one GPU lent so far had no onnxruntime-gpu). Needs an
+# GPU check for `softtool export` (not run yet: the lent H200 ran the gqa export through `softtool bench`, not this). Needs an
 # NVIDIA GPU and onnxruntime-gpu
 # (pip install -c constraints.txt -e ".[gpu]"; then uninstall the CPU onnxruntime wheel if both are present).
 # Exports SmolLM2-135M with a 20-token prompt for the CUDA EP (fp32, then fp16), checks each export against

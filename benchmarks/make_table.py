@@ -16,7 +16,8 @@ from pathlib import Path
 from softtool.bench.measure import row_steps_per_s
 from softtool.bench.report import where as hardware
 
-START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+# The markers of docs/bench.md's block, the one benchmarks/render_docs.py renders as `bench` (make docs).
+START, END = "<!-- render:bench:start -->", "<!-- render:bench:end -->"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -74,10 +75,12 @@ def train_rows(result: dict, name: str) -> list[str]:
 
 
 def make_tables(paths: list[Path]) -> str:
-    gen, train, limits = [], [], []
+    gen, train, limits, dirty = [], [], [], []
     for path in sorted(paths):
         result = json.loads(path.read_text())
         name = path.name
+        if str(result["machine"].get("git_commit") or "").endswith("-dirty"):
+            dirty.append(f"`{name}`")
         if result.get("kind") == "train":
             train += train_rows(result, name)
             continue
@@ -112,6 +115,9 @@ def make_tables(paths: list[Path]) -> str:
             *train,
             "",
         ]
+    if dirty:
+        out += [f"Run from a tree with uncommitted edits (a commit that ends in `-dirty`; the edits were not kept): "
+                f"{', '.join(dirty)}.", ""]  # fmt: skip
     return "\n".join(out)
 
 
@@ -134,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    args.update.write_text(f"{head}{START}\n{tables}\n{END}{tail}")
+    args.update.write_text(f"{head}{START}\n{tables.rstrip()}\n{END}{tail}")  # as render_docs.py writes it
     return 0
 
 

@@ -4,8 +4,8 @@
     python benchmarks/run_all.py --quick    # fewer examples and steps (minutes instead of an hour on 2 cores)
     python benchmarks/run_all.py --adapter translation=runs/de   # a trained prompt for one task's configs
 
-Each run writes benchmarks/results/bench_<config>.json (+ .png); make_table.py then rewrites the
-table in docs/bench.md. Extra arguments after `--` go to every `softtool bench` call (e.g. `-- --adapter runs/de`).
+Each run writes benchmarks/results/bench_<config>.json (+ .png); render_docs.py then renders every table that
+quotes them again (`make docs`). Extra arguments after `--` go to every `softtool bench` call (e.g. `-- --adapter runs/de`).
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     print("+", " ".join(train), flush=True)
     if subprocess.run(train, cwd=HERE.parent).returncode != 0:
         failed.append("train")
-    subprocess.run([sys.executable, str(HERE / "make_table.py"), "--update", str(HERE.parent / "docs" / "bench.md")])
+    # Every table that quotes these files (docs/bench.md's and the README's), as `make docs` renders them.
+    subprocess.run([sys.executable, str(HERE / "render_docs.py")])
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

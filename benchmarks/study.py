@@ -532,45 +532,10 @@ def plot(result: dict, path: Path) -> None:
 
 
 def table(paths: list[Path]) -> str:
-    """The README's tables, one per study JSON."""
-    out = []
-    for path in paths:
-        result = json.loads(path.read_text())
-        metric, budget = result["main_metric"], result["budget"]
-        step0 = result["study"] in STEP0_STUDIES
-        head = ["run", "N", f"held-out {metric}"] + (["at step 0"] if step0 else []) + ["loop share", "steps",
-                                                                                        "train time"]  # fmt: skip
-        lines = [f"**{result['study']}** ({result['task']}, {result['model']}; `{path.name}`)", "",
-                 "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]  # fmt: skip
-        for run in result["runs"]:
-            # The optimizer steps' time; PEFT's loop records only its wall time (model loading included).
-            steps_only = run["train"]["step_seconds"] is not None
-            seconds = run["train"]["step_seconds"] if steps_only else run["train"]["seconds"]
-            cells = [f"{run['label']}", str(run["num_virtual_tokens"]), f"{run['held_out'][metric]:.2f}"]
-            if step0:
-                cells.append(f"{run['step0'][metric]:.2f}")
-            cells += [
-                f"{run['held_out']['loop_share']:.0f}%",
-                str(run["steps"]),
-                f"{seconds / 60:.1f} min" + ("" if steps_only else " (wall)"),
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
-        where = budget["held_out"]
-        lengths = sorted({run["max_length"] for run in result["runs"]})
-        length = f"{budget['max_length']}" if lengths == [budget["max_length"]] else "/".join(map(str, lengths))
-        lines.append("")
-        steps = f"{budget['steps']} steps"
-        if result["study"] == "method":
-            steps = (f"until the dev loss ({budget['dev_loss_examples']} examples, every {budget['segment_steps']} "
-                     f"steps) improved < {budget['flat_below']:.0%} over the last quarter, at most {budget['max_steps']} "
-                     f"steps, {budget['schedule']} rate after warmup")  # fmt: skip
-        lines.append(f"Budget: {steps}, batch {budget['batch_size']}, max length {length} "
-                     f"(from `{budget['source']}`); held out: {where['split']} {where['offset']}+, {where['limit']} "
-                     f"examples.")  # fmt: skip
-        if result["not_run"]:
-            lines.append(f"Not run: {', '.join(result['not_run'])}.")
-        out.append("\n".join(lines))
-    return "\n\n".join(out)
+    """The README's tables, one per study JSON: benchmarks/render_docs.py renders them (`make docs` writes them)."""
+    from render_docs import Results, study
+
+    return "\n\n".join(study(Results(path.parent), path.name) for path in paths)
 
 
 def main() -> None:

@@ -118,7 +118,7 @@ def test_each_backend_can_run_in_a_fresh_process_with_its_own_peak_memory(tiny_m
 def test_make_table_renders_a_row_per_backend(smoke_result, tmp_path):
     path, result = smoke_result
     doc = tmp_path / "doc.md"
-    doc.write_text("intro\n<!-- bench-table:start -->\nold\n<!-- bench-table:end -->\nafter\n")
+    doc.write_text("intro\n<!-- render:bench:start -->\nold\n<!-- render:bench:end -->\nafter\n")
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         import make_table
