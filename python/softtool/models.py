@@ -27,6 +27,13 @@ from pathlib import Path
 from softtool.errors import SofttoolError
 
 DEFAULT_MODEL = "smollm2-135m"
+# The model families tested end to end (train, eval, export, serve: tests/test_model_families.py, docs/models.md).
+TESTED_FAMILIES = (
+    "llama", "qwen2", "qwen3", "mistral", "phi3", "phi", "gemma2", "gemma3_text", "olmo2", "granite", "gpt_neox",
+    "starcoder2", "gpt2", "qwen3_moe",
+)  # fmt: skip
+# Layer kinds of a decoder whose every layer is self-attention with a KV cache (what softtool's slot cache holds).
+_ATTENTION_LAYERS = {"full_attention", "sliding_attention"}
 
 
 @dataclass(frozen=True)
@@ -245,11 +252,37 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, **kwargs)
     except (OSError, ValueError) as exc:
-        raise SofttoolError(f"cannot load model {name_or_path}: {str(exc).splitlines()[0]}") from exc
+        reason = str(exc).splitlines()[0]
+        if "Unrecognized configuration class" in reason:  # an encoder-decoder or encoder-only model
+            reason = f"it is not a decoder-only language model (AutoModelForCausalLM has no class for it); {_SUPPORTED}"
+        raise SofttoolError(f"cannot load model {name_or_path}: {reason}") from exc
+    problem = unsupported_reason(model.config)
+    if problem:
+        raise SofttoolError(f"cannot use model {name_or_path}: {problem}; {_SUPPORTED}")
     if not device_map:
         model.to(device)
     freeze(model)
     return model
+
+
+_SUPPORTED = (
+    "softtool trains and runs decoder-only transformers whose every layer is self-attention with a KV cache "
+    f"(tested: {', '.join(TESTED_FAMILIES)}; docs/models.md)"
+)
+
+
+def unsupported_reason(config) -> str | None:
+    """Why a loaded causal LM cannot be a soft prompt's base (None when it can): softtool's prompt cache and slot
+    cache hold each layer's keys and values, which a state-space or linear-attention layer does not have."""
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    other = sorted(layer_types - _ATTENTION_LAYERS)
+    if other:
+        return f"model type {config.model_type!r} has {', '.join(other)} layers (no keys and values to cache)"
+    if getattr(config, "is_encoder_decoder", False):
+        return f"model type {config.model_type!r} is an encoder-decoder"
+    if not getattr(config, "num_attention_heads", None):
+        return f"model type {config.model_type!r} has no self-attention (a state-space or recurrent model)"
+    return None
 
 
 def freeze(model) -> None:
