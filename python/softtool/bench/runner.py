@@ -19,15 +19,16 @@ from softtool.bench.options import BenchOptions
 from softtool.bench.workload import Workload, build_workload, get_task, main_metric, score
 
 
-def _run_isolated(name: str, options: BenchOptions, workload: Workload) -> dict[str, Any]:
+def _run_isolated(
+    name: str, options: BenchOptions, workload: dict[str, Any], worker: str = "softtool.bench.measure"
+) -> dict[str, Any]:
+    """Run one backend in a fresh process: `python -m WORKER SPEC RESULT` on the workload (as JSON)."""
     with tempfile.TemporaryDirectory(prefix="softtool-bench-") as tmp:
         spec, out = Path(tmp) / "spec.json", Path(tmp) / "result.json"
-        spec.write_text(
-            json.dumps({"backend": name, "options": options.to_dict(), "workload": workload_to_json(workload)})
-        )
+        spec.write_text(json.dumps({"backend": name, "options": options.to_dict(), "workload": workload}))
         env = {**os.environ, "OMP_NUM_THREADS": str(options.threads), "TOKENIZERS_PARALLELISM": "false"}
         proc = subprocess.run(
-            [sys.executable, "-m", "softtool.bench.measure", str(spec), str(out)],
+            [sys.executable, "-m", worker, str(spec), str(out)],
             capture_output=True,
             text=True,
             env=env,
@@ -61,14 +62,14 @@ def run_bench(options: BenchOptions, command: str = "", progress=None) -> dict[s
     del model  # the workers load their own; keep this process small beside them
 
     results = []
-    options = _with_exports(options, workload, results, progress)
+    options = _with_exports(options, workload.adapter_dir, results, progress)
     for name in options.backends:
         if any(r["name"] == name for r in results):
             continue  # its export failed; already reported as skipped
         if progress:
             progress(f"running backend {name}")
         if options.isolate:
-            results.append(_run_isolated(name, options, workload))
+            results.append(_run_isolated(name, options, workload_to_json(workload)))
         else:
             results.append(run_backend(name, options, workload, isolated=False))
 
@@ -127,7 +128,7 @@ def run_bench(options: BenchOptions, command: str = "", progress=None) -> dict[s
     }
 
 
-def _with_exports(options: BenchOptions, workload: Workload, results: list, progress) -> BenchOptions:
+def _with_exports(options: BenchOptions, adapter_dir: Path, results: list, progress) -> BenchOptions:
     """Export the graphs the ONNX backends need here, so an export's memory never counts in a backend's peak."""
     from dataclasses import replace
 
@@ -140,7 +141,7 @@ def _with_exports(options: BenchOptions, workload: Workload, results: list, prog
         if progress:
             progress(f"exporting the {dtype} graph for {name}")
         try:
-            changes[field_name] = str(export_on_the_fly(options, workload.adapter_dir, dtype))
+            changes[field_name] = str(export_on_the_fly(options, adapter_dir, dtype))
         except BackendUnavailable as exc:
             results.append({"name": name, "status": "skipped", "reason": str(exc)})
     return replace(options, **changes)
