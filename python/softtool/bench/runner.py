@@ -1,6 +1,6 @@
 """`softtool bench` end to end: build the workload once, run each backend (each in a fresh process by
 default), then compare outputs, score them, and relate the speeds to PEFT, plain transformers and the
-machine's limits."""
+machine's limits. Task classify ranks labels instead (run_rank_bench; softtool.bench.rank)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from typing import Any
 from softtool.bench.limits import best_of, machine_info, measure_limits, model_costs
 from softtool.bench.measure import row_steps_per_s, run_backend, set_threads, workload_to_json
 from softtool.bench.options import BenchOptions
+from softtool.bench.rank import PEER, build_rank_workload, compare_with_peer
+from softtool.bench.rank_backends import run_rank_backend
 from softtool.bench.workload import Workload, build_workload, get_task, main_metric, score
 
 
@@ -48,6 +50,9 @@ def identical_share(outputs: list[list[int]], reference: list[list[int]]) -> flo
 def run_bench(options: BenchOptions, command: str = "", progress=None) -> dict[str, Any]:
     """Run every requested backend on one workload; returns the result that `report.write_json` saves."""
     from softtool.models import load_model, load_tokenizer
+
+    if options.task == "classify":
+        return run_rank_bench(options, command, progress)
 
     set_threads(options.threads)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -124,6 +129,71 @@ def run_bench(options: BenchOptions, command: str = "", progress=None) -> dict[s
         "notes": workload.notes,
         "limits": limits,
         "main_metric": metric,
+        "backends": results,
+    }
+
+
+def run_rank_bench(options: BenchOptions, command: str = "", progress=None) -> dict[str, Any]:
+    """run_bench for task classify: every requested backend ranks one workload (softtool.bench.rank)."""
+    import torch
+
+    from softtool.models import load_model, load_tokenizer
+
+    set_threads(options.threads)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    tokenizer = load_tokenizer(options.model)
+    model = load_model(options.model)
+    workload = build_rank_workload(options, model, tokenizer)
+    costs = model_costs(model, bytes_per_param=getattr(torch, options.dtype).itemsize)
+    probe = dict(device=options.device, dtype=options.dtype)
+    limits = measure_limits(options.threads, costs, **probe) if options.limits else {}
+    del model  # the workers load their own
+
+    results: list[dict[str, Any]] = []
+    options = _with_exports(options, workload.adapter_dir, results, progress)
+    for name in options.backends:
+        if any(r["name"] == name for r in results):
+            continue  # its export failed; already reported as skipped
+        if progress:
+            progress(f"running backend {name}")
+        if options.isolate:
+            results.append(_run_isolated(name, options, workload.to_json(), "softtool.bench.rank_backends"))
+        else:
+            results.append(run_rank_backend(name, options, workload, isolated=False))
+    if options.limits:
+        limits = best_of(limits, measure_limits(options.threads, costs, **probe))
+
+    task = get_task("classify", workload.task_options)
+    results.sort(key=lambda r: options.backends.index(r["name"]))
+    compare_with_peer(results, workload, task, options)
+    return {
+        "kind": "rank",
+        "started": started,
+        "command": command,
+        "machine": machine_info(options.threads),
+        "options": options.to_dict(),
+        "workload": {
+            "examples": len(workload.rows),
+            "data_source": workload.data_source,
+            "split": options.split,
+            "template": workload.template,
+            "num_virtual_tokens": workload.num_virtual_tokens,
+            "adapter": str(workload.adapter_dir),
+            "labels": workload.labels,
+            "label_tokens": workload.choices,
+            "scored": "label + EOS",
+            "batches": len(workload.batches),
+            "mean_input_tokens": sum(map(len, workload.rows)) / len(workload.rows),
+            "truncated": workload.truncated,
+            "model_tokens": {
+                PEER: workload.model_tokens(shared_prompt=False),
+                "softtool": workload.model_tokens(shared_prompt=True),
+            },
+        },
+        "notes": workload.notes,
+        "limits": limits,
+        "main_metric": "accuracy",
+        "peer": PEER,
         "backends": results,
     }
 
