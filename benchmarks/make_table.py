@@ -74,8 +74,32 @@ def train_rows(result: dict, name: str) -> list[str]:
     return rows
 
 
+def rank_rows(result: dict, name: str) -> list[str]:
+    opts, workload = result["options"], result["workload"]
+    on = f", {hardware(result)}" if opts.get("device", "cpu") != "cpu" else ""
+    rows = []
+    for r in result["backends"]:
+        where = f"`{name}` @ {result['machine']['git_commit']}"
+        if r["status"] != "ok":
+            rows.append(
+                f"| {opts['task']}{on} | {opts['batch_size']} | {r['name']} | {r['status']} | | | | | | {where} |"
+            )
+            continue
+        target = "-"
+        if "target_speedup" in r:
+            target = f"{r['target_speedup']:.1f}x " + ("met" if r["target_met"] else "**missed**")
+        same = r.get("same_predictions_as_peer")
+        rows.append(
+            f"| {opts['task']} x{workload['examples']}{on} | {opts['batch_size']} | {r['name']} "
+            f"| {_f(r['examples_per_s'], '.2f')} | {_f(r.get('speedup_vs_hf_rank'), '.2f', 'x')} | {target} "
+            f"| {_f(r.get('metric'), '.2f')} | {'-' if same is None else f'{same:.0%}'} "
+            f"| {_f(r.get('max_abs_score_diff_vs_peer'), '.1e')} | {where} |"
+        )
+    return rows
+
+
 def make_tables(paths: list[Path]) -> str:
-    gen, train, limits, dirty = [], [], [], []
+    gen, train, rank, limits, dirty = [], [], [], [], []
     for path in sorted(paths):
         result = json.loads(path.read_text())
         name = path.name
@@ -84,7 +108,10 @@ def make_tables(paths: list[Path]) -> str:
         if result.get("kind") == "train":
             train += train_rows(result, name)
             continue
-        gen += generate_rows(result, name)
+        if result.get("kind") == "rank":
+            rank += rank_rows(result, name)
+        else:
+            gen += generate_rows(result, name)
         lim = result.get("limits") or {}
         if lim:
             limits.append(
@@ -99,6 +126,14 @@ def make_tables(paths: list[Path]) -> str:
             "| metric | same as torch | of bandwidth bound | result |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             *gen,
+            "",
+        ]
+    if rank:
+        out += [
+            "| classification | examples/batch | backend | examples/s | vs hf-rank | target | accuracy "
+            "| same as hf-rank | max score diff | result |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            *rank,
             "",
         ]
     if limits:

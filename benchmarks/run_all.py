@@ -3,6 +3,7 @@
     python benchmarks/run_all.py            # every generation config, the training comparison, then the tables
     python benchmarks/run_all.py --quick    # fewer examples and steps (minutes instead of an hour on 2 cores)
     python benchmarks/run_all.py --adapter translation=runs/de   # a trained prompt for one task's configs
+    python benchmarks/run_all.py --adapter classify=runs/sst2    # adds classify_sst2 (it needs a trained prompt)
 
 Each run writes benchmarks/results/bench_<config>.json (+ .png); render_docs.py then renders every table that
 quotes them again (`make docs`). Extra arguments after `--` go to every `softtool bench` call (e.g. `-- --adapter runs/de`).
@@ -18,6 +19,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = ["translation", "translation_b1", "translation_beam4", "squad", "cnndm"]
+# Configs that rank a trained classify prompt: run when --adapter classify=PATH names one.
+CLASSIFY_CONFIGS = ["classify_sst2"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("extra", nargs="*", help="arguments passed to every softtool bench call")
     args = parser.parse_args(argv)
     adapters = dict(a.split("=", 1) for a in args.adapter)
+    if "classify" in adapters and args.configs == ",".join(CONFIGS):
+        args.configs = ",".join(CONFIGS + CLASSIFY_CONFIGS)
     bench = [sys.executable, "-m", "softtool", "bench"]
     failed = []
     for name in args.configs.split(","):

@@ -1,8 +1,9 @@
 """The options of one benchmark run (`softtool bench`): the workload, the backends, and how to time them.
 
-One dataclass per concern: `BenchOptions` for generation speed, `TrainBenchOptions` for the training
-comparison. The CLI builds its flags from the fields' help metadata, and a workload config
-(benchmarks/configs/*.json) is a JSON object with the same field names.
+One dataclass per concern: `BenchOptions` for inference speed (generation, or rank classification with task
+classify: softtool.bench.rank), `TrainBenchOptions` for the training comparison. The CLI builds its flags from
+the fields' help metadata, and a workload config (benchmarks/configs/*.json) is a JSON object with the same field
+names.
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ from typing import Any
 
 from softtool.errors import SofttoolError
 
-ALL_BACKENDS = ("peft", "peft-cache", "hf", "hf-cb", "hf-embeds", "hf-static", "torch", "onnx", "onnx-int8")
+ALL_BACKENDS = ("peft", "peft-cache", "hf", "hf-cb", "hf-embeds", "hf-static", "hf-rank", "torch", "onnx", "onnx-int8")
 STEPS = ("auto", "static", "dynamic")
 DEFAULT_BACKENDS = ("peft", "hf", "hf-cb", "torch", "onnx", "onnx-int8")
-TASKS = ("translation", "squad", "cnndm")
+GENERATION_TASKS = ("translation", "squad", "cnndm")
+# classify ranks a classify adapter's labels after each example (softtool.bench.rank) instead of generating.
+TASKS = (*GENERATION_TASKS, "classify")
+# The classify workload's backends: the peer (one full row per example and label), then softtool's two.
+RANK_BACKENDS = ("hf-rank", "torch", "onnx")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -28,10 +33,14 @@ def _check_device(device: str) -> None:
 
 @dataclass
 class BenchOptions:
-    """What to generate, on which backends, and how often to time it."""
+    """What to generate (or, for task classify, rank), on which backends, and how often to time it."""
 
     task: str = field(
-        default="translation", metadata={"help": f"Task of the workload: {', '.join(TASKS)}.", "choices": TASKS}
+        default="translation",
+        metadata={
+            "help": f"Task of the workload: {', '.join(TASKS)} (classify: rank a classify adapter's labels).",
+            "choices": TASKS,
+        },
     )
     data: str | None = field(
         default=None, metadata={"help": "Data folder (e.g. ../shared/data/multi30k); or give `inputs` in a config."}
@@ -85,11 +94,19 @@ class BenchOptions:
     )
     backends: list[str] = field(
         default_factory=lambda: list(DEFAULT_BACKENDS),
-        metadata={"help": f"Backends to run, of {', '.join(ALL_BACKENDS)}.", "choices": ALL_BACKENDS},
+        metadata={
+            "help": f"Backends to run, of {', '.join(ALL_BACKENDS)} (classify: of {', '.join(RANK_BACKENDS)}, "
+            "all by default).",
+            "choices": ALL_BACKENDS,
+        },
     )
     model: str = field(default="smollm2-135m", metadata={"help": "Base model (name, folder or .gguf)."})
     adapter: str | None = field(
-        default=None, metadata={"help": "Soft prompt folder; without one an untrained prompt (vocab init) is made."}
+        default=None,
+        metadata={
+            "help": "Soft prompt folder; without one an untrained prompt (vocab init) is made (classify: required, "
+            "its labels and template are the workload)."
+        },
     )
     num_virtual_tokens: int = field(default=20, metadata={"help": "Virtual tokens of the untrained prompt.", "min": 1})
     template: str | None = field(
@@ -132,6 +149,22 @@ class BenchOptions:
     )
     output: str | None = field(default=None, metadata={"help": "JSON result path (a PNG chart goes beside it)."})
     seed: int = field(default=0, metadata={"help": "Seed of the untrained prompt."})
+    score_atol: float = field(
+        default=1e-3,
+        metadata={
+            "help": "classify: the largest difference from hf-rank's label scores (summed log-probs) that agrees.",
+            "min": 0,
+            "min_open": True,
+        },
+    )
+    targets: dict[str, float] | None = field(
+        default=None,
+        metadata={
+            "help": 'classify: the speedup over hf-rank each backend should reach, e.g. {"onnx": 3} (configs only; '
+            "the report says met or missed).",
+            "cli": False,
+        },
+    )
     no_repeat_ngram_size: int | None = field(
         default=None,
         metadata={"help": "No-repeat n-gram size of every row (hf ones too); default: the adapter's task default.",
@@ -146,9 +179,15 @@ class BenchOptions:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.task == "classify" and self.backends == list(DEFAULT_BACKENDS):
+            self.backends = list(RANK_BACKENDS)  # the default set is the task's own
         unknown = [b for b in self.backends if b not in ALL_BACKENDS]
         if unknown or not self.backends:
             raise ValueError(f"backends must be a non-empty subset of {ALL_BACKENDS}, got {self.backends}")
+        if self.task == "classify":
+            self._check_classify()
+        elif "hf-rank" in self.backends:
+            raise ValueError("hf-rank ranks labels: it is a backend of task classify, not of generation")
         for name in (
             "limit",
             "batch_size",
@@ -180,6 +219,21 @@ class BenchOptions:
         if self.references is not None and (self.inputs is None or len(self.references) != len(self.inputs)):
             raise ValueError("`references` needs `inputs` of the same length")
 
+    def _check_classify(self) -> None:
+        other = [b for b in self.backends if b not in RANK_BACKENDS]
+        if other:
+            raise ValueError(f"task classify ranks labels with {', '.join(RANK_BACKENDS)}; {other} generate text")
+        if not self.adapter:
+            raise ValueError(
+                "task classify needs `adapter`, a classify prompt (its labels and template are the workload); "
+                "train one with softtool train --task classify"
+            )
+        if self.data is None:
+            raise ValueError("task classify reads its examples and gold labels from `data`, not inline `inputs`")
+        for name, target in (self.targets or {}).items():
+            if name not in RANK_BACKENDS or not target > 0:
+                raise ValueError(f"targets: {name}={target}; give a positive speedup for any of {RANK_BACKENDS}")
+
     @property
     def onnx_device(self) -> str:
         """ONNX Runtime's device for this bench: it knows cpu and cuda, not cuda:N."""
@@ -194,7 +248,8 @@ class TrainBenchOptions:
     """The training comparison: softtool's training step against PEFT prompt tuning, same everything."""
 
     task: str = field(
-        default="translation", metadata={"help": f"Task of the workload: {', '.join(TASKS)}.", "choices": TASKS}
+        default="translation",
+        metadata={"help": f"Task of the workload: {', '.join(GENERATION_TASKS)}.", "choices": GENERATION_TASKS},
     )
     data: str | None = field(default=None, metadata={"help": "Data folder to draw training examples from."})
     split: str = field(default="train", metadata={"help": "Data split to read."})
@@ -226,8 +281,8 @@ class TrainBenchOptions:
     output: str | None = field(default=None, metadata={"help": "JSON result path (a PNG chart goes beside it)."})
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.task not in GENERATION_TASKS:
+            raise ValueError(f"the training comparison covers tasks {GENERATION_TASKS}, not {self.task!r}")
         if not self.num_virtual_tokens or min(self.num_virtual_tokens) < 1:
             raise ValueError(f"num_virtual_tokens must be positive, got {self.num_virtual_tokens}")
         for name in ("batch_size", "steps", "threads", "max_length"):

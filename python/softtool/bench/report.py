@@ -38,6 +38,9 @@ def print_table(result: dict[str, Any], console=None, path: str | None = None) -
     if result.get("kind") == "train":
         print_train_table(result, console, path)
         return
+    if result.get("kind") == "rank":
+        print_rank_table(result, console, path)
+        return
     opts, metric = result["options"], result.get("main_metric") or "metric"
     search = "greedy" if opts["num_beams"] == 1 else f"beam {opts['num_beams']}"
     title = (
@@ -118,6 +121,60 @@ def print_table(result: dict[str, Any], console=None, path: str | None = None) -
         console.print(f"[bold]note:[/bold] {note}")
 
 
+def print_rank_table(result: dict[str, Any], console, path: str | None = None) -> None:
+    """The classify workload: examples/s, speedup over the peer (and the target), accuracy, agreement."""
+    opts, workload, peer = result["options"], result["workload"], result.get("peer", "hf-rank")
+    title = (
+        f"classify x{workload['examples']} ({len(workload['labels'])} labels), {opts['batch_size']} examples/batch, "
+        f"{where(result)}"
+    )
+    columns = [
+        Column("backend", "left", essential=True),
+        Column("ex/s", essential=True),
+        Column(f"vs {peer}", essential=True),
+        Column("target"),
+        Column("accuracy", essential=True),
+        Column(f"same as {peer}", essential=True),
+        Column("max |d score|"),
+        Column("load s"),
+        Column("peak MB"),
+    ]
+    rows = []
+    for r in result["backends"]:
+        if r["status"] != "ok":
+            rows.append([r["name"], f"[yellow]{r['status']}[/yellow]"] + ["-"] * (len(columns) - 2))
+            continue
+        target = "-"
+        if "target_speedup" in r:
+            target = f"{r['target_speedup']:.1f}x " + ("met" if r["target_met"] else "[red]missed[/red]")
+        same = r.get("same_predictions_as_peer")
+        rows.append(
+            [
+                r["name"],
+                _fmt(r["examples_per_s"], ".2f"),
+                _ratio(r.get("speedup_vs_hf_rank")),
+                target,
+                _fmt(r.get("metric"), ".2f"),
+                "-" if same is None else f"{same:.0%}" + ("" if r.get("agrees_with_peer") else " [red]no[/red]"),
+                _fmt(r.get("max_abs_score_diff_vs_peer"), ".1e"),
+                _fmt(r["load_s"], ".1f"),
+                _fmt(r["peak_rss_mb"], ".0f"),
+            ]
+        )
+    print_rows(console, title, columns, rows, rest_in=path)
+    tokens = workload["model_tokens"]
+    console.print(
+        f"ex/s: examples ranked per second (every label scored); same: predictions identical to {peer}'s, and "
+        f"every label score within {opts['score_atol']:g} ('no' otherwise). Tokens the model runs: "
+        + ", ".join(f"{name} {count:,}" for name, count in tokens.items())
+    )
+    for r in result["backends"]:
+        if r["status"] != "ok":
+            console.print(f"[yellow]{r['name']} {r['status']}:[/yellow] {r.get('reason', '')}")
+    for note in result.get("notes", []):
+        console.print(f"[bold]note:[/bold] {note}")
+
+
 def print_train_table(result: dict[str, Any], console, path: str | None = None) -> None:
     opts = result["options"]
     title = f"training: {opts['task']}, batch {opts['batch_size']}, {opts['steps']} timed steps"
@@ -163,7 +220,8 @@ def write_json(result: dict[str, Any], path: str | Path) -> Path:
 
 
 def write_chart(result: dict[str, Any], path: str | Path) -> Path | None:
-    """A bar chart of tokens/s per backend (skipped ones left out), with the speedup over PEFT on each bar."""
+    """A bar chart of tokens/s per backend (skipped ones left out), with the speedup over PEFT on each bar
+    (classify: examples/s and the speedup over hf-rank)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,20 +230,24 @@ def write_chart(result: dict[str, Any], path: str | Path) -> Path | None:
     ok = [r for r in result["backends"] if r["status"] == "ok"]
     if not ok:
         return None
-    key = "samples_per_s" if result.get("kind") == "train" else "tokens_per_s"
+    kind = result.get("kind")
+    key = {"train": "samples_per_s", "rank": "examples_per_s"}.get(kind, "tokens_per_s")
+    base = "hf-rank" if kind == "rank" else "peft"
     labels = [r["name"] + (f"\nN={r['num_virtual_tokens']}" if "num_virtual_tokens" in r else "") for r in ok]
     values = [r[key] for r in ok]
     fig, ax = plt.subplots(figsize=(1.4 * len(ok) + 2.5, 4))
     colors = ["#999999" if r["name"].startswith(("peft", "hf")) else "#2a7ab0" for r in ok]
     bars = ax.bar(labels, values, color=colors)
     for bar, r in zip(bars, ok, strict=True):
-        speedup = r.get("speedup_vs_peft")
-        text = f"{bar.get_height():.1f}" + (f"\n{speedup:.2f}x peft" if speedup else "")
+        speedup = r.get(f"speedup_vs_{base.replace('-', '_')}")
+        text = f"{bar.get_height():.1f}" + (f"\n{speedup:.2f}x {base}" if speedup else "")
         ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
     ax.set_ylabel(key.replace("_per_s", "/s"))
     opts = result["options"]
-    if result.get("kind") == "train":
+    if kind == "train":
         ax.set_title(f"training step, {opts['task']}, batch {opts['batch_size']}")
+    elif kind == "rank":
+        ax.set_title(f"rank classification, {opts['batch_size']} examples a batch")
     else:
         search = "greedy" if opts["num_beams"] == 1 else f"beam {opts['num_beams']}"
         ax.set_title(f"{opts['task']}, batch {opts['batch_size']}, {opts['max_new_tokens']} new tokens, {search}")

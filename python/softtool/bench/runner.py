@@ -1,6 +1,6 @@
 """`softtool bench` end to end: build the workload once, run each backend (each in a fresh process by
 default), then compare outputs, score them, and relate the speeds to PEFT, plain transformers and the
-machine's limits."""
+machine's limits. Task classify ranks labels instead (run_rank_bench; softtool.bench.rank)."""
 
 from __future__ import annotations
 
@@ -16,18 +16,21 @@ from typing import Any
 from softtool.bench.limits import best_of, machine_info, measure_limits, model_costs
 from softtool.bench.measure import row_steps_per_s, run_backend, set_threads, workload_to_json
 from softtool.bench.options import BenchOptions
+from softtool.bench.rank import PEER, build_rank_workload, compare_with_peer
+from softtool.bench.rank_backends import run_rank_backend
 from softtool.bench.workload import Workload, build_workload, get_task, main_metric, score
 
 
-def _run_isolated(name: str, options: BenchOptions, workload: Workload) -> dict[str, Any]:
+def _run_isolated(
+    name: str, options: BenchOptions, workload: dict[str, Any], worker: str = "softtool.bench.measure"
+) -> dict[str, Any]:
+    """Run one backend in a fresh process: `python -m WORKER SPEC RESULT` on the workload (as JSON)."""
     with tempfile.TemporaryDirectory(prefix="softtool-bench-") as tmp:
         spec, out = Path(tmp) / "spec.json", Path(tmp) / "result.json"
-        spec.write_text(
-            json.dumps({"backend": name, "options": options.to_dict(), "workload": workload_to_json(workload)})
-        )
+        spec.write_text(json.dumps({"backend": name, "options": options.to_dict(), "workload": workload}))
         env = {**os.environ, "OMP_NUM_THREADS": str(options.threads), "TOKENIZERS_PARALLELISM": "false"}
         proc = subprocess.run(
-            [sys.executable, "-m", "softtool.bench.measure", str(spec), str(out)],
+            [sys.executable, "-m", worker, str(spec), str(out)],
             capture_output=True,
             text=True,
             env=env,
@@ -48,6 +51,9 @@ def run_bench(options: BenchOptions, command: str = "", progress=None) -> dict[s
     """Run every requested backend on one workload; returns the result that `report.write_json` saves."""
     from softtool.models import load_model, load_tokenizer
 
+    if options.task == "classify":
+        return run_rank_bench(options, command, progress)
+
     set_threads(options.threads)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     tokenizer = load_tokenizer(options.model)
@@ -61,14 +67,14 @@ def run_bench(options: BenchOptions, command: str = "", progress=None) -> dict[s
     del model  # the workers load their own; keep this process small beside them
 
     results = []
-    options = _with_exports(options, workload, results, progress)
+    options = _with_exports(options, workload.adapter_dir, results, progress)
     for name in options.backends:
         if any(r["name"] == name for r in results):
             continue  # its export failed; already reported as skipped
         if progress:
             progress(f"running backend {name}")
         if options.isolate:
-            results.append(_run_isolated(name, options, workload))
+            results.append(_run_isolated(name, options, workload_to_json(workload)))
         else:
             results.append(run_backend(name, options, workload, isolated=False))
 
@@ -127,7 +133,72 @@ def run_bench(options: BenchOptions, command: str = "", progress=None) -> dict[s
     }
 
 
-def _with_exports(options: BenchOptions, workload: Workload, results: list, progress) -> BenchOptions:
+def run_rank_bench(options: BenchOptions, command: str = "", progress=None) -> dict[str, Any]:
+    """run_bench for task classify: every requested backend ranks one workload (softtool.bench.rank)."""
+    import torch
+
+    from softtool.models import load_model, load_tokenizer
+
+    set_threads(options.threads)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    tokenizer = load_tokenizer(options.model)
+    model = load_model(options.model)
+    workload = build_rank_workload(options, model, tokenizer)
+    costs = model_costs(model, bytes_per_param=getattr(torch, options.dtype).itemsize)
+    probe = dict(device=options.device, dtype=options.dtype)
+    limits = measure_limits(options.threads, costs, **probe) if options.limits else {}
+    del model  # the workers load their own
+
+    results: list[dict[str, Any]] = []
+    options = _with_exports(options, workload.adapter_dir, results, progress)
+    for name in options.backends:
+        if any(r["name"] == name for r in results):
+            continue  # its export failed; already reported as skipped
+        if progress:
+            progress(f"running backend {name}")
+        if options.isolate:
+            results.append(_run_isolated(name, options, workload.to_json(), "softtool.bench.rank_backends"))
+        else:
+            results.append(run_rank_backend(name, options, workload, isolated=False))
+    if options.limits:
+        limits = best_of(limits, measure_limits(options.threads, costs, **probe))
+
+    task = get_task("classify", workload.task_options)
+    results.sort(key=lambda r: options.backends.index(r["name"]))
+    compare_with_peer(results, workload, task, options)
+    return {
+        "kind": "rank",
+        "started": started,
+        "command": command,
+        "machine": machine_info(options.threads),
+        "options": options.to_dict(),
+        "workload": {
+            "examples": len(workload.rows),
+            "data_source": workload.data_source,
+            "split": options.split,
+            "template": workload.template,
+            "num_virtual_tokens": workload.num_virtual_tokens,
+            "adapter": str(workload.adapter_dir),
+            "labels": workload.labels,
+            "label_tokens": workload.choices,
+            "scored": "label + EOS",
+            "batches": len(workload.batches),
+            "mean_input_tokens": sum(map(len, workload.rows)) / len(workload.rows),
+            "truncated": workload.truncated,
+            "model_tokens": {
+                PEER: workload.model_tokens(shared_prompt=False),
+                "softtool": workload.model_tokens(shared_prompt=True),
+            },
+        },
+        "notes": workload.notes,
+        "limits": limits,
+        "main_metric": "accuracy",
+        "peer": PEER,
+        "backends": results,
+    }
+
+
+def _with_exports(options: BenchOptions, adapter_dir: Path, results: list, progress) -> BenchOptions:
     """Export the graphs the ONNX backends need here, so an export's memory never counts in a backend's peak."""
     from dataclasses import replace
 
@@ -140,7 +211,7 @@ def _with_exports(options: BenchOptions, workload: Workload, results: list, prog
         if progress:
             progress(f"exporting the {dtype} graph for {name}")
         try:
-            changes[field_name] = str(export_on_the_fly(options, workload.adapter_dir, dtype))
+            changes[field_name] = str(export_on_the_fly(options, adapter_dir, dtype))
         except BackendUnavailable as exc:
             results.append({"name": name, "status": "skipped", "reason": str(exc)})
     return replace(options, **changes)

@@ -72,6 +72,7 @@ def bench(ctx: click.Context, config_path: str | None, train_mode: bool, **value
       softtool bench --config benchmarks/configs/translation.json
       softtool bench --task translation --data ../shared/data/multi30k --batch-size 1 --backends peft,hf,torch
       softtool bench --config benchmarks/configs/translation.json --train
+      softtool bench --config benchmarks/configs/classify_sst2.json   # rank classification (adapter: runs/sst2)
 
     Without --adapter an untrained prompt (vocab init) is benchmarked: speed does not depend on training.
     Writes the JSON result to --output (and a PNG chart beside it) and prints a table.
