@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 from softtool import metrics
 from softtool.data.example import Example, Split
-from softtool.data.tasks import Task, _answers, _text
+from softtool.data.task_base import Task, answer_texts, cell_text
 from softtool.errors import SofttoolError
 from softtool.prompts.template import Template
 
@@ -250,10 +250,10 @@ class TextTask(Task):
             raise SofttoolError(
                 f"record {index + 1}: the target column {columns['target']!r} is empty or missing; fill or remove it"
             )
-        values = {key: _text(record.get(col)) for key, col in columns.items() if key != "target"}
+        values = {key: cell_text(record.get(col)) for key, col in columns.items() if key != "target"}
         if any(not v.strip() for v in values.values()):
             return None
-        return Example(_text(record.get("id")) or str(index), values, references)
+        return Example(cell_text(record.get("id")) or str(index), values, references)
 
     # -- fitting to the train split ------------------------------------------------------------------
     def fit(self, split: Split, tokenizer) -> TextTask:
@@ -452,8 +452,8 @@ class ClassifyTask(TextTask):
 def _references(value: Any) -> list[str]:
     """The target's references: a text, a list of texts (or SQuAD's answer records), or a number or boolean label."""
     if value is None or isinstance(value, str | list | tuple | Mapping):
-        return _answers(value)
-    text = _text(value).strip()
+        return answer_texts(value)
+    text = cell_text(value).strip()
     return [text] if text else []
 
 
