@@ -148,6 +148,63 @@ def save_tiny_llama(path: Path, tokenizer, **config: Any) -> Path:
     return save_tiny_model(path, tokenizer, LlamaForCausalLM, LlamaConfig, **{**TINY_LLAMA, **config})
 
 
+# The model families of the matrix (tests/test_model_families.py): transformers' config and model class names and
+# what each needs beyond the shared tiny shape. Widths stay 64 with 4 heads (2 key/value heads where the family
+# has grouped-query attention), 2 layers, a 16-wide head where the family sets its own.
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # q/k/v biases
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),  # q/k norms
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 12}),  # the window binds: rows run longer
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),  # fused qkv and gate/up
+    "phi": ("PhiConfig", "PhiForCausalLM", {}),  # partial rotary, LayerNorm, GELU, a biased head
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 12}),  # soft-capping
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 12}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),  # norms after attention and MLP, q/k norms
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {}),  # embedding, residual, attention and logit multipliers
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"num_key_value_heads": None}),  # parallel residual
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", {}),  # biases, LayerNorm
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"num_key_value_heads": None, "n_positions": 512}),  # absolute positions
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+    ),
+}
+FAMILY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    initializer_range=0.2,  # lively: greedy rows differ from input to input
+)
+
+
+def save_tiny_family(path: Path, tokenizer, family: str) -> Path:
+    """A tiny random model of `family` (FAMILIES) with lively weights, saved with `tokenizer` at `path`: besides the
+    wide initializer, every bias and every norm weight is drawn at random (transformers starts them at 0 and 1, which
+    would leave q/k/v biases and q/k norms untested), seeded."""
+    import torch
+    import transformers
+
+    config_name, model_name, extra = FAMILIES[family]
+    config = {**FAMILY_SHAPE, **extra}
+    config = {k: v for k, v in config.items() if v is not None}
+    save_tiny_model(path, tokenizer, getattr(transformers, model_name), getattr(transformers, config_name), **config)
+    model = getattr(transformers, model_name).from_pretrained(path)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+            elif "norm" in name and name.endswith("weight"):
+                param.copy_(1 + torch.randn(param.shape, generator=generator) * 0.2)
+    model.save_pretrained(path)
+    return path
+
+
 # Three short en/de sentence pairs: write_translation_data's default.
 SOURCES = ["A man rides a bike.", "Two dogs play.", "A girl reads."]
 TARGETS = ["Ein Mann fährt Rad.", "Zwei Hunde spielen.", "Ein Mädchen liest."]
