@@ -33,8 +33,10 @@ from typing import Any
 
 import numpy as np
 
-# The models whose decoder this file writes: transformers' Llama layout (SmolLM2 among them).
-GQA_MODEL_TYPES = ("llama",)
+# The models whose decoder this file writes: transformers' Llama layout (SmolLM2 among them), and the families that
+# differ from it only in what GroupQueryAttention and a norm node cover: Qwen2 (q/k/v biases), Qwen3 (RMSNorm over
+# each head of q and k before the rotary embedding), Mistral (a sliding window on every layer: local_window_size).
+GQA_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 OPSET = 17
 # ONNX IR version of the written model: 10 is read by every onnxruntime since 1.17 (1.31 reads at most 13).
 IR_VERSION = 10
@@ -53,6 +55,18 @@ def gqa_unsupported(model) -> str | None:
     rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
     if rope == "dynamic":
         return "dynamic rotary scaling (its frequencies depend on the sequence length)"
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    if "sliding_attention" in layer_types and "full_attention" in layer_types:
+        return "sliding-window layers among full ones (the form gives every layer the same window)"
+    return None
+
+
+def sliding_window(config) -> int | None:
+    """The window every layer slides over (Mistral; Qwen2/3 with use_sliding_window on every layer), or None."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    if window and (not layer_types or layer_types == {"sliding_attention"}):
+        return int(window)
     return None
 
 
@@ -152,15 +166,38 @@ def build_gqa_graph(model, table, facts: dict[str, Any], *, dtype: str, top_k: i
     )
     residual = x
     outputs = []
+    # transformers' window of w keys (p - w < k <= p) is GroupQueryAttention's local_window_size w: checked against
+    # transformers by the export's verification, whose rows outgrow a tiny Mistral's window (w - 1 was off by a key).
+    window = sliding_window(config)
+    local = {"local_window_size": window} if window else {}
+
+    def head_norm(x_in: str, name: str, module, count: int) -> str:
+        """RMSNorm over each head of a projection [B, S, count * D] (Qwen3's q_norm / k_norm)."""
+        split = g.op("Reshape", [x_in, g.const(f"{name}.heads", i64(0, 0, count, head_dim))])
+        normed = g.op(
+            "SimplifiedLayerNormalization",
+            [split, g.weight(f"{name}.weight", module.weight)],
+            axis=-1,
+            epsilon=float(getattr(module, "variance_epsilon", eps)),
+            stash_type=1,
+        )
+        return g.op("Reshape", [normed, g.const(f"{name}.flat", i64(0, 0, count * head_dim))])
+
     for i, layer in enumerate(decoder.layers):
         attn = layer.self_attn
-        qkv = linear(norm, f"layers.{i}.qkv", attn.q_proj, attn.k_proj, attn.v_proj)
+        if getattr(attn, "q_norm", None) is not None:
+            # The norms come between the projections and the rotary embedding: q, k and v go in apart.
+            q = head_norm(linear(norm, f"layers.{i}.q_proj", attn.q_proj), f"layers.{i}.q_norm", attn.q_norm, heads)
+            k = head_norm(linear(norm, f"layers.{i}.k_proj", attn.k_proj), f"layers.{i}.k_norm", attn.k_norm, kv_heads)
+            qkv_inputs = [q, k, linear(norm, f"layers.{i}.v_proj", attn.v_proj)]
+        else:
+            qkv_inputs = [linear(norm, f"layers.{i}.qkv", attn.q_proj, attn.k_proj, attn.v_proj), "", ""]
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         present_k, present_v = f"present.{i}.key", f"present.{i}.value"
         outputs += [present_k, present_v]
         context, _, _ = g.op(
             "GroupQueryAttention",
-            [qkv, "", "", past_k, past_v, seqlens, "total_sequence_length", cos_cache, sin_cache],
+            [*qkv_inputs, past_k, past_v, seqlens, "total_sequence_length", cos_cache, sin_cache],
             [f"layers.{i}.attention", present_k, present_v],
             domain="com.microsoft",
             num_heads=heads,
@@ -168,6 +205,7 @@ def build_gqa_graph(model, table, facts: dict[str, Any], *, dtype: str, top_k: i
             do_rotary=1,
             rotary_interleaved=0,
             scale=float(getattr(attn, "scaling", head_dim**-0.5)),
+            **local,
         )
         attn_out = linear(context, f"layers.{i}.o_proj", attn.o_proj)
         norm, _, _, residual = g.op(

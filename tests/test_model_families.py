@@ -65,6 +65,32 @@ def test_a_family_trains_evaluates_exports_and_serves(family, data, smollm2_toke
     assert served(adapter, SENTENCES[0], 10).strip() == json.loads(text.getvalue())["output"]
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_the_gqa_form_gives_the_traced_forms_tokens(family, smollm2_tokenizer, tmp_path):
+    """The GroupQueryAttention form (export/gqa.py: q/k/v biases for Qwen2, per-head q/k norms for Qwen3, Mistral's
+    window as local_window_size) against the traced form, on the CPU, fp32: both verify against transformers and
+    decode the same tokens."""
+    import torch
+
+    from helpers import save_tiny_adapter
+    from softtool.export.onnx import ExportOptions, export_adapters
+    from softtool.runtime import load_generator
+    from softtool.search import SearchOptions
+
+    model = save_tiny_family(tmp_path / "model", smollm2_tokenizer, family)
+    torch.manual_seed(1)
+    adapter = save_tiny_adapter(tmp_path / "adapter", model, torch.randn(4, 64) * 0.2)
+    outputs = {}
+    for form in ("traced", "gqa"):
+        meta = export_adapters([str(adapter)], tmp_path / form, ExportOptions(form=form))
+        assert meta.kv_layout == ("gqa" if form == "gqa" else "slots") and meta.verification["passed"]
+        generator = load_generator(str(tmp_path / form), "onnx")
+        options = SearchOptions(max_new_tokens=24, eos_token_ids=[2], pad_token_id=2)
+        outputs[form] = generator.generate([generator.encode({"source": s}) for s in SENTENCES], None, options)
+    assert outputs["gqa"] == outputs["traced"]
+    assert len({tuple(o[0]) for o in outputs["gqa"]}) == len(SENTENCES)
+
+
 def test_the_sliding_window_binds_in_the_mistral_of_the_matrix(smollm2_tokenizer, tmp_path):
     """The verified Mistral export is only a check of the window if its rows outgrow it."""
     from softtool.models import load_model
