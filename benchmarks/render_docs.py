@@ -654,6 +654,30 @@ def profile_decode(results: Results) -> str:
     return "\n".join([*table(["", *(f"`{n}`" for n in names)], rows), "", source_line(results)])
 
 
+def demo(results: Results) -> str:
+    """README: an excerpt of the last `make demo` transcript (benchmarks/results/demo_run.log, which scripts/demo.py
+    writes as it runs): each step's line, the translations, the served answer and the summary."""
+    path = results.folder / "demo_run.log"
+    if not path.exists():
+        return "No transcript yet: `make demo` writes `benchmarks/results/demo_run.log`."
+    lines = path.read_text().splitlines()
+    kept, in_summary = [], False
+    for line in lines:
+        stripped = line.strip()
+        if stripped == "open:":
+            break
+        in_summary = in_summary or stripped.endswith("] summary")
+        if (
+            in_summary
+            or line.startswith(("[", "softtool demo at commit"))
+            or " -> " in line
+            or stripped.startswith("POST ")
+        ):
+            kept.append(line)
+    return "\n".join(["```text", *kept, "```", "", "Source: `benchmarks/results/demo_run.log` (its first line names "
+                      "the commit and the machine; the whole transcript holds each command and its time)."])  # fmt: skip
+
+
 RENDERERS: dict[str, Callable[[Results], str]] = {
     "bench": bench_all,
     "speed-cpu": speed_cpu,
@@ -677,6 +701,7 @@ RENDERERS: dict[str, Callable[[Results], str]] = {
     "export-speed": export_speed,
     "export-speed-threads1": export_speed_threads1,
     "profile-decode": profile_decode,
+    "demo": demo,
 }
 
 
