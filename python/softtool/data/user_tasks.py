@@ -386,7 +386,7 @@ class ClassifyTask(TextTask):
             check_labels(labels, opts.verbalizer, where=f"{split.source}: column {column!r}")
         except ValueError as exc:
             raise SofttoolError(str(exc)) from exc
-        return super(ClassifyTask, type(self)(replace(opts, labels=labels))).fit(split, tokenizer)
+        return TextTask.fit(type(self)(replace(opts, labels=labels)), split, tokenizer)
 
     def _default_metric(self, targets: Sequence[str]) -> str:
         return "accuracy"
