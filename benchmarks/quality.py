@@ -12,8 +12,10 @@ For one task and one model:
              the dev examples after the selection ones), beside the instruction prompt, the bare input, the
              instruction through the model's chat template (instruct models) and a k-shot prompt (--shots).
 Every stage keeps its outputs under --runs, so a stopped run resumes where it stopped. Writes
-benchmarks/results/quality_<task>_<model>.json (commit, machine, command, budget, every score) and a plot of
-the dev metric against steps per method and learning rate (quality_<task>_<model>.png).
+benchmarks/results/quality_<task>_<model>.json (commit, library versions, machine, command, budget, every score)
+and a plot of the dev metric against steps per method and learning rate (quality_<task>_<model>.png). From a tree
+with uncommitted changes it writes there only with --allow-dirty, and then stores the diff beside the JSON
+(quality_<task>_<model>.diff; benchmarks/provenance.py).
 
     python benchmarks/quality.py --task squad --grid prompt=0.03,0.1,0.3 --grid ptuning=3e-4,1e-3,3e-3
     python benchmarks/quality.py --task translation --model gemma3-270m --grid prompt=0.03,0.1,0.3 --shots 2
@@ -28,7 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-from softtool.bench.limits import cpu_model, git_commit
+import provenance
+from softtool.bench.limits import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_FOLDERS = {"squad": "squad", "squad-qg": "squad", "cnndm": "cnn_dailymail", "translation": "multi30k"}
@@ -118,12 +121,14 @@ def train_run(
 
 
 class Quality:
-    """The four stages for one (task, model); results accumulate in self.result and are written after each step."""
+    """The four stages for one (task, model); results accumulate in self.result and are written after each step.
+    `tree` is the code the run started from (provenance.check_tree)."""
 
-    def __init__(self, args):
+    def __init__(self, args, tree: provenance.Tree):
         from softtool.data import get_task
 
         self.args = args
+        self.tree = tree
         self.task = get_task(args.task, **({"src": "en", "tgt": "de"} if args.task == "translation" else {}))
         self.data = Path(args.data) / DATA_FOLDERS[args.task]
         tag = Path(args.model).name  # a named model, or a model folder's name
@@ -131,7 +136,7 @@ class Quality:
         self.output = Path(args.output) / f"quality_{args.task}_{tag}.json"
         self.grid = parse_grid(args.grid)
         self.result: dict = {
-            "commit": git_commit(ROOT) or "unknown",
+            **provenance.stamp(self.output, tree, *(["peft"] if "peft-ptuning" in self.grid else [])),
             "machine": machine(),
             "command": " ".join([sys.executable, *sys.argv]),
             "task": args.task,
@@ -158,6 +163,7 @@ class Quality:
     # -- bookkeeping ----------------------------------------------------------------------------------
     def write(self) -> None:
         self.output.parent.mkdir(parents=True, exist_ok=True)
+        provenance.write_diff(self.output, self.tree)
         self.output.write_text(json.dumps(self.result, indent=2) + "\n")
         print(f"wrote {self.output}", file=sys.stderr)
 
@@ -417,12 +423,15 @@ def main() -> None:
     parser.add_argument("--runs", default=str(ROOT / "runs" / "quality"), help="where adapters and predictions go")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--allow-dirty", action="store_true", help="write into benchmarks/results/ from uncommitted "
+                        "code, storing its diff beside the JSON")  # fmt: skip
     args = parser.parse_args()
+    tree = provenance.check_tree(args.output, args.allow_dirty)  # before any work: a refusal costs nothing
     import torch
 
     if not torch.cuda.is_available():
         torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
-    quality = Quality(args)
+    quality = Quality(args, tree)
     winners = quality.run_grid()
     quality.plot()
     if args.decode:

@@ -23,8 +23,11 @@ Runs are cached under --runs by what defines them, so studies share runs (length
 init's vocab run) and a stopped study resumes. `--run NAME` does one run (benchmarks/study_pair.sh starts two side by
 side, one per core); `--segments K` lets a `method` run train at most K segments per call, so a shared machine
 gets its cores back between them. Without --run every missing run is done in turn. The study's JSON
-(benchmarks/results/study_<name>_<task>_<model>.json: commit, machine, command, budget, every run with its curve)
-and chart (.png) are then written; `--report` writes them from the runs done so far and lists the missing ones.
+(benchmarks/results/study_<name>_<task>_<model>.json: commit, library versions, machine, command, budget, every run
+with its curve) and chart (.png) are then written; `--report` writes them from the runs done so far and lists the
+missing ones. With --output in benchmarks/results/ (the default), a tree with uncommitted changes is refused unless
+--allow-dirty, which stores the diff beside the JSON (study_<name>_<task>_<model>.diff) and, for a run, in its folder
+(benchmarks/provenance.py); a run's record names its commit and that diff's hash.
 
     python benchmarks/study.py length
     python benchmarks/study.py init --task translation --model gemma3-270m
@@ -43,8 +46,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import provenance
 from quality import DATA_FOLDERS, PTUNING_TEMPLATES, Quality, _scores, machine, train_run
-from softtool.bench.limits import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -128,13 +131,14 @@ def quality_budget(task: str, model: str) -> dict:
 
 
 class Study:
-    """One study on one (task, model): its runs, each trained, scored held out (and at step 0), then reported."""
+    """One study on one (task, model): its runs, each trained, scored held out (and at step 0), then reported.
+    `tree` is the code this process runs (provenance.check_tree, read before it trains)."""
 
-    def __init__(self, args):
+    def __init__(self, args, tree: provenance.Tree):
         from softtool.data import get_task
 
         self.args = args
-        self.commit = git_commit(ROOT) or "unknown"  # the code this process runs (read before it trains)
+        self.tree = tree
         self.name = args.study
         default_task, runs = STUDIES[args.study]
         self.task_name = args.task or default_task
@@ -165,7 +169,7 @@ class Study:
             eval_max_length=self.budget["eval_max_length"], runs=args.runs, output=args.output, quiet=args.quiet,
             train_limit=args.train_limit,
         )  # fmt: skip
-        self.quality = Quality(self.qargs)
+        self.quality = Quality(self.qargs, tree)
         self.task = get_task(self.task_name, **({"src": "en", "tgt": "de"} if self.task_name == "translation" else {}))
         self.data = Path(args.data) / DATA_FOLDERS[self.task_name]
         self.metric = self.task.main_metric
@@ -207,7 +211,7 @@ class Study:
 
     def other(self, task: str) -> Study:
         """The same study settings on another task (where a transferred prompt comes from)."""
-        return Study(argparse.Namespace(**{**vars(self.args), "study": "spread", "task": task}))
+        return Study(argparse.Namespace(**{**vars(self.args), "study": "spread", "task": task}), self.tree)
 
     def stopped_at(self, run: Run) -> int:
         done = self.folder(run) / DONE
@@ -257,11 +261,18 @@ class Study:
         finally:
             training_run.build_prompt_module = original
 
-    def provenance(self) -> dict:
+    def provenance(self, out: Path) -> dict:
+        """What a run folder records of the process that trained it. A dirty tree's diff is kept in the folder,
+        named by its hash: a `method` run's segments may come from different trees."""
         import torch
 
+        diff = {}
+        if self.tree.diff:
+            path = provenance.write_diff(out / f"uncommitted-{self.tree.sha256[:12]}", self.tree)
+            diff = {"uncommitted_diff": {"file": path.name, "sha256": self.tree.sha256}}
         return {
-            "commit": self.commit,
+            "commit": self.tree.commit,
+            **diff,
             "command": " ".join([sys.executable, *sys.argv]),
             "load_average": [round(x, 2) for x in os.getloadavg()],
             "torch_threads": torch.get_num_threads(),
@@ -275,7 +286,7 @@ class Study:
         with self.starting_table(run):
             done = train_run(self.qargs, self.task, self.data, out, self.prompt_config(run), self.lr(run),
                              seed=run.seed, max_length=self.max_length(run))  # fmt: skip
-        (out / DONE).write_text(json.dumps({**done, "stopped": "budget", **self.provenance()}, indent=2) + "\n")
+        (out / DONE).write_text(json.dumps({**done, "stopped": "budget", **self.provenance(out)}, indent=2) + "\n")
 
     def flat(self, out: Path, steps: int) -> str | None:
         """Why a `method` run stops at `steps`, or None: the cap, or a best dev loss that improved less than FLAT
@@ -310,7 +321,7 @@ class Study:
                 last = record["segments"][-1]
                 done = {"seconds": round(sum(s["seconds"] for s in record["segments"]), 1),
                         "step_seconds": last["step_seconds"], "steps": steps, "stopped": stop,
-                        "segments": record["segments"], **self.provenance()}  # fmt: skip
+                        "segments": record["segments"], **self.provenance(out)}  # fmt: skip
                 (out / DONE).write_text(json.dumps(done, indent=2) + "\n")
                 return True
             if self.args.segments and segments >= self.args.segments:
@@ -319,7 +330,7 @@ class Study:
             done = train_run(self.qargs, self.task, self.data, out, self.prompt_config(run), self.lr(run),
                              seed=run.seed, steps=target, schedule="constant", eval_generate=False,
                              eval_limit=self.budget["dev_loss_examples"], resume=steps > 0)  # fmt: skip
-            record["segments"].append({**done, **self.provenance()})
+            record["segments"].append({**done, **self.provenance(out)})
             (out / SEGMENTS).write_text(json.dumps(record, indent=2) + "\n")
             segments += 1
 
@@ -330,7 +341,7 @@ class Study:
         self.quality.train_peft_ptuning(self.lr(run), steps=steps, schedule="constant", out=out)
         seconds = json.loads((out / "quality_train.json").read_text())["seconds"]
         done = {"seconds": seconds, "step_seconds": None, "steps": steps, "stopped": f"{run.steps_like}'s steps"}
-        (out / DONE).write_text(json.dumps({**done, **self.provenance()}, indent=2) + "\n")
+        (out / DONE).write_text(json.dumps({**done, **self.provenance(out)}, indent=2) + "\n")
 
     # -- scoring --------------------------------------------------------------------------------------
     def held_out(self, adapter: Path, folder: Path) -> dict:
@@ -448,10 +459,12 @@ class Study:
         for run in self.runs:
             entry = self.record(run)
             (runs.append(entry) if entry else missing.append(run.name))
+        path = Path(self.args.output) / f"study_{self.name}_{self.task_name}_{Path(self.model).name}.json"
+        peft = ["peft"] if any(run.method == "peft-ptuning" for run in self.runs) else []
         result = {
             "study": self.name,
             "question": QUESTIONS[self.name],
-            "commit": git_commit(ROOT) or "unknown",
+            **provenance.stamp(path, self.tree, *peft),
             "machine": {**machine(), "torch_threads_per_run": torch.get_num_threads()},
             "command": " ".join([sys.executable, *sys.argv]),
             "task": self.task_name,
@@ -462,8 +475,8 @@ class Study:
             "not_run": missing,
             "summary": self.summary(runs) if runs else {},
         }
-        path = Path(self.args.output) / f"study_{self.name}_{self.task_name}_{Path(self.model).name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
+        provenance.write_diff(path, self.tree)
         path.write_text(json.dumps(result, indent=2) + "\n")
         if runs:
             plot(result, path.with_suffix(".png"))
@@ -560,15 +573,19 @@ def main() -> None:
     parser.add_argument("--runs", default=str(ROOT / "runs" / "study"), help="where adapters and predictions go")
     parser.add_argument("--output", default=str(RESULTS))
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--allow-dirty", action="store_true", help="train and report from uncommitted code, storing "
+                        "its diff beside the JSON and in each run folder")  # fmt: skip
     args = parser.parse_args()
     if args.study == "table":
         print(table(args.files))
         return
+    # Before any training, and for --run too: its runs are what the report writes into --output.
+    tree = provenance.check_tree(args.output, args.allow_dirty)
     import torch
 
     if not torch.cuda.is_available():
         torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
-    study = Study(args)
+    study = Study(args, tree)
     if args.run:
         done = study.do(study.find(args.run))
         print(f"{args.study} {args.run}: {'done' if done else 'more segments to go'}", file=sys.stderr)
