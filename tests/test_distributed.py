@@ -29,21 +29,6 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
 RTOL = 1e-5
 
 
-def _integrated() -> bool:
-    """Whether `softtool train`/`eval` use DistributedContext yet (the training code takes a `dist` argument)."""
-    import inspect
-
-    from softtool.evaluate import run_eval
-    from softtool.training import train_prompt
-
-    return all("dist" in inspect.signature(f).parameters for f in (train_prompt, run_eval))
-
-
-# The training/evaluation side of issue 5 is a patch to the training engineer's files, applied once they
-# are finished; until then the end-to-end tests below would only show it is missing.
-needs_integration = pytest.mark.skipif(
-    not _integrated(), reason="softtool train/eval do not use softtool.distributed yet (integration pending)"
-)
 needs_two_cores = pytest.mark.skipif(
     (os.cpu_count() or 1) < 2, reason="needs 2 CPU cores to run 2 gloo ranks side by side"
 )
@@ -309,7 +294,6 @@ def reference_run(parallel_data, tiny_model_dir, tmp_path_factory) -> Path:
 @pytest.mark.distributed
 @pytest.mark.slow
 @needs_two_cores
-@needs_integration
 def test_two_ranks_train_the_same_loss_curve_and_prompt_as_one_process(
     reference_run, parallel_data, tiny_model_dir, tmp_path
 ):
@@ -323,7 +307,6 @@ def test_two_ranks_train_the_same_loss_curve_and_prompt_as_one_process(
 @pytest.mark.distributed
 @pytest.mark.slow
 @needs_two_cores
-@needs_integration
 def test_two_ranks_with_the_base_sharded_by_fsdp_train_the_same_prompt(
     reference_run, parallel_data, tiny_model_dir, tmp_path
 ):
@@ -333,7 +316,6 @@ def test_two_ranks_with_the_base_sharded_by_fsdp_train_the_same_prompt(
 
 
 @pytest.mark.slow
-@needs_integration
 def test_device_map_loads_the_base_through_accelerate_and_trains_the_same_prompt(
     reference_run, parallel_data, tiny_model_dir, tmp_path
 ):
@@ -345,7 +327,6 @@ def test_device_map_loads_the_base_through_accelerate_and_trains_the_same_prompt
     _assert_same_run(output, reference_run)
 
 
-@needs_integration
 def test_fsdp_with_generation_during_training_is_refused(parallel_data, tiny_model_dir, tmp_path):
     from softtool.distributed import DistributedOptions
 
@@ -362,7 +343,6 @@ def test_fsdp_with_generation_during_training_is_refused(parallel_data, tiny_mod
 @pytest.mark.distributed
 @pytest.mark.slow
 @needs_two_cores
-@needs_integration
 def test_distributed_eval_gives_the_single_process_predictions_and_metrics(
     reference_run, parallel_data, tiny_model_dir, tmp_path
 ):
@@ -386,7 +366,6 @@ def test_distributed_eval_gives_the_single_process_predictions_and_metrics(
 @pytest.mark.distributed
 @pytest.mark.slow
 @needs_two_cores
-@needs_integration
 def test_interrupting_one_rank_stops_all_ranks_with_a_resumable_checkpoint(parallel_data, tiny_model_dir, tmp_path):
     import psutil
 
