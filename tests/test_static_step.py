@@ -1,7 +1,7 @@
 """The static decode step (softtool.runtime.static_step) on the CPU: slot buckets, fixed buffers that outlive
-a generate() call, tokens and positions advanced on the device by the step itself, and the same tokens as the
-dynamic step in both backends, for the traced and the GroupQueryAttention export forms (the CUDA-graph
-capture itself runs in tests/test_cuda_graphs.py, on a GPU)."""
+a generate() call, tokens and positions advanced on the device by the step itself, and the same tokens (and, for
+rows that ask, the same log-probs) as the dynamic step in both backends, for the traced and the GroupQueryAttention
+export forms (the CUDA-graph capture itself runs in tests/test_cuda_graphs.py, on a GPU)."""
 
 from __future__ import annotations
 
@@ -117,6 +117,57 @@ def test_onnx_static_step_gives_torchs_tokens(adapter_dir, exports, options, for
     want = reference.generate(rows, None, options[setting], EngineOptions(slots=4, step="dynamic"))
     for step in ("static", "dynamic"):
         assert generator.generate(rows, None, options[setting], EngineOptions(slots=4, step=step)) == want, step
+
+
+def _decode_scored(generator, options, step: str):
+    """Every source through one engine of 4 slots with `step`, the odd rows asking for each token's log-prob and 3
+    best candidates (so the engine's rows need the full head, not only the greedy choice), the even rows for none.
+    Returns each row's tokens and its TokenLogprobs."""
+    rows = generator.row_ids(_rows(generator), [0] * len(SOURCES))
+    engine = Engine(generator, options, 4, 64, engine=EngineOptions(slots=4, step=step))
+    items = [engine.submit(row, 0, logprobs=3 if i % 2 else None) for i, row in enumerate(rows)]
+    assert (engine.fixed is not None) == (step == "static") and not engine.greedy_only
+    tokens = {item: [] for item in items}
+    scores = {item: [] for item in items}
+    while not engine.done:
+        emitted, _ = engine.step()
+        for item, token in emitted:
+            tokens[item].append(token)
+        for item, entries in engine.logprobs.items():
+            scores[item] += entries
+    return [tokens[i] for i in items], [scores[i] for i in items]
+
+
+def _assert_same_scored(got, want):
+    got_tokens, got_scores = got
+    want_tokens, want_scores = want
+    assert got_tokens == want_tokens
+    for i, (g_row, w_row) in enumerate(zip(got_scores, want_scores, strict=True)):
+        assert len(g_row) == (len(want_tokens[i]) if i % 2 else 0)
+        for g, w in zip(g_row, w_row, strict=True):
+            # The same model on the same inputs, in a fixed-shape batch: equal up to float32 summation order.
+            assert g.token == w.token and g.logprob == pytest.approx(w.logprob, abs=1e-5)
+            assert [t for t, _ in g.top] == [t for t, _ in w.top]
+            assert [v for _, v in g.top] == pytest.approx([v for _, v in w.top], abs=1e-5)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_torch_static_step_with_logprobs_gives_the_dynamic_steps_tokens_and_logprobs(adapter_dir, options, setting):
+    from softtool.runtime import load_generator
+
+    generator = load_generator(str(adapter_dir), "torch")
+    want = _decode_scored(generator, options[setting], "dynamic")
+    _assert_same_scored(_decode_scored(generator, options[setting], "static"), want)
+
+
+@pytest.mark.parametrize("form", ["traced", "gqa"])
+@pytest.mark.parametrize("setting", ["greedy", "penalties"])
+def test_onnx_static_step_with_logprobs_gives_the_dynamic_steps_tokens_and_logprobs(exports, options, form, setting):
+    from softtool.runtime import load_generator
+
+    generator = load_generator(str(exports[form]), "onnx")
+    want = _decode_scored(generator, options[setting], "dynamic")
+    _assert_same_scored(_decode_scored(generator, options[setting], "static"), want)
 
 
 def test_admission_held_for_several_free_slots_gives_the_same_tokens_in_fewer_prefills(adapter_dir, options):
