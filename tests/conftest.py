@@ -14,11 +14,54 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SOFTTOOL_DATA", REPO.parent / "shared" / "data"))
 
 
+LANE_MARKS = ("slow", "e2e", "data", "distributed", "cuda")  # the marks that pick a test's lane (Makefile)
+_durations: dict[str, list] = {}  # nodeid -> [seconds, lane marks], for --durations-file
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--durations-file",
+        metavar="PATH",
+        help="write each test's time (setup + call + teardown) and lane marks, slowest first, then each file's total, "
+        "to PATH (make test writes build/test-durations.txt)",
+    )
+
+
 def pytest_configure(config):
     # Tests run on 2 cores next to other work; more torch threads than cores only adds contention.
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        _durations[item.nodeid] = [0.0, [m for m in LANE_MARKS if item.get_closest_marker(m)]]
+
+
+def pytest_runtest_logreport(report):
+    # A module fixture's setup counts towards the first test that uses it, as it counts towards a lane's time.
+    if report.nodeid in _durations:
+        _durations[report.nodeid][0] += report.duration
+
+
+def pytest_sessionfinish(session):
+    path = session.config.getoption("durations_file")
+    if not path:
+        return
+    ran = {nodeid: v for nodeid, v in _durations.items() if v[0] > 0}
+    per_file: dict[str, float] = {}
+    for nodeid, (seconds, _) in ran.items():
+        name = nodeid.split("::")[0]
+        per_file[name] = per_file.get(name, 0.0) + seconds
+    total = sum(seconds for seconds, _ in ran.values())
+    lines = [f"# {len(ran)} tests, {total:.1f} s in all: seconds, lane marks, test, slowest first"]
+    for nodeid, (seconds, marks) in sorted(ran.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"{seconds:8.2f}  {','.join(marks) or '-':<18} {nodeid}")
+    lines.append("# per file")
+    lines += [f"{seconds:8.2f}  {name}" for name, seconds in sorted(per_file.items(), key=lambda kv: -kv[1])]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(lines) + "\n")
 
 
 @pytest.fixture(scope="session")

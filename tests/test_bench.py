@@ -39,6 +39,7 @@ def smoke_result(tiny_model_dir, tmp_path_factory):
     return out, json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_smoke_bench_writes_json_with_machine_and_backend_keys(smoke_result):
     path, result = smoke_result
     machine = result["machine"]
@@ -58,6 +59,7 @@ def test_smoke_bench_writes_json_with_machine_and_backend_keys(smoke_result):
     assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_backends_with_the_same_prompt_generate_the_same_tokens(smoke_result):
     _, result = smoke_result
     ok = {b["name"]: b for b in result["backends"] if b["status"] == "ok"}
@@ -88,6 +90,7 @@ def _generate_after_prompt(model, tokenizer, table, ids: list[int], max_new_toke
     return out[: out.index(eos)] if eos in out else out
 
 
+@pytest.mark.slow
 def test_peft_backend_generates_what_the_prompt_prepended_by_hand_generates(tiny_model_dir, smoke_result):
     """The anchor itself is wired right: PEFT's generate equals transformers' generate on [prompt; text] embeddings."""
 
@@ -107,6 +110,7 @@ def test_peft_backend_generates_what_the_prompt_prepended_by_hand_generates(tiny
         assert _generate_after_prompt(model, tokenizer, adapter.prompt_table, pieces[0], 8) == expected
 
 
+@pytest.mark.slow
 def test_each_backend_can_run_in_a_fresh_process_with_its_own_peak_memory(tiny_model_dir, tmp_path):
     out = tmp_path / "bench_isolated.json"
     args = ["bench", "--config", str(SMOKE), "--model", str(tiny_model_dir), "--cache-dir", str(tmp_path)]
@@ -115,6 +119,7 @@ def test_each_backend_can_run_in_a_fresh_process_with_its_own_peak_memory(tiny_m
     assert row["status"] == "ok" and row["peak_rss_isolated"] is True and row["peak_rss_mb"] > 0
 
 
+@pytest.mark.slow
 def test_make_table_renders_a_row_per_backend(smoke_result, tmp_path):
     path, result = smoke_result
     doc = tmp_path / "doc.md"
@@ -236,6 +241,7 @@ def test_row_steps_count_every_row_until_its_batch_ends():
     assert row_steps_per_s(result, {**options, "num_beams": 4}) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_bench_thread_count_reaches_onnx_runtime(smoke_result, tiny_model_dir, threads):
     from softtool.bench.backends import OnnxBackend
@@ -307,6 +313,7 @@ def test_the_gpu_bench_script_runs_end_to_end_as_a_cpu_dry_run(tiny_model_dir, t
         assert all(b["status"] == "ok" for b in result["backends"]), (name, result["backends"])
 
 
+@pytest.mark.slow
 def test_decoding_options_reach_every_row_and_hf_cb_that_cannot_apply_them_is_skipped(lively_model_dir, tmp_path):
     """--no-repeat-ngram-size 1 (and a repetition penalty) on the lively model, which repeats itself without
     them: PEFT's generate and softtool's torch backend apply both and still agree token for token, no row

@@ -168,6 +168,7 @@ main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_checkpoint_save_leaves_the_previous_checkpoint_and_resume_cleans_up(
     tmp_path, data, tiny_model_dir, capsys
 ):

@@ -17,6 +17,9 @@ import torch
 
 from helpers import Server, error_line, run_cli
 
+# End to end (train, export, serve): in the full suite (make test), not in the edit loop (make test-fast).
+pytestmark = pytest.mark.e2e
+
 # Four labels; " may" is SmolLM2's first token of " mayhem" too (a label whose tokens start another's).
 ROWS = [
     ("the match ended two to one", "yes"),

@@ -153,6 +153,7 @@ def test_auto_peft_loads_a_softtool_adapter_offline_from_the_converted_folder_an
     print(f"AutoPeftModelForCausalLM offline: loaded in {result['load_seconds']:.1f} s, process {seconds:.1f} s")
 
 
+@pytest.mark.slow
 def test_auto_peft_loads_an_adapter_of_a_local_base_offline_and_generates_the_same_tokens(
     tmp_path, tiny_model_dir, smollm2_tokenizer
 ):

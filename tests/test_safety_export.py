@@ -125,6 +125,7 @@ main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_kill_9_during_an_export_leaves_the_previous_export_loadable(export, tmp_path, tiny_model_dir):
     folder = _copy(export, tmp_path)
     before = tree_digest(folder)

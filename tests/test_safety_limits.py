@@ -14,6 +14,9 @@ import torch
 
 from helpers import save_tiny_adapter
 
+# Each test runs softtool in a child process and measures its memory: make test, not make test-fast.
+pytestmark = pytest.mark.slow
+
 LONG = "A short line.\n" + "word " * 10_000 + "\n"  # line 2: 50,000 characters
 LIMIT_MB = 2048
 

@@ -80,6 +80,7 @@ print("OMP_WAIT_POLICY:", os.environ.get("OMP_WAIT_POLICY"))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "expected"), [(None, "PASSIVE"), ("passive", "PASSIVE"), ("spin", "None")])
 def test_the_command_line_sets_the_openmp_wait_policy_before_torch_loads(name, expected):
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", threads.POLICY_ENV)}

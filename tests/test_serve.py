@@ -299,6 +299,7 @@ def test_a_request_never_sees_another_requests_text(server, expected):
 
 
 # -- the key, disconnects, new adapters, shutdown ------------------------------------------------------------
+@pytest.mark.slow
 def test_the_api_key_is_required_on_v1_only(keyed):
     with pytest.raises(openai.AuthenticationError):
         keyed.client(api_key="wrong").models.list()
@@ -323,6 +324,7 @@ def _busy(server) -> float:
 LONG = {"model": "w1", "prompt": "A dog.", "max_tokens": 20000, "min_tokens": 20000}  # EOS blocked: 20000 steps
 
 
+@pytest.mark.slow
 def test_a_client_that_disconnects_frees_its_slot(keyed):
     headers = {"Authorization": f"Bearer {KEY}"}
     with httpx.stream("POST", f"{keyed.url}/v1/completions", json={**LONG, "stream": True}, headers=headers) as r:
@@ -337,6 +339,7 @@ def test_a_client_that_disconnects_frees_its_slot(keyed):
     assert 'softtool_requests_total{status="499",task="w1"} 2.0' in keyed.metrics()
 
 
+@pytest.mark.slow
 def test_an_adapter_added_to_the_folder_is_served_without_a_restart(keyed, adapters):
     client = keyed.client(api_key=KEY)
     shutil.copytree(adapters["w2"], keyed.watched / "w2")
@@ -346,6 +349,7 @@ def test_an_adapter_added_to_the_folder_is_served_without_a_restart(keyed, adapt
         assert client.completions.create(model="w2", prompt=text, max_tokens=BUDGET).choices[0].text.strip() == expect
 
 
+@pytest.mark.slow
 def test_sigterm_lets_the_request_in_flight_finish_then_exits(keyed):
     body = {"model": "w1", "prompt": "A dog.", "max_tokens": 400, "extra_body": {"min_tokens": 400}}
     client = keyed.client(api_key=KEY)
@@ -409,6 +413,7 @@ def test_two_tasks_of_one_name_and_another_base_model_are_refused(adapters, tmp_
     assert "every task shares one base model" in error_line(code, err)
 
 
+@pytest.mark.slow
 def test_an_export_serves_its_tasks_and_takes_adapters_with_prompt_table_input(adapters, tmp_path, capsys):
     """The ONNX backend: an export of de and fr (--prompt-table-input) plus the adapter w1 as a third task, all
     through the server's own engine thread and completion service (no HTTP); each task's greedy text equals

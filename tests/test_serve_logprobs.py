@@ -28,6 +28,9 @@ import torch
 
 from helpers import Server, format_2_copy, reference_logprobs, run_cli, save_tiny_adapter, write_translation_data
 
+# Servers over two backends and lm-eval through one (90 s on one core): make test, not make test-fast.
+pytestmark = pytest.mark.slow
+
 BACKENDS = ("torch", "onnx")
 TEMPLATES = {"de": "[P:4]English: {source}\nGerman:", "pt": "[P:2]English: {source}[P:2]\nGerman:"}
 TEXTS = ["A dog runs on the beach.", "Two children are playing football in a park.", "Rain."]

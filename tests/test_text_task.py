@@ -11,6 +11,9 @@ import pytest
 
 from helpers import run_cli
 
+# End to end (train, export, serve): in the full suite (make test), not in the edit loop (make test-fast).
+pytestmark = pytest.mark.e2e
+
 # A SQuAD v1.1 file: two paragraphs, questions with one or several (differently worded) gold answers.
 CONTEXTS = [
     (

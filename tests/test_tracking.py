@@ -60,6 +60,7 @@ def _train(data, model_dir, output, steps, *extra):
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_tensorboard_event_files_hold_every_metrics_jsonl_number_at_its_step(tmp_path, data, tiny_model_dir, capsys):
     out = tmp_path / "run"
     result = run_cli([*_train(data, tiny_model_dir, out, 4), "--report-to", "tensorboard", "--eval-generate"], capsys)
@@ -72,6 +73,7 @@ def test_tensorboard_event_files_hold_every_metrics_jsonl_number_at_its_step(tmp
     _assert_same(_events(out / TENSORBOARD_DIR), jsonl)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_the_same_curves_without_repeating_a_step(tmp_path, data, tiny_model_dir, capsys):
     out = tmp_path / "run"
     assert run_cli([*_train(data, tiny_model_dir, out, 2), "--report-to", "tensorboard"], capsys).code == 0
