@@ -28,6 +28,8 @@ ROWS = [
 LABELS = ["negative", "positive", "so-so"]
 TEMPLATE = "Review: {sentence}\nSentiment:"
 RANK_BACKENDS = ["hf-rank", "torch", "onnx"]
+# Nearly every test needs the trained prompt, and most the bench run (20 s on one core): not in make test-fast.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

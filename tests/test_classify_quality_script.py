@@ -8,6 +8,11 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
+# It trains and exports (5 s on one core): classification end to end, in make test, not in make test-fast.
+pytestmark = pytest.mark.e2e
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
