@@ -54,6 +54,21 @@ def test_prompt_config_takes_the_token_count_from_the_template():
     assert PromptConfig(template="[P:3] Context: {context} [P:2] Question:").num_virtual_tokens == 5
 
 
+def test_a_template_without_a_block_gets_n_virtual_tokens_in_front():
+    assert PromptConfig(template="Context: {context}").template == "[P:20]Context: {context}"
+    assert PromptConfig(template="Context: {context}", num_virtual_tokens=7).template == "[P:7]Context: {context}"
+    # with --init text and no N, the block waits for the init text's length
+    resolved = PromptConfig(template="Context: {context}", init="text", init_text="Read it.").resolved("", _Words())
+    assert resolved.template == "[P:2]Context: {context}" and resolved.num_virtual_tokens == 2
+
+
+class _Words:
+    """A tokenizer of one id per word."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(range(len(text.split())))}
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -61,7 +76,7 @@ def test_prompt_config_takes_the_token_count_from_the_template():
         {"init": "text", "init_text": "  "},
         {"num_virtual_tokens": 0},
         {"encoder": "gru"},
-        {"template": "Context: {context}"},
+        {"encoder_hidden_size": -1},
     ],
 )
 def test_prompt_config_rejects_bad_combinations(kwargs):
