@@ -14,7 +14,9 @@ For one model and each data set (SST-2, RTE, CB from ../shared/data):
   5. onnx    the kept soft prompt exported (traced form, fp32, verified) and ranked on dev by ONNX Runtime: its
              predictions against PyTorch's, label for label, and the largest score difference.
 Everything a stage writes stays under --runs, so a stopped run resumes. Writes
-benchmarks/results/classify_<model>.json (commit, machine, versions, command, budget, every score and curve).
+benchmarks/results/classify_<model>.json (commit, machine, versions, command, budget, every score and curve); as
+quality.py and study.py, it refuses to write there from uncommitted code unless --allow-dirty, which stores the
+diff beside the result (benchmarks/provenance.py).
 
     python benchmarks/classify_quality.py --model smollm2-135m
     python benchmarks/classify_quality.py --model gemma3-270m --sets sst2,rte
@@ -57,18 +59,6 @@ SETS = {
 }
 
 
-def versions() -> dict:
-    from importlib import metadata
-
-    out = {}
-    for name in ("torch", "transformers", "onnxruntime", "peft", "softtool"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def make_slices(source: Path, folder: Path, select_share: float, select_max: int, seed: int) -> dict:
     """folder/{train,select,dev}.jsonl: the source's train without the selection slice, the slice, and dev as it
     is (so `train` there is what every prompt learns from: the k-shot demonstrations come from it too)."""
@@ -88,21 +78,19 @@ def make_slices(source: Path, folder: Path, select_share: float, select_max: int
 class ClassifyQuality:
     """The four stages for one model; self.result is written after every step."""
 
-    def __init__(self, args):
-        from softtool.bench.limits import git_commit
-
+    def __init__(self, args, tree):
         sys.path.insert(0, str(ROOT / "benchmarks"))
+        import provenance
         from quality import machine
 
-        self.args = args
+        self.args, self.tree = args, tree
         tag = Path(args.model).name
         self.runs = Path(args.runs) / tag
         self.output = Path(args.output) / f"classify_{tag}.json"
         previous = json.loads(self.output.read_text()) if self.output.exists() and args.resume_json else {}
         self.result = {
-            "commit": git_commit(ROOT) or "unknown",
+            **provenance.stamp(self.output, tree, "peft"),
             "machine": machine(),
-            "versions": versions(),
             "command": " ".join([sys.executable, *sys.argv]),
             "model": args.model,
             "budget": {
@@ -120,8 +108,11 @@ class ClassifyQuality:
         }
 
     def write(self) -> None:
+        import provenance
+
         self.output.parent.mkdir(parents=True, exist_ok=True)
         self.output.write_text(json.dumps(self.result, indent=2) + "\n")
+        provenance.write_diff(self.output, self.tree)
         print(f"wrote {self.output}", file=sys.stderr)
 
     # -- stages ----------------------------------------------------------------------------------------
@@ -347,6 +338,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--runs", default=str(ROOT / "runs" / "classify"))
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--resume-json", action="store_true", help="keep the sets of an existing results file")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="write into benchmarks/results/ from uncommitted code, storing the diff beside the result")  # fmt: skip
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     args.lrs = [float(x) for x in args.lrs.split(",")]
@@ -360,6 +353,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import provenance
+
+    tree = provenance.check_tree(args.output, args.allow_dirty)  # before any work: a refusal costs nothing
     # Everything a stage uses is imported now, so the run keeps the code of the commit it records even when the
     # checkout changes while it runs.
     import peft  # noqa: F401
@@ -371,7 +368,7 @@ def main(argv=None) -> int:
     import softtool.runtime.torch_backend  # noqa: F401
     import softtool.training  # noqa: F401
 
-    quality = ClassifyQuality(args)
+    quality = ClassifyQuality(args, tree)
     for name in args.sets:
         quality.run_set(name)
     return 0
