@@ -1,5 +1,6 @@
 """What several test files share: running `softtool` in this process and reading its one-line errors, the tiny
-random Llama, a parallel en/de data folder and a translation soft prompt for that model."""
+random Llama, a parallel en/de data folder, a translation soft prompt for that model, and benchmarks/'s scripts
+loaded as modules."""
 
 from __future__ import annotations
 
@@ -217,6 +218,17 @@ def write_translation_data(folder: Path, sources=SOURCES, targets=TARGETS, split
         (folder / f"{split}.en").write_text("\n".join(sources) + "\n")
         (folder / f"{split}.de").write_text("\n".join(targets) + "\n")
     return folder
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module, for a test to call its main(argv). The scripts are not a package: their
+    folder goes first on sys.path, as running one puts it there, so a script's imports of its siblings resolve."""
+    import importlib
+
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
 
 
 def save_tiny_adapter(

@@ -1,0 +1,84 @@
+"""benchmarks/'s scripts as code: each one's main(argv) runs on a tiny input (the tiny random Llama, a few inline
+sentences) and writes the file it promises, with the keys its readers (docs, tables, other scripts) use. No timing
+is asserted: the numbers are only measured, by hand, on a quiet machine."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from helpers import load_benchmark, run_cli, save_tiny_adapter, write_translation_data
+
+SOURCES = ["A man rides a bike.", "Two dogs play in the snow near a tree.", "A girl.", "The cat sleeps on a warm bed."]
+TARGETS = ["Ein Mann fährt Rad.", "Zwei Hunde spielen im Schnee.", "Ein Mädchen.", "Die Katze schläft."]
+
+
+@pytest.fixture(scope="module")
+def lively_prompt(lively_model_dir, tmp_path_factory):
+    """A random 3-token translation prompt for the lively tiny model (its outputs differ from row to row)."""
+    torch.manual_seed(0)
+    return save_tiny_adapter(tmp_path_factory.mktemp("prompt") / "de", lively_model_dir, torch.randn(3, 32) * 0.2)
+
+
+# -- compare_outputs.py -----------------------------------------------------------------------------------------
+def _bench_result(path, outputs: dict[str, list[list[int]]]):
+    backends = [{"name": name, "status": "ok", "outputs": rows} for name, rows in outputs.items()]
+    path.write_text(json.dumps({"backends": [*backends, {"name": "hf-cb", "status": "skipped"}]}))
+    return path
+
+
+def _jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_compare_outputs_lists_each_differing_bench_row_with_its_first_differing_step(tmp_path):
+    script = load_benchmark("compare_outputs")
+    a = _bench_result(tmp_path / "a.json", {"torch": [[5, 6, 7], [5, 6]], "onnx": [[5, 6, 7], [5, 6]]})
+    b = _bench_result(tmp_path / "b.json", {"torch": [[5, 6, 7], [5, 9, 9]], "onnx": [[5, 6, 7], [5, 6]]})
+    out = tmp_path / "same.json"
+    assert script.main([str(a), str(b), "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["kind"] == "bench" and result["commit"]
+    assert set(result["pairs"]) == {"torch vs torch", "onnx vs onnx"}  # the skipped row is no pair
+    assert result["pairs"]["torch vs torch"] == {
+        "rows": 2, "identical": 1, "identical_share": 0.5, "differ": [{"row": 1, "first_differing_step": 1}]
+    }  # fmt: skip
+    assert result["pairs"]["onnx vs onnx"]["identical_share"] == 1.0
+    assert script.main([str(a), str(b), "--pair", "onnx", "torch", "--output", str(out)]) == 0
+    assert list(json.loads(out.read_text())["pairs"]) == ["onnx vs torch"]
+    assert script.main([str(a), str(b), "--pair", "hf-cb", "torch"]) == 1  # skipped in a: nothing to compare
+
+
+def test_compare_outputs_compares_two_eval_folders_prediction_by_prediction_and_metric_by_metric(
+    tmp_path, lively_model_dir, lively_prompt
+):
+    script = load_benchmark("compare_outputs")
+    data = write_translation_data(tmp_path / "data", SOURCES, TARGETS, splits=("val",))
+    code = run_cli(["eval", str(lively_prompt), "--data", str(data), "--output", str(tmp_path / "eval"),
+                    "--max-new-tokens", "4", "--baseline", "--quiet"]).code  # fmt: skip
+    assert code == 0
+    same = tmp_path / "again"
+    same.mkdir()
+    for name in ("predictions.jsonl", "metrics.json"):
+        shutil.copy(tmp_path / "eval" / name, same)
+    out = tmp_path / "cmp.json"
+    assert script.main([str(tmp_path / "eval"), str(same), "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["kind"] == "eval" and result["predictions"]["identical"] == result["predictions"]["rows"] == 4
+    assert result["metrics"]["bleu"]["difference"] == 0 and "bleu_signature" not in result["metrics"]
+
+    # The soft prompt against the instruction prompt: both predictions of each differing example are listed.
+    assert script.main([str(tmp_path / "eval"), str(tmp_path / "eval" / "baseline"), "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows, base = (_jsonl(tmp_path / "eval" / sub / "predictions.jsonl") for sub in ("", "baseline"))
+    differ = [i for i in range(4) if rows[i]["prediction"] != base[i]["prediction"]]
+    assert differ and [d["row"] for d in result["predictions"]["differ"]] == differ
+    first = result["predictions"]["differ"][0]
+    assert (first["a"], first["b"]) == (rows[differ[0]]["prediction"], base[differ[0]]["prediction"])
+
+    # Evals of different examples are not compared.
+    (same / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
+    assert script.main([str(tmp_path / "eval"), str(same)]) == 1
