@@ -9,6 +9,12 @@ forward calls at prefill (rows entering slots) and at decode steps (one token fo
 C++ search steps, and the rest (Python bookkeeping, cache copies at admission); it also counts the rows
 and tokens each kind of forward processed. With --ops N, a second, untimed pass of the torch backend runs
 under torch.profiler and its N costliest operators (self CPU time) are recorded.
+
+`torch-compiled` is the torch backend with its forward under torch.compile (dynamic shapes, --compile-backend):
+its warm-up over the first --slots rows includes the compilation and is timed on its own (`first_call_s`), and
+its outputs are compared with the torch row's. On the CPU it lost: it recompiles as the slot count and prefill
+widths change, and after a 9.5 min compile it decoded 64 Multi30k sentences at 16 slots 9.4x slower than eager
+(benchmarks/results/archive/torch_compile_cpu.json), so the product keeps it off there.
 """
 
 from __future__ import annotations
@@ -131,20 +137,37 @@ def _operators(gen, rows, options, engine, top: int) -> list[dict]:
     ]
 
 
-def main() -> None:
+def _compiled(torch_gen, backend: str):
+    """A second torch generator over the same model and prompt, its forward under torch.compile."""
+    import torch
+
+    from softtool.runtime.torch_backend import TorchGenerator
+
+    gen = TorchGenerator(torch_gen.model, torch_gen.tokenizer, torch_gen.template, torch_gen.table, torch_gen.meta)
+    gen.slot_lm = torch.compile(gen.slot_lm, dynamic=True, backend=backend)
+    return gen
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", required=True)
-    parser.add_argument("--data", required=True)
+    parser.add_argument("--data", required=True, help="a Multi30k folder: its val.en.gz is read")
     parser.add_argument("--limit", type=int, default=128)
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--backends", default="hf,torch,onnx")
+    parser.add_argument("--backends", default="hf,torch,onnx", help="of hf, torch, torch-compiled, onnx")
     parser.add_argument("--onnx-dir", default=None)
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile's backend for torch-compiled")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-continuous", action="store_true")
     parser.add_argument("--json", default=None)
     parser.add_argument("--ops", type=int, default=0, help="record the torch backend's N costliest operators")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    backends = args.backends.split(",")
+    if unknown := set(backends) - {"hf", "torch", "torch-compiled", "onnx"}:
+        parser.error(f"unknown backends: {', '.join(sorted(unknown))}")
+    if "onnx" in backends and not args.onnx_dir:
+        parser.error("the onnx backend needs --onnx-dir (an export of the adapter)")
 
     from softtool.threads import configure_threads
 
@@ -162,8 +185,9 @@ def main() -> None:
         max_new_tokens=args.max_new_tokens, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id
     )
     engine = EngineOptions(slots=args.slots, continuous=not args.no_continuous)
-    results = {}
-    for name in args.backends.split(","):
+    results, outputs = {}, {}
+    for name in backends:
+        first_call = None
         if name == "hf":
             texts = [[t for piece in row for t in piece] for row in rows]
             _hf(torch_gen.model, texts[:2], options, args.slots, tok.pad_token_id)  # warm-up
@@ -176,9 +200,16 @@ def main() -> None:
                 from softtool.runtime.onnx_backend import OnnxGenerator
 
                 gen = OnnxGenerator.from_export_dir(args.onnx_dir, threads=args.threads)
-            gen.generate(rows[:2], None, options, engine)  # warm-up
+            if name == "torch-compiled":
+                gen = _compiled(torch_gen, args.compile_backend)
+                start = time.perf_counter()
+                gen.generate(rows[: args.slots], None, options, engine)  # warm-up: every slot busy, compiled
+                first_call = time.perf_counter() - start
+            else:
+                gen.generate(rows[:2], None, options, engine)  # warm-up
             wall, out, parts = _softtool(gen, rows, options, engine)
             useful = sum(len(o[0]) + (len(o[0]) < args.max_new_tokens) for o in out)
+        outputs[name] = out
         accounted = sum(p["seconds"] for p in parts.values())
         results[name] = {
             "wall_s": round(wall, 3),
@@ -187,6 +218,10 @@ def main() -> None:
             "parts": parts,
             "other_s": round(wall - accounted, 3),
         }
+        if first_call is not None:
+            results[name]["first_call_s"] = round(first_call, 3)
+            if "torch" in outputs:
+                results[name]["outputs_equal_to_torch"] = out == outputs["torch"]
         if name == "torch" and args.ops:
             results[name]["ops"] = _operators(gen, rows, options, engine, args.ops)
         print(name, json.dumps(results[name]), flush=True)
@@ -195,7 +230,8 @@ def main() -> None:
 
         record = {"args": vars(args), "machine": machine_info(args.threads), "results": results}
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -4,6 +4,7 @@ is asserted: the numbers are only measured, by hand, on a quiet machine."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 
@@ -21,6 +22,24 @@ def lively_prompt(lively_model_dir, tmp_path_factory):
     """A random 3-token translation prompt for the lively tiny model (its outputs differ from row to row)."""
     torch.manual_seed(0)
     return save_tiny_adapter(tmp_path_factory.mktemp("prompt") / "de", lively_model_dir, torch.randn(3, 32) * 0.2)
+
+
+@pytest.fixture(scope="module")
+def lively_export(lively_prompt, tmp_path_factory):
+    """lively_prompt exported to ONNX (fp32, the slot graph)."""
+    out = tmp_path_factory.mktemp("export") / "de-onnx"
+    assert run_cli(["export", str(lively_prompt), "-o", str(out), "--verify-steps", "2"]).code == 0
+    return out
+
+
+def write_multi30k(folder, splits=("train", "val", "test_2016_flickr")):
+    """`folder` in Multi30k's own layout: SPLIT.en.gz and SPLIT.de.gz, SOURCES and TARGETS."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in splits:
+        for lang, lines in (("en", SOURCES), ("de", TARGETS)):
+            with gzip.open(folder / f"{split}.{lang}.gz", "wt", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+    return folder
 
 
 # -- compare_outputs.py -----------------------------------------------------------------------------------------
@@ -82,3 +101,39 @@ def test_compare_outputs_compares_two_eval_folders_prediction_by_prediction_and_
     # Evals of different examples are not compared.
     (same / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
     assert script.main([str(tmp_path / "eval"), str(same)]) == 1
+
+
+# -- profile_decode.py ------------------------------------------------------------------------------------------
+def _profile_decode(tmp_path, prompt, *args: str) -> dict:
+    out = tmp_path / "profile.json"
+    data = write_multi30k(tmp_path / "multi30k")
+    argv = ["--adapter", str(prompt), "--data", str(data), "--limit", "4", "--slots", "2", "--max-new-tokens", "4",
+            "--threads", "1", "--json", str(out), *args]  # fmt: skip
+    assert load_benchmark("profile_decode").main(argv) == 0
+    return json.loads(out.read_text())
+
+
+def test_profile_decode_splits_each_backends_decode_into_prefill_decode_steps_and_search(
+    tmp_path, lively_prompt, lively_export
+):
+    record = _profile_decode(tmp_path, lively_prompt, "--backends", "hf,torch,onnx", "--onnx-dir", str(lively_export))
+    results = record["results"]
+    assert list(results) == ["hf", "torch", "onnx"]
+    assert set(results["hf"]["parts"]) == {"forward"}
+    for name in ("torch", "onnx"):
+        parts = results[name]["parts"]
+        assert set(parts) == {"prefill", "decode_step", "search_step"}, name
+        assert parts["prefill"]["rows"] == 4, name  # every sentence entered a slot once
+        assert results[name]["useful_tokens"] == results["hf"]["useful_tokens"], name
+    assert record["machine"]["versions"]["torch"] and record["args"]["slots"] == 2
+
+
+@pytest.mark.slow  # dynamo traces the forward again for new shapes: 15-25 s on the tiny model
+def test_profile_decode_times_the_compiled_forwards_first_call_and_checks_its_outputs(tmp_path, lively_prompt):
+    # The eager backend runs dynamo's tracing without inductor's code generation: the row's path, in seconds.
+    record = _profile_decode(
+        tmp_path, lively_prompt, "--backends", "torch,torch-compiled", "--compile-backend", "eager"
+    )
+    compiled = record["results"]["torch-compiled"]
+    assert compiled["first_call_s"] > 0 and compiled["outputs_equal_to_torch"] is True
+    assert compiled["parts"]["prefill"]["rows"] == 4
