@@ -137,3 +137,27 @@ def test_profile_decode_times_the_compiled_forwards_first_call_and_checks_its_ou
     compiled = record["results"]["torch-compiled"]
     assert compiled["first_call_s"] > 0 and compiled["outputs_equal_to_torch"] is True
     assert compiled["parts"]["prefill"]["rows"] == 4
+
+
+# -- ort_profile.py ---------------------------------------------------------------------------------------------
+def test_ort_profile_sums_a_softtool_sessions_profile_by_operator_type(tmp_path, monkeypatch, lively_export):
+    from softtool.runtime.onnx_backend import OnnxGenerator
+    from softtool.search import SearchOptions
+
+    # SOFTTOOL_ORT_PROFILE, as the script's docstring runs it, on a session of softtool's own.
+    monkeypatch.setenv("SOFTTOOL_ORT_PROFILE", str(tmp_path / "ort"))
+    gen = OnnxGenerator.from_export_dir(lively_export, threads=1)
+    rows = [gen.encode({"source": s}) for s in SOURCES]
+    gen.generate(rows, None, SearchOptions(max_new_tokens=3, eos_token_ids=[2], pad_token_id=2))
+    profile = gen.session.end_profiling()
+    assert profile.startswith(str(tmp_path / "ort"))
+
+    out = tmp_path / "ops.json"
+    assert load_benchmark("ort_profile").main([profile, "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["machine"]["git_commit"]
+    (summary,) = record["profiles"]
+    assert summary["model_runs"] >= 3  # a prefill and a step per new token
+    ops = {op["op"]: op for op in summary["ops"]}
+    assert "MatMul" in ops and abs(sum(op["share"] for op in summary["ops"]) - 1) < 1e-9
+    assert summary["kernel_ms_total"] == pytest.approx(sum(op["ms"] for op in summary["ops"]))
