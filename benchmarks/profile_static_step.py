@@ -74,7 +74,7 @@ def profile(generator, slots: int, capacity: int, repeats: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--backends", default="torch,onnx")
     parser.add_argument("--output", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from softtool.export.onnx import ExportOptions, export_adapters
     from softtool.runtime import load_generator
@@ -112,7 +112,8 @@ def main() -> None:
                 print(name, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -161,3 +161,19 @@ def test_ort_profile_sums_a_softtool_sessions_profile_by_operator_type(tmp_path,
     ops = {op["op"]: op for op in summary["ops"]}
     assert "MatMul" in ops and abs(sum(op["share"] for op in summary["ops"]) - 1) < 1e-9
     assert summary["kernel_ms_total"] == pytest.approx(sum(op["ms"] for op in summary["ops"]))
+
+
+# -- profile_static_step.py -------------------------------------------------------------------------------------
+def test_profile_static_step_times_a_step_per_slot_bucket_for_each_backend_on_the_cpu(tmp_path, tiny_model_dir):
+    # On the CPU only the whole step is timed (no CUDA events): the script's path without the device split.
+    out = tmp_path / "static.json"
+    args = ["--model", str(tiny_model_dir), "--device", "cpu", "--slots", "4", "--capacity", "16", "--repeats", "2",
+            "--output", str(out)]  # fmt: skip
+    assert load_benchmark("profile_static_step").main(args) == 0
+    result = json.loads(out.read_text())
+    assert (result["device"], result["dtype"], result["slots"]) == ("cpu", "float32", 4)
+    assert set(result["backends"]) == {"torch", "onnx"} and result["export_form"]
+    for name, backend in result["backends"].items():
+        buckets = [row["bucket"] for row in backend["buckets"]]
+        assert buckets == sorted(buckets) and buckets[-1] == 4, name
+        assert all(row["step_ms"] > 0 and "device_ms" not in row for row in backend["buckets"]), name
