@@ -1,4 +1,5 @@
-"""Measure an export end to end on SmolLM2: export time, parity with PyTorch, and greedy tokens/s onnx vs torch.
+"""Measure an export end to end on SmolLM2 (or --model): export time, parity with PyTorch, and greedy tokens/s
+onnx vs torch.
 
     python benchmarks/export_bench.py --device cpu --out benchmarks/results/export_smollm2.json
     python benchmarks/export_bench.py --device cuda --dtypes fp32,fp16 --out benchmarks/results/export_smollm2_cuda.json
@@ -10,16 +11,16 @@ there, else fixed sentences.
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import click
 
 from softtool.bench.limits import cpu_model, git_commit
 
@@ -70,19 +71,25 @@ def _timed_generate(gen, rows, options, repeats: int) -> tuple[list, float, int]
     return out, best, tokens
 
 
-@click.command()
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
-@click.option(
-    "--dtypes",
-    default="fp32,int8,int8:dynamic",
-    help="Comma-separated exports to measure: fp32, fp16, int8 (weight-only), int8:dynamic.",
-)
-@click.option("--batch", type=int, default=4, help="Sentences generated together.")
-@click.option("--max-new-tokens", type=int, default=32)
-@click.option("--repeats", type=int, default=2, help="Timed runs per backend (the best is kept).")
-@click.option("--threads", type=int, default=None, help="torch and ONNX Runtime intra-op threads (default: cores).")
-@click.option("--out", type=click.Path(dir_okay=False), required=True)
-def main(device, dtypes, batch, max_new_tokens, repeats, threads, out) -> None:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="the base model (a built-in name or a folder)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--dtypes",
+        default="fp32,int8,int8:dynamic",
+        help="comma-separated exports to measure: fp32, fp16, int8 (weight-only), int8:dynamic",
+    )
+    parser.add_argument("--batch", type=int, default=4, help="sentences generated together")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per backend (the best is kept)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch and ONNX Runtime intra-op threads (default: cores)"
+    )
+    parser.add_argument("--out", type=Path, required=True)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    device, batch, max_new_tokens, repeats = args.device, args.batch, args.max_new_tokens, args.repeats
 
     from softtool.adapter import Adapter, AdapterMeta, save_adapter
     from softtool.export.onnx import ExportOptions, export_adapters
@@ -93,11 +100,11 @@ def main(device, dtypes, batch, max_new_tokens, repeats, threads, out) -> None:
     from softtool.search import SearchOptions
     from softtool.threads import configure_threads
 
-    threads = configure_threads(threads)
-    model = load_model("smollm2-135m", device=device)
+    threads = configure_threads(args.threads)
+    model = load_model(args.model, device=device)
     table = initial_table(PromptConfig(num_virtual_tokens=20), model.get_input_embeddings())
     meta = AdapterMeta(
-        base_model="smollm2-135m",
+        base_model=args.model,
         num_virtual_tokens=20,
         token_dim=model.config.hidden_size,
         vocab_size=model.config.vocab_size,
@@ -106,12 +113,12 @@ def main(device, dtypes, batch, max_new_tokens, repeats, threads, out) -> None:
     sentences, source = _sentences(batch)
     options = SearchOptions(max_new_tokens=max_new_tokens, eos_token_ids=[2], pad_token_id=2)
     result = {
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": shlex.join(["python", "benchmarks/export_bench.py", *argv]),
         "commit": _commit(),
         "machine": _machine(),
         "threads": threads,
         "device": device,
-        "model": "smollm2-135m",
+        "model": args.model,
         "template": TEMPLATE,
         "inputs": source,
         "batch": batch,
@@ -125,7 +132,7 @@ def main(device, dtypes, batch, max_new_tokens, repeats, threads, out) -> None:
         rows = [torch_gen.encode({"source": s}) for s in sentences]
         ref, seconds, tokens = _timed_generate(torch_gen, rows, options, repeats)
         result["generation"]["torch"] = {"seconds": seconds, "new_tokens": tokens, "tokens_per_s": tokens / seconds}
-        for spec in dtypes.split(","):
+        for spec in args.dtypes.split(","):
             dtype, _, method = spec.partition(":")
             export_options = ExportOptions(device=device, dtype=dtype, int8_method=method or "weight-only")
             dtype = spec.replace(":", "-")
@@ -149,10 +156,11 @@ def main(device, dtypes, batch, max_new_tokens, repeats, threads, out) -> None:
                 "sequences_equal_to_torch": f"{same}/{len(ref)}",
             }
     result["machine"]["load_average_1m_after"] = os.getloadavg()[0]
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(result, indent=2) + "\n")
-    click.echo(json.dumps(result["generation"], indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["generation"], indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -177,3 +177,22 @@ def test_profile_static_step_times_a_step_per_slot_bucket_for_each_backend_on_th
         buckets = [row["bucket"] for row in backend["buckets"]]
         assert buckets == sorted(buckets) and buckets[-1] == 4, name
         assert all(row["step_ms"] > 0 and "device_ms" not in row for row in backend["buckets"]), name
+
+
+# -- export_bench.py --------------------------------------------------------------------------------------------
+def test_export_bench_records_each_exports_size_parity_and_speed_beside_torch(tmp_path, tiny_model_dir):
+    out = tmp_path / "export.json"
+    args = ["--model", str(tiny_model_dir), "--dtypes", "fp32,int8", "--batch", "2", "--max-new-tokens", "4",
+            "--repeats", "1", "--threads", "1", "--out", str(out)]  # fmt: skip
+    assert load_benchmark("export_bench").main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["command"].startswith("python benchmarks/export_bench.py --model") and result["commit"]
+    assert set(result["exports"]) == {"fp32", "int8"} and set(result["generation"]) == {
+        "torch",
+        "onnx-fp32",
+        "onnx-int8",
+    }
+    fp32 = result["exports"]["fp32"]
+    assert fp32["model_bytes"] > 0 and result["exports"]["int8"]["model_bytes"] > 0
+    assert fp32["verification"]["greedy_agreement"] == 1.0
+    assert result["generation"]["onnx-fp32"]["sequences_equal_to_torch"] == "2/2"
