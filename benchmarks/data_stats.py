@@ -7,14 +7,13 @@ Backs the numbers in docs/data.md. Run from the repository root:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import statistics
 import time
 from pathlib import Path
-
-import click
 
 from softtool.bench.limits import cpu_model, git_commit
 
@@ -45,13 +44,14 @@ def _summary(values: list[int]) -> dict:
     }
 
 
-@click.command()
-@click.option("--data", "data_root", type=click.Path(file_okay=False, path_type=Path), default=Path("../shared/data"))
-@click.option("--virtual-tokens", default=20, show_default=True, help="virtual tokens of the default template")
-@click.option("--max-length", default=512, show_default=True, help="training length budget for the truncation count")
-@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
-def main(data_root: Path, virtual_tokens: int, max_length: int, output: Path) -> None:
-    """Read every split of the real data sets and encode it with the SmolLM2 tokenizer."""
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="the shared data folder")
+    parser.add_argument("--virtual-tokens", type=int, default=20, help="virtual tokens of the default template")
+    parser.add_argument("--max-length", type=int, default=512, help="training length budget for the truncation count")
+    parser.add_argument("--output", type=Path, required=True)
+    args = parser.parse_args(argv)
+    data_root, virtual_tokens, max_length, output = args.data, args.virtual_tokens, args.max_length, args.output
     from softtool.data import encode_example, get_task, load_split
     from softtool.models import DEFAULT_MODEL, load_tokenizer
 
@@ -93,7 +93,7 @@ def main(data_root: Path, virtual_tokens: int, max_length: int, output: Path) ->
                 "max_target_tokens": task.max_target_tokens,
             }
             rows.append(row)
-            click.echo(json.dumps(row))
+            print(json.dumps(row))
     result = {
         "benchmark": "data_stats",
         "commit": _commit(),
@@ -107,7 +107,8 @@ def main(data_root: Path, virtual_tokens: int, max_length: int, output: Path) ->
     }
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -4,6 +4,7 @@ is asserted: the numbers are only measured, by hand, on a quiet machine."""
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import shutil
@@ -196,3 +197,43 @@ def test_export_bench_records_each_exports_size_parity_and_speed_beside_torch(tm
     assert fp32["model_bytes"] > 0 and result["exports"]["int8"]["model_bytes"] > 0
     assert fp32["verification"]["greedy_agreement"] == 1.0
     assert result["generation"]["onnx-fp32"]["sequences_equal_to_torch"] == "2/2"
+
+
+# -- data_stats.py ----------------------------------------------------------------------------------------------
+def write_squad(folder, splits=("train", "dev")):
+    """SQuAD's JSON layout: one paragraph, a question per source sentence, the first word as its answer."""
+    qas = [{"id": f"q{i}", "question": f"What is in '{s}'?", "answers": [{"text": s.split()[0]}]}
+           for i, s in enumerate(SOURCES)]  # fmt: skip
+    record = {"data": [{"title": "T", "paragraphs": [{"context": " ".join(SOURCES), "qas": qas}]}]}
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in splits:
+        (folder / f"{split}.json").write_text(json.dumps(record))
+    return folder
+
+
+def write_cnndm(folder, splits=("train", "dev")):
+    """CNN/DailyMail's CSV layout (id, article, highlights): each source sentence ten times as an article."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in splits:
+        with open(folder / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
+            rows = [[f"a{i}", " ".join([s] * 10), t] for i, (s, t) in enumerate(zip(SOURCES, TARGETS, strict=True))]
+            csv.writer(f).writerows([["id", "article", "highlights"], *rows])
+    return folder
+
+
+def test_data_stats_reads_and_encodes_every_split_of_every_data_set(tmp_path):
+    data = tmp_path / "data"
+    write_squad(data / "squad"), write_cnndm(data / "cnn_dailymail"), write_multi30k(data / "multi30k")
+    out = tmp_path / "stats.json"
+    assert load_benchmark("data_stats").main(["--data", str(data), "--max-length", "64", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["command"].startswith("python benchmarks/data_stats.py") and result["max_length"] == 64
+    splits = [(row["task"], row["split"]) for row in result["splits"]]
+    assert splits == [("squad", "train"), ("squad", "dev"), ("squad-qg", "dev"), ("cnndm", "train"), ("cnndm", "dev"),
+                      ("translation", "train"), ("translation", "val"), ("translation", "test_2016_flickr")]  # fmt: skip
+    for row in result["splits"]:
+        assert row["examples"] == 4 and row["input_tokens"]["max"] >= row["input_tokens"]["p50"] > 0, row
+    cnndm = next(row for row in result["splits"] if row["task"] == "cnndm")
+    assert (
+        cnndm["long_field"] == "article" and cnndm["truncated_at_max_length"] > 0
+    )  # 10 sentences do not fit in 64 tokens
