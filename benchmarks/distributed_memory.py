@@ -12,13 +12,12 @@ docs/distributed.md. Run from the repository root:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import sys
 from pathlib import Path
-
-import click
 
 from softtool.bench.limits import cpu_model, git_commit
 
@@ -101,14 +100,24 @@ def _machine() -> dict:
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()}
 
 
-@click.command()
-@click.option("--seq", default=512, help="input + target tokens per row (without the virtual tokens)")
-@click.option("--virtual", default=20, help="virtual tokens")
-@click.option("--targets", default=32, help="target tokens per row (the positions projected to the vocabulary)")
-@click.option("--batch", "batches", multiple=True, type=int, default=(1, 8, 32), help="global batch sizes")
-@click.option("--gpus", default=4, help="GPUs for the multi-GPU layouts")
-@click.option("--output", type=click.Path(path_type=Path), required=True)
-def main(seq, virtual, targets, batches, gpus, output):
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--seq", type=int, default=512, help="input + target tokens per row (without the virtual tokens)"
+    )
+    parser.add_argument("--virtual", type=int, default=20, help="virtual tokens")
+    parser.add_argument(
+        "--targets", type=int, default=32, help="target tokens per row (those projected to the vocabulary)"
+    )
+    parser.add_argument(
+        "--batch", dest="batches", type=int, action="append", help="a global batch size (repeatable; default 1, 8, 32)"
+    )
+    parser.add_argument("--gpus", type=int, default=4, help="GPUs for the multi-GPU layouts")
+    parser.add_argument("--output", type=Path, required=True)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    seq, virtual, targets, gpus, output = args.seq, args.virtual, args.targets, args.gpus, args.output
+    batches = args.batches or [1, 8, 32]
     model = _meta_model(LLAMA_7B["num_hidden_layers"])
     params = sum(p.numel() for p in model.parameters())
     block_params = sum(p.numel() for p in model.model.layers[0].parameters())
@@ -128,7 +137,7 @@ def main(seq, virtual, targets, batches, gpus, output):
         "computed_not_measured": True,
         "commit": commit,
         "machine": _machine(),
-        "command": " ".join(["python", "benchmarks/distributed_memory.py", *sys.argv[1:]]),
+        "command": " ".join(["python", "benchmarks/distributed_memory.py", *argv]),
         "model": {"shapes": "Llama-2-7B", **LLAMA_7B, "parameters": params, "block_parameters": block_params},
         "seq": seq,
         "virtual_tokens": virtual,
@@ -139,11 +148,12 @@ def main(seq, virtual, targets, batches, gpus, output):
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(record, indent=2) + "\n")
     for row in rows:
-        click.echo(
+        print(
             f"B={row['global_batch']:>2}  {row['layout']:<40} weights {row['weights_gib']:6.2f} GiB  "
             f"activations {row['activations_gib']:6.2f} GiB  total {row['total_gib']:6.2f} GiB"
         )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -237,3 +237,19 @@ def test_data_stats_reads_and_encodes_every_split_of_every_data_set(tmp_path):
     assert (
         cnndm["long_field"] == "article" and cnndm["truncated_at_max_length"] > 0
     )  # 10 sentences do not fit in 64 tokens
+
+
+# -- distributed_memory.py --------------------------------------------------------------------------------------
+def test_distributed_memory_computes_every_layouts_bytes_per_gpu_on_the_meta_device(tmp_path):
+    out = tmp_path / "memory.json"
+    args = ["--seq", "16", "--targets", "4", "--batch", "2", "--batch", "4", "--gpus", "2", "--output", str(out)]
+    assert load_benchmark("distributed_memory").main(args) == 0
+    record = json.loads(out.read_text())
+    assert record["computed_not_measured"] and record["command"].endswith("--gpus 2 --output " + str(out))
+    assert record["model"]["parameters"] > 6.7e9  # Llama-2-7B's shapes, built on the meta device: no memory used
+    assert sorted(map(int, record["activation_bytes_by_batch"])) == [1, 2, 4]  # each batch and its half per rank
+    rows = {(r["global_batch"], r["layout"]): r for r in record["rows"]}
+    assert len(rows) == 8
+    one, ddp = rows[(4, "1 GPU")], rows[(4, "DDP, 2 ranks")]
+    assert ddp["weights"] == one["weights"] and ddp["activations"] < one["activations"]
+    assert rows[(4, "--fsdp, 2 ranks")]["weights"] < one["weights"]
