@@ -1,6 +1,6 @@
 """Benchmark: one beam-search step of softtool's C++ core versus transformers' own step, same inputs.
 
-Records real SmolLM2-135M logits for 16 Multi30k validation sentences (batch 16, beam 4: 64 rows of
+Records real SmolLM2-135M logits (or --model's) for 16 Multi30k validation sentences (batch 16, beam 4: 64 rows of
 49,152 logits) by decoding a few steps live, then times the post-forward work of step `--step` alone:
 
 - C++: `BeamSearch.step(logits)` (log_softmax, processors, top-k, beam bookkeeping, all in C++).
@@ -38,13 +38,14 @@ from softtool.bench.limits import cpu_model, git_commit
 REPO = Path(__file__).resolve().parents[1]
 
 
-def record_logits(data: Path, batch: int, beams: int, steps: int, opts_kwargs: dict) -> tuple[list, list, int]:
-    """Decode `steps` steps live with SmolLM2 + the core; return the prompts and per-step logits."""
+def record_logits(model_name: str, data: Path, batch: int, beams: int, steps: int, opts_kwargs: dict) -> tuple:
+    """Decode `steps` steps live with the model + the core; return the prompts (bare and left-padded), the
+    per-step logits and the model."""
     from softtool import search
-    from softtool.models import DEFAULT_MODEL, load_model, load_tokenizer
+    from softtool.models import load_model, load_tokenizer
 
-    tok = load_tokenizer(DEFAULT_MODEL)
-    model = load_model(DEFAULT_MODEL)
+    tok = load_tokenizer(model_name)
+    model = load_model(model_name)
     with gzip.open(data / "multi30k" / "val.en.gz", "rt", encoding="utf-8") as f:
         sentences = [next(f).strip() for _ in range(batch)]
     prompts = [
@@ -212,8 +213,11 @@ def time_ms(fn, reps: int, warmup: int) -> list[float]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    from softtool.models import DEFAULT_MODEL
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="the model whose logits are recorded")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--beams", type=int, default=4)
@@ -222,7 +226,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--torch-threads", type=int, default=2, help="also timed with 1 thread")
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "search_step.json")
-    args = parser.parse_args()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
     load_at_start = os.getloadavg()[0]
@@ -237,7 +242,7 @@ def main() -> None:
     results = {}
     model = None
     for name, opts in configs.items():
-        prompts, padded, logits, model = record_logits(args.data, args.batch, args.beams, args.step, opts)
+        prompts, padded, logits, model = record_logits(args.model, args.data, args.batch, args.beams, args.step, opts)
         width = len(padded[0])
         pads = [width - len(p) for p in prompts]
 
@@ -297,12 +302,13 @@ def main() -> None:
 
     import transformers
 
+    vocab = model.config.vocab_size
     commit = git_commit(REPO)
     report = {
         "benchmark": "one beam-search step, post-forward work only (see benchmarks/bench_search.py docstring)",
-        "shape": {"batch": args.batch, "num_beams": args.beams, "rows": args.batch * args.beams, "vocab": 49152},
+        "shape": {"batch": args.batch, "num_beams": args.beams, "rows": args.batch * args.beams, "vocab": vocab},
         "timed_step": args.step,
-        "logits": "real SmolLM2-135M-Instruct logits, Multi30k val sentences 1-16, recorded live",
+        "logits": f"{args.model}'s logits, Multi30k val sentences 1-{args.batch}, recorded live",
         "reps": args.reps,
         "warmup": args.warmup,
         "torch_threads": args.torch_threads,
@@ -315,12 +321,13 @@ def main() -> None:
             "transformers": transformers.__version__,
             "numpy": np.__version__,
         },
-        "command": " ".join([".venv/bin/python", *sys.argv]),
+        "command": " ".join([".venv/bin/python", "benchmarks/bench_search.py", *argv]),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.output}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -253,3 +253,22 @@ def test_distributed_memory_computes_every_layouts_bytes_per_gpu_on_the_meta_dev
     one, ddp = rows[(4, "1 GPU")], rows[(4, "DDP, 2 ranks")]
     assert ddp["weights"] == one["weights"] and ddp["activations"] < one["activations"]
     assert rows[(4, "--fsdp, 2 ranks")]["weights"] < one["weights"]
+
+
+# -- bench_search.py --------------------------------------------------------------------------------------------
+def test_bench_search_times_one_beam_step_of_the_core_and_of_transformers_after_checking_they_agree(
+    tmp_path, lively_model_dir
+):
+    write_multi30k(tmp_path / "data" / "multi30k")
+    out = tmp_path / "search_step.json"
+    args = ["--model", str(lively_model_dir), "--data", str(tmp_path / "data"), "--batch", "2", "--beams", "2",
+            "--step", "2", "--reps", "2", "--warmup", "1", "--torch-threads", "1", "--output", str(out)]  # fmt: skip
+    assert load_benchmark("bench_search").main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["shape"] == {"batch": 2, "num_beams": 2, "rows": 4, "vocab": 49152}
+    assert report["command"].startswith(".venv/bin/python benchmarks/bench_search.py --model")
+    for name in ("plain", "processors"):
+        result = report["results"][name]
+        assert result["identical_outputs"] is True, name
+        assert {"transformers_1t_ms", "core_1t_ms"} <= set(result["median_ms"]), name
+        assert all(len(samples) == 2 for samples in result["samples_ms"].values()), name
