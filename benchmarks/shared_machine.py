@@ -15,7 +15,7 @@ the policy), and balanced with --threads 1. One thread per available core unless
         --output benchmarks/results/shared_machine.json
 
 Run it on an otherwise quiet machine: its own busy loop is the only load it expects. The adapter is an
-untrained prompt (vocabulary init; speed does not depend on training) for the default model, and the
+untrained prompt (vocabulary init; speed does not depend on training) for --model, and the onnx backend's
 export is `softtool export` of it (fp32); both are made once under --workdir.
 """
 
@@ -52,8 +52,8 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
     return {**env, **extra}
 
 
-def prepare(workdir: Path, model: str, tokens: int) -> dict[str, Path]:
-    """The adapter (untrained, vocabulary init) and its fp32 export, made once."""
+def prepare(workdir: Path, model: str, tokens: int, backends: list[str]) -> dict[str, Path]:
+    """The adapter (untrained, vocabulary init) and, for the onnx backend, its fp32 export, made once."""
     adapter, export = workdir / "adapter", workdir / "onnx"
     if not (adapter / "softtool.json").is_file():
         import torch
@@ -78,7 +78,7 @@ def prepare(workdir: Path, model: str, tokens: int) -> dict[str, Path]:
             task_options={"src": "en", "tgt": "de"},
         )
         save_adapter(adapter, Adapter(table, meta), base.config)
-    if not (export / "softtool_export.json").is_file():
+    if "onnx" in backends and not (export / "softtool_export.json").is_file():
         cmd = [sys.executable, "-m", "softtool", "export", str(adapter), "-o", str(export), "--verify-steps", "4"]
         subprocess.run(cmd, check=True, env=_env({}), stdout=subprocess.DEVNULL)
     return {"torch": adapter, "onnx": export}
@@ -150,7 +150,7 @@ def _ratio(wall: float | None, alone: float | None, timeout: float) -> str | flo
     return f">{timeout / alone:.1f}" if wall is None else round(wall / alone, 2)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "multi30k")
     parser.add_argument("--limit", type=int, default=8, help="examples per eval")
@@ -164,14 +164,18 @@ def main() -> None:
     parser.add_argument("--virtual-tokens", type=int, default=20)
     parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "softtool" / "shared_machine")
     parser.add_argument("--output", type=Path)
-    args = parser.parse_args()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    backends = args.backends.split(",")
+    if unknown := set(backends) - {"torch", "onnx"}:
+        parser.error(f"unknown backends: {', '.join(sorted(unknown))} (torch, onnx)")
 
     commit = git_commit(REPO)  # the code the evals run (taken before, as others may commit meanwhile)
     load_before = _load()
-    paths = prepare(args.workdir, args.model, args.virtual_tokens)
+    paths = prepare(args.workdir, args.model, args.virtual_tokens, backends)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as scratch:
-        for backend in args.backends.split(","):
+        for backend in backends:
             for variant in args.variants.split(","):
                 for kind in args.scenarios.split(","):
                     for repeat in range(args.repeats if variant == DEFAULT else args.repeats_others):
@@ -187,7 +191,7 @@ def main() -> None:
     record = {
         "benchmark": "shared_machine",
         "commit": commit,
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "command": shlex.join([Path(sys.executable).name, "benchmarks/shared_machine.py", *argv]),
         "machine": {
             "cpu": cpu_model(),
             "cores": os.cpu_count(),
@@ -209,6 +213,7 @@ def main() -> None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(record, indent=2) + "\n")
         print(f"wrote {args.output}")
+    return 0
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -244,4 +249,4 @@ def summarize(results: list[dict[str, Any]], timeout: float) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -272,3 +272,22 @@ def test_bench_search_times_one_beam_step_of_the_core_and_of_transformers_after_
         assert result["identical_outputs"] is True, name
         assert {"transformers_1t_ms", "core_1t_ms"} <= set(result["median_ms"]), name
         assert all(len(samples) == 2 for samples in result["samples_ms"].values()), name
+
+
+# -- shared_machine.py ------------------------------------------------------------------------------------------
+@pytest.mark.slow  # three `softtool eval` processes, two of them side by side
+def test_shared_machine_times_evals_alone_and_in_pairs_and_relates_them_to_the_eval_alone(tmp_path, tiny_model_dir):
+    out = tmp_path / "shared.json"
+    args = ["--model", str(tiny_model_dir), "--virtual-tokens", "3", "--data", str(write_multi30k(tmp_path / "m30k")),
+            "--limit", "2", "--backends", "torch", "--variants", "balanced", "--scenarios", "alone,pair",
+            "--repeats", "1", "--timeout", "120", "--workdir", str(tmp_path / "work"), "--output", str(out)]  # fmt: skip
+    assert load_benchmark("shared_machine").main(args) == 0
+    record = json.loads(out.read_text())
+    assert record["command"].startswith("python") and "benchmarks/shared_machine.py --model" in record["command"]
+    assert [(r["scenario"], len(r["runs"])) for r in record["runs"]] == [("alone", 1), ("pair", 2)]
+    assert all(
+        run["exit"] == 0 and run["wall_s"] > 0 and run["tokens_per_s"] for r in record["runs"] for run in r["runs"]
+    )
+    ratios = record["summary"]["torch"]["balanced"]
+    assert set(ratios) == {"alone", "pair[0]", "pair[1]"} and ratios["alone"]["x_alone"] == 1.0
+    assert not (tmp_path / "work" / "onnx").exists()  # no export unless the onnx backend is measured
