@@ -266,7 +266,7 @@ def direct(args, requests: list[tuple[str, str]]) -> dict[str, Any]:
 
 
 # -- the run ----------------------------------------------------------------------------------------------------
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="what `softtool serve` serves (an export folder or adapters)")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "multi30k")
@@ -284,12 +284,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of direct, serve@16, single@16 and the peer")
     parser.add_argument("--direct-child", help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks/results/serve_load.json")
-    args = parser.parse_args()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
 
     if args.direct_child:  # the no-HTTP row, in its own process like the server
         requests = [tuple(r) for r in json.loads(Path(args.direct_child).read_text())]
         print(json.dumps(direct(args, requests)))
-        return
+        return 0
 
     from softtool.bench.limits import machine_info
 
@@ -297,17 +298,18 @@ def main() -> None:
     names = list(task_templates(args.paths))
     count = max(args.requests, 4 * max(int(c) for c in args.clients.split(",")))
     at16 = max(args.requests, 4 * 16)  # the requests of serve@16 and direct
-    mixed = [(names[i % len(names)], texts[i]) for i in range(count)]
+    mixed = [(names[i % len(names)], texts[i % len(texts)]) for i in range(count)]  # a short file goes round
     workdir = args.output.parent / (args.output.stem + "_logs")
     workdir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "kind": "serve_load",
-        "command": shlex.join([sys.executable, *sys.argv]),
+        "command": shlex.join([sys.executable, "benchmarks/serve_load.py", *argv]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": machine_info(args.threads),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "direct_child"},
         "tasks": names,
-        "workload": f"{count} Multi30k val sentences (the first), tasks round-robin, greedy, {args.max_tokens} new tokens",
+        "workload": f"{count} requests over the first {min(count, len(texts))} Multi30k val sentences, tasks "
+        f"round-robin, greedy, {args.max_tokens} new tokens",
     }
 
     def save() -> None:
@@ -433,6 +435,7 @@ def main() -> None:
             row.pop("texts", None)
     save()
     print(json.dumps(result["summary"], indent=1))
+    return 0
 
 
 def peer(args, mixed: list[tuple[str, str]], workdir: Path) -> dict[str, Any]:
@@ -570,4 +573,4 @@ def summarize(result: dict[str, Any], args) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

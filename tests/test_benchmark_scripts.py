@@ -291,3 +291,23 @@ def test_shared_machine_times_evals_alone_and_in_pairs_and_relates_them_to_the_e
     ratios = record["summary"]["torch"]["balanced"]
     assert set(ratios) == {"alone", "pair[0]", "pair[1]"} and ratios["alone"]["x_alone"] == 1.0
     assert not (tmp_path / "work" / "onnx").exists()  # no export unless the onnx backend is measured
+
+
+# -- serve_load.py ----------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a server and the engine alone, each in a process of its own
+def test_serve_load_drives_a_server_and_the_engine_alone_to_the_same_texts(tmp_path, lively_prompt):
+    out = tmp_path / "serve_load.json"
+    args = [str(lively_prompt), "--data", str(write_multi30k(tmp_path / "m30k")), "--clients", "1,16",
+            "--requests", "8", "--max-tokens", "4", "--slots", "4", "--max-length", "64", "--threads", "1",
+            "--soak", "0", "--no-peer", "--mix-seconds", "1", "--repeats", "1", "--output", str(out)]  # fmt: skip
+    assert load_benchmark("serve_load").main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["kind"] == "serve_load" and result["tasks"] == ["de"] and result["serve_exit"] == 0
+    assert [row["name"] for row in result["serve"]] == ["serve@1", "serve@16"]
+    assert all(row["errors"] == 0 and row["generated_tokens"] > 0 for row in result["serve"])
+    assert result["direct"]["requests"] == 64 and result["mix"]["mixed"][0] > 0
+    summary = result["summary"]
+    done, total = map(int, summary["serve16_texts_equal_direct"].split("/"))
+    assert done == total > 0  # greedy: the server writes what the engine alone writes
+    assert summary["errors"]["met"] and "ratio" in summary["serve16_vs_direct"]
+    assert "soak" not in result and "peer" not in result
