@@ -47,10 +47,10 @@ def test_size(result: dict) -> str:
     return f"{split}, {n or where['limit']}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="+", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     header = ["task (held-out examples)", "model", "metric", *(name for _, name in COLUMNS), "loop share",
               "decoding (dev)", "budget per run", "commit"]  # fmt: skip
     print("| " + " | ".join(header) + " |")
@@ -59,7 +59,8 @@ def main() -> None:
         result = json.loads(path.read_text())
         if result.get("test"):
             print("| " + " | ".join(row(result)) + " |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

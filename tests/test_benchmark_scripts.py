@@ -8,11 +8,14 @@ import csv
 import gzip
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import load_benchmark, run_cli, save_tiny_adapter, write_translation_data
+
+REPO = Path(__file__).resolve().parents[1]
 
 SOURCES = ["A man rides a bike.", "Two dogs play in the snow near a tree.", "A girl.", "The cat sleeps on a warm bed."]
 TARGETS = ["Ein Mann fährt Rad.", "Zwei Hunde spielen im Schnee.", "Ein Mädchen.", "Die Katze schläft."]
@@ -311,3 +314,18 @@ def test_serve_load_drives_a_server_and_the_engine_alone_to_the_same_texts(tmp_p
     assert done == total > 0  # greedy: the server writes what the engine alone writes
     assert summary["errors"]["met"] and "ratio" in summary["serve16_vs_direct"]
     assert "soak" not in result and "peer" not in result
+
+
+# -- quality_table.py -------------------------------------------------------------------------------------------
+def test_quality_table_renders_a_row_per_committed_quality_result_with_its_winner_in_bold(capsys):
+    results = sorted((REPO / "benchmarks" / "results").glob("quality_*_*.json"))
+    assert results
+    assert load_benchmark("quality_table").main([str(p) for p in results]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| task (held-out examples) | model | metric | zero-shot |") and len(lines) == 2 + len(
+        results
+    )
+    for path, line in zip(results, lines[2:], strict=True):
+        result = json.loads(path.read_text())
+        assert line.startswith(f"| {result['task']} (") and line.endswith(f"| {result['commit']} |"), path.name
+        assert "**" in line, path.name  # the best score, in bold
