@@ -5,8 +5,10 @@
     python benchmarks/run_all.py --adapter translation=runs/de   # a trained prompt for one task's configs
     python benchmarks/run_all.py --adapter classify=runs/sst2    # adds classify_sst2 (it needs a trained prompt)
 
-Each run writes benchmarks/results/bench_<config>.json (+ .png); render_docs.py then renders every table that
-quotes them again (`make docs`). Extra arguments after `--` go to every `softtool bench` call (e.g. `-- --adapter runs/de`).
+Each run writes benchmarks/results/bench_<config>.json (+ .png), and the training comparison on --train-config's
+workload bench_train_<that config>.json; render_docs.py then renders every table that quotes them again
+(`make docs`). --results and --root put the files and the rendered docs elsewhere. Extra arguments after `--` go to
+every `softtool bench` call (e.g. `-- --adapter runs/de`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="TASK=PATH",
         help="trained prompt for the configs of TASK (then their metric means something); repeatable",
     )
+    parser.add_argument("--train-config", default="translation", help="the config of the training comparison")
+    parser.add_argument("--results", type=Path, default=HERE / "results", help="where the result files go")
+    parser.add_argument("--root", type=Path, default=HERE.parent, help="whose README.md and docs/ are rendered")
     parser.add_argument("extra", nargs="*", help="arguments passed to every softtool bench call")
     args = parser.parse_args(argv)
     adapters = dict(a.split("=", 1) for a in args.adapter)
@@ -43,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for name in args.configs.split(","):
         config = HERE / "configs" / f"{name}.json"
-        cmd = [*bench, "--config", str(config), *args.extra]
+        cmd = [*bench, "--config", str(config), "--output", str(args.results / f"bench_{name}.json"), *args.extra]
         task = json.loads(config.read_text()).get("task")
         if task in adapters:
             cmd += ["--adapter", adapters[task]]
@@ -52,19 +57,21 @@ def main(argv: list[str] | None = None) -> int:
         print("+", " ".join(cmd), flush=True)
         if subprocess.run(cmd, cwd=HERE.parent).returncode != 0:
             failed.append(name)
-    train = [*bench, "--config", str(HERE / "configs" / "translation.json"), "--train"]
-    train += ["--output", str(HERE / "results" / "bench_train_translation.json"), *args.extra]
+    train = [*bench, "--config", str(HERE / "configs" / f"{args.train_config}.json"), "--train"]
+    train += ["--output", str(args.results / f"bench_train_{args.train_config}.json"), *args.extra]
     if args.quick:
         train += ["--steps", "5", "--warmup", "1"]
     print("+", " ".join(train), flush=True)
     if subprocess.run(train, cwd=HERE.parent).returncode != 0:
         failed.append("train")
     # Every table that quotes these files (docs/bench.md's and the README's), as `make docs` renders them.
-    subprocess.run([sys.executable, str(HERE / "render_docs.py")])
+    render = [sys.executable, str(HERE / "render_docs.py"), "--root", str(args.root), "--results", str(args.results)]
+    if subprocess.run(render).returncode != 0:
+        failed.append("render_docs")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

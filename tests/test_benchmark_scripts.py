@@ -329,3 +329,23 @@ def test_quality_table_renders_a_row_per_committed_quality_result_with_its_winne
         result = json.loads(path.read_text())
         assert line.startswith(f"| {result['task']} (") and line.endswith(f"| {result['commit']} |"), path.name
         assert "**" in line, path.name  # the best score, in bold
+
+
+# -- run_all.py -------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # two `softtool bench` processes
+def test_run_all_benches_each_config_and_the_training_then_renders_the_docs_tables(tmp_path, tiny_model_dir):
+    (tmp_path / "docs").mkdir()
+    readme = tmp_path / "README.md"
+    readme.write_text("# Bench\n\n<!-- render:bench:start -->\nold\n<!-- render:bench:end -->\n\nAfter.\n")
+    results = tmp_path / "results"
+    args = ["--configs", "smoke", "--train-config", "smoke", "--results", str(results), "--root", str(tmp_path), "--",
+            "--model", str(tiny_model_dir), "--backends", "hf,torch", "--no-isolate", "--no-limits",
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert load_benchmark("run_all").main(args) == 0
+    generation = json.loads((results / "bench_smoke.json").read_text())
+    assert [b["name"] for b in generation["backends"]] == ["hf", "torch"]
+    assert all(b["status"] == "ok" for b in generation["backends"])
+    assert json.loads((results / "bench_train_smoke.json").read_text())["kind"] == "train"
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("<!-- render:bench:end -->\n\nAfter.\n")
+    assert "`bench_smoke.json`" in text and "`bench_train_smoke.json`" in text  # a row of each, naming its file
