@@ -138,7 +138,7 @@ class Quality:
         self.result: dict = {
             **provenance.stamp(self.output, tree, *(["peft"] if "peft-ptuning" in self.grid else [])),
             "machine": machine(),
-            "command": " ".join([sys.executable, *sys.argv]),
+            "command": args.command,
             "task": args.task,
             "model": args.model,
             "main_metric": self.task.main_metric,
@@ -389,7 +389,7 @@ def _scores(record: dict, folder: Path | None = None) -> dict:
     return {**keep, "seconds": record["seconds"], "tokens_per_s": record["tokens_per_s"]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, choices=sorted(DATA_FOLDERS))
     parser.add_argument("--model", default="smollm2-135m")
@@ -425,7 +425,9 @@ def main() -> None:
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--allow-dirty", action="store_true", help="write into benchmarks/results/ from uncommitted "
                         "code, storing its diff beside the JSON")  # fmt: skip
-    args = parser.parse_args()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    args.command = " ".join([sys.executable, "benchmarks/quality.py", *argv])  # study.py reads flags back from it
     tree = provenance.check_tree(args.output, args.allow_dirty)  # before any work: a refusal costs nothing
     import torch
 
@@ -443,7 +445,8 @@ def main() -> None:
         search = {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0}
     quality.test(winners, search)
     quality.plot()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -167,7 +167,7 @@ class Study:
             select_limit=held["offset"], test_split=None if held["split"] == "dev" else held["split"],
             test_limit=held["limit"], eval_batch_size=self.budget["eval_batch_size"],
             eval_max_length=self.budget["eval_max_length"], runs=args.runs, output=args.output, quiet=args.quiet,
-            train_limit=args.train_limit,
+            train_limit=args.train_limit, command=args.command,
         )  # fmt: skip
         self.quality = Quality(self.qargs, tree)
         self.task = get_task(self.task_name, **({"src": "en", "tgt": "de"} if self.task_name == "translation" else {}))
@@ -273,7 +273,7 @@ class Study:
         return {
             "commit": self.tree.commit,
             **diff,
-            "command": " ".join([sys.executable, *sys.argv]),
+            "command": self.args.command,
             "load_average": [round(x, 2) for x in os.getloadavg()],
             "torch_threads": torch.get_num_threads(),
             "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
@@ -466,7 +466,7 @@ class Study:
             "question": QUESTIONS[self.name],
             **provenance.stamp(path, self.tree, *peft),
             "machine": {**machine(), "torch_threads_per_run": torch.get_num_threads()},
-            "command": " ".join([sys.executable, *sys.argv]),
+            "command": self.args.command,
             "task": self.task_name,
             "model": self.model,
             "main_metric": self.metric,
@@ -551,7 +551,7 @@ def table(paths: list[Path]) -> str:
     return "\n\n".join(study(Results(path.parent), path.name) for path in paths)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", choices=[*STUDIES, "table"])
     parser.add_argument("files", nargs="*", type=Path, help="table: the study JSONs")
@@ -575,10 +575,12 @@ def main() -> None:
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--allow-dirty", action="store_true", help="train and report from uncommitted code, storing "
                         "its diff beside the JSON and in each run folder")  # fmt: skip
-    args = parser.parse_args()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    args.command = " ".join([sys.executable, "benchmarks/study.py", *argv])
     if args.study == "table":
         print(table(args.files))
-        return
+        return 0
     # Before any training, and for --run too: its runs are what the report writes into --output.
     tree = provenance.check_tree(args.output, args.allow_dirty)
     import torch
@@ -589,12 +591,13 @@ def main() -> None:
     if args.run:
         done = study.do(study.find(args.run))
         print(f"{args.study} {args.run}: {'done' if done else 'more segments to go'}", file=sys.stderr)
-        return
+        return 0
     if not args.report:
         for run in study.runs:
             study.do(run)
     study.report()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -349,3 +349,63 @@ def test_run_all_benches_each_config_and_the_training_then_renders_the_docs_tabl
     text = readme.read_text()
     assert "old" not in text and text.endswith("<!-- render:bench:end -->\n\nAfter.\n")
     assert "`bench_smoke.json`" in text and "`bench_train_smoke.json`" in text  # a row of each, naming its file
+
+
+# -- quality.py and study.py ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def quality_run(tmp_path_factory, tiny_model_dir):
+    """quality.py's four stages for translation on the tiny model: one rate per method, 2 steps, 2 dev examples to
+    select on and the next 2 held out. Returns (its arguments, the results folder)."""
+    root = tmp_path_factory.mktemp("quality")
+    write_multi30k(root / "data" / "multi30k")
+    args = ["--task", "translation", "--model", str(tiny_model_dir), "--data", str(root / "data"),
+            "--grid", "prompt=0.1", "--grid", "ptuning=0.01", "--steps", "2", "--batch-size", "2", "--max-length", "64",
+            "--eval-every", "1", "--curve-limit", "2", "--select-limit", "2", "--test-limit", "2", "--shots", "1",
+            "--eval-batch-size", "2", "--eval-max-length", "160", "--threads", "1", "--runs", str(root / "runs"),
+            "--output", str(root / "results"), "--quiet"]  # fmt: skip
+    assert load_benchmark("quality").main(args) == 0
+    return args, root / "results"
+
+
+@pytest.mark.slow  # trains two prompts and scores them and the discrete prompts
+def test_quality_selects_each_methods_rate_on_dev_chooses_a_decoding_and_scores_the_winners_held_out(
+    quality_run, tiny_model_dir
+):
+    args, results = quality_run
+    result = json.loads((results / f"quality_translation_{tiny_model_dir.name}.json").read_text())
+    assert result["command"].endswith("benchmarks/quality.py " + " ".join(args))  # study.py reads flags back
+    assert result["budget"]["test"] == {"split": "dev", "offset": 2, "limit": 2}
+    assert {m: [r["lr"] for r in rows] for m, rows in result["grid"].items()} == {"prompt": [0.1], "ptuning": [0.01]}
+    assert all(row["curve"] and row["select"]["n"] == 2 for rows in result["grid"].values() for row in rows)
+    assert len(result["decode"]) == 4 and set(result["decoding_chosen"]) == {
+        "no_repeat_ngram_size",
+        "repetition_penalty",
+    }
+    assert {"prompt", "ptuning", "baseline", "zero_shot", "few_shot"} <= set(result["test"])
+    assert result["test"]["prompt"]["n"] == 2 and result["test"]["prompt"]["lr"] == 0.1
+    assert (results / f"quality_translation_{tiny_model_dir.name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow  # trains a prompt on top of quality_run
+@pytest.mark.filterwarnings("ignore:Attempting to set identical low and high xlims")  # a random model scores 0
+def test_study_trains_one_run_at_quality_budget_reports_it_and_renders_its_table(
+    quality_run, tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    args, results = quality_run
+    study = load_benchmark("study")
+    monkeypatch.setattr(study, "RESULTS", results)  # where the quality budget is read from
+    common = ["--task", "translation", "--model", str(tiny_model_dir), "--data", args[args.index("--data") + 1],
+              "--threads", "1", "--runs", str(tmp_path / "runs"), "--output", str(tmp_path / "out"), "--quiet"]  # fmt: skip
+    assert study.main(["init", "--run", "vocab", *common]) == 0  # one run: trained, scored at step 0 and held out
+    assert not (tmp_path / "out").exists()
+    assert study.main(["init", "--report", *common]) == 0
+    path = tmp_path / "out" / f"study_init_translation_{tiny_model_dir.name}.json"
+    record = json.loads(path.read_text())
+    assert record["budget"]["steps"] == 2 and record["budget"]["eval_max_length"] == 160  # from quality's command
+    assert [r["name"] for r in record["runs"]] == ["vocab"] and record["not_run"] == ["text", "random"]
+    (vocab,) = record["runs"]
+    assert vocab["steps"] == 2 and vocab["held_out"]["n"] == 2 and vocab["step0"]["n"] == 2
+    assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert study.main(["table", str(path)]) == 0
+    assert "vocab" in capsys.readouterr().out
