@@ -7,7 +7,10 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -409,3 +412,43 @@ def test_study_trains_one_run_at_quality_budget_reports_it_and_renders_its_table
     capsys.readouterr()
     assert study.main(["table", str(path)]) == 0
     assert "vocab" in capsys.readouterr().out
+
+
+# -- the shell scripts ------------------------------------------------------------------------------------------
+@pytest.mark.slow  # four softtool processes, two of them under torchrun
+def test_gpu_distributed_check_passes_as_a_cpu_dry_run_with_gloo(tmp_path, tiny_model_dir):
+    """DEVICE=cpu: the script's own path on the CPU; with no data folder it writes a few sentence pairs."""
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "MODEL": str(tiny_model_dir),
+           "DATA": str(tmp_path / "none"), "STEPS": "2", "OUT": str(tmp_path)}  # fmt: skip
+    script = REPO / "benchmarks" / "gpu_distributed_check.sh"
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((tmp_path / "gpu_distributed_check.json").read_text())
+    assert [s["name"] for s in record["steps"]] == ["env", "train_plain", "train_nccl", "eval_plain", "eval_nccl"]
+    assert record["device"] == "cpu" and record["passed"] is True, (tmp_path / "gpu_distributed_check.log").read_text()
+
+
+def test_study_pair_runs_a_study_command_pinned_to_a_core_logs_it_and_passes_its_failure_on(tmp_path):
+    script = REPO / "benchmarks" / "study_pair.sh"
+    env = {**os.environ, "PYTHON": sys.executable, "STUDY_LOGS": str(tmp_path)}
+    published = REPO / "benchmarks" / "results" / "study_length_squad_smollm2-135m.json"
+
+    def pair(*commands: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(script), *commands], env=env, capture_output=True, text=True, timeout=120)
+
+    assert pair(f"table {published}").returncode == 0  # study.py's table takes --threads and --quiet too
+    (log,) = tmp_path.glob("table_*.log")
+    first, *table = log.read_text().splitlines()
+    assert first.endswith(f"core 0: study.py table {published}") and "N=100" in "\n".join(table)
+    assert pair(f"table {tmp_path / 'missing.json'}").returncode == 1
+    refused = pair()
+    assert refused.returncode == 2 and refused.stderr.startswith("usage: study_pair.sh")
+
+
+def test_gpu_kit_run_names_its_phases_when_given_none_or_another(tmp_path):
+    script = REPO / "benchmarks" / "gpu_kit_run.sh"
+    env = {**os.environ, "MODEL": str(tmp_path), "DATA": str(tmp_path), "OUT": str(tmp_path)}
+    bare = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert bare.returncode != 0 and "usage: gpu_kit_run.sh torch|onnx" in bare.stderr
+    other = subprocess.run(["bash", str(script), "bench"], env=env, capture_output=True, text=True, timeout=60)
+    assert other.returncode == 2 and "unknown phase bench (torch or onnx)" in other.stderr
