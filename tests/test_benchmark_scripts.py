@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import inspect
 import json
 import os
 import shutil
@@ -22,6 +23,29 @@ REPO = Path(__file__).resolve().parents[1]
 
 SOURCES = ["A man rides a bike.", "Two dogs play in the snow near a tree.", "A girl.", "The cat sleeps on a warm bed."]
 TARGETS = ["Ein Mann fährt Rad.", "Zwei Hunde spielen im Schnee.", "Ein Mädchen.", "Die Katze schläft."]
+
+
+def _scripts() -> list[Path]:
+    """benchmarks/'s scripts: its shell scripts and the Python files run as programs (a module without a __main__
+    block is a library its scripts import)."""
+    folder = REPO / "benchmarks"
+    python = [p for p in folder.glob("*.py") if 'if __name__ == "__main__":' in p.read_text()]
+    return sorted([*python, *folder.glob("*.sh")])
+
+
+def test_every_benchmark_script_is_run_by_a_test():
+    tests = "\n".join(p.read_text() for p in (REPO / "tests").glob("test_*.py"))
+    for script in _scripts():
+        ways = [f'"{script.name}"', f'load_benchmark("{script.stem}")', f"import {script.stem}\n"]
+        assert any(way in tests for way in ways), f"benchmarks/{script.name} is run by no test"
+
+
+@pytest.mark.parametrize("script", [p.name for p in _scripts() if p.suffix == ".py"])
+def test_a_benchmark_script_imports_without_running_and_its_main_takes_argv(script):
+    # A script that did its work at import would parse pytest's arguments here, and fail.
+    module = load_benchmark(script.removesuffix(".py"))
+    assert list(inspect.signature(module.main).parameters) == ["argv"], script
+    assert (REPO / "benchmarks" / script).read_text().rstrip().endswith(("SystemExit(main())", "sys.exit(main())"))
 
 
 @pytest.fixture(scope="module")
