@@ -469,6 +469,20 @@ def test_study_pair_runs_a_study_command_pinned_to_a_core_logs_it_and_passes_its
     assert refused.returncode == 2 and refused.stderr.startswith("usage: study_pair.sh")
 
 
+@pytest.mark.slow  # export_bench.py in a process of its own
+def test_gpu_check_exports_and_measures_through_export_bench_as_a_cpu_dry_run(tmp_path, tiny_model_dir):
+    """DEVICE=cpu: the script's path without the GPU and provider checks; export_bench.py writes its record."""
+    out = tmp_path / "export.json"
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "DTYPES": "fp32", "MODEL": str(tiny_model_dir),
+           "SIZES": "--batch 2 --max-new-tokens 4 --repeats 1 --threads 1", "OUT": str(out)}  # fmt: skip
+    script = REPO / "benchmarks" / "gpu_check.sh"
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and result["model"] == str(tiny_model_dir) and list(result["exports"]) == ["fp32"]
+    assert result["generation"]["onnx-fp32"]["sequences_equal_to_torch"] == "2/2"
+
+
 def test_gpu_kit_run_names_its_phases_when_given_none_or_another(tmp_path):
     script = REPO / "benchmarks" / "gpu_kit_run.sh"
     env = {**os.environ, "MODEL": str(tmp_path), "DATA": str(tmp_path), "OUT": str(tmp_path)}
