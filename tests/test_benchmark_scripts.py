@@ -212,6 +212,7 @@ def test_profile_static_step_times_a_step_per_slot_bucket_for_each_backend_on_th
 
 
 # -- export_bench.py --------------------------------------------------------------------------------------------
+@pytest.mark.slow  # two exports, each verified, and a timed generate of each
 def test_export_bench_records_each_exports_size_parity_and_speed_beside_torch(tmp_path, tiny_model_dir):
     out = tmp_path / "export.json"
     args = ["--model", str(tiny_model_dir), "--dtypes", "fp32,int8", "--batch", "2", "--max-new-tokens", "4",
