@@ -466,7 +466,9 @@ def study(results: Results, name: str) -> str:
     result = results[name]
     metric, budget = result["main_metric"], result["budget"]
     step0 = result["study"] in STEP0_STUDIES
-    header = ["run", "N", f"held-out {metric}", *(["at step 0"] if step0 else []), "loop share", "steps",
+    # The default study chose on the examples the other studies reported as held out: for it they are dev.
+    scored = f"dev {metric} (the choice)" if result["study"] == "default" else f"held-out {metric}"
+    header = ["run", "N", scored, *(["at step 0"] if step0 else []), "loop share", "steps",
               "optimizer steps", "wall time", "trained at"]  # fmt: skip
     rows = []
     for run in result["runs"]:
@@ -493,6 +495,17 @@ def study(results: Results, name: str) -> str:
              f"held out: {held['split']} {held['offset']}+, {held['limit']} examples."]  # fmt: skip
     if result.get("not_run"):
         lines.append(f"Not run: {', '.join(result['not_run'])}.")
+    if result.get("choice"):
+        choice, untouched = result["choice"], result["untouched"]
+        means = ", ".join(f"{k} {v:.2f}" for k, v in sorted(choice["dev_mean"].items(), key=lambda kv: -kv[1]))
+        lines += ["", f"Chosen on dev (mean {metric} over the seeds): **{choice['best']}** ({means}).", "",
+                  f"Untouched: dev {untouched['offset']}-{untouched['offset'] + untouched['limit'] - 1} "
+                  f"({untouched['limit']} questions no choice has looked at), scored once:", ""]  # fmt: skip
+        runs = {r["name"]: r for r in result["runs"]}
+        rows = [[runs[name]["label"], f"{scores[metric]:.2f}", f"{scores.get('exact_match', float('nan')):.2f}"]
+                for name, scores in untouched["runs"].items()]  # fmt: skip
+        rows += [[f"mean, {k}", f"{v:.2f}", ""] for k, v in untouched["mean"].items()]
+        lines += table(["run", metric, "exact match"], rows)
     # The JSON's own commit is where the report was written; each run trained at the commit in its row.
     lines.append(source_line(results, [name]) + " Each run trained at the commit in its row.")
     return "\n".join(lines)

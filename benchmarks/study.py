@@ -14,6 +14,10 @@ Flickr test split) with the decoding it chose, through quality.py's own training
             (SQuAD on SmolLM2-135M; --task translation --model gemma3-270m for Multi30k En->De)
   transfer  squad-qg started from the trained SQuAD prompt (spread's seed 0) against vocab init, at the same steps
             and rate (0.1), both also scored at step 0
+  default   the default prompt length and max length: N=20 at max length 256 (the default), N=100 at 336 (0.2.0's
+            default) and at 400 (the length study's runs), two seeds each, chosen on the held-out examples the other
+            studies decided on (SQuAD dev 50-149, here the dev the choice is made on), then N=20 and the chosen N=100
+            setting scored once on SQuAD dev 150-299, which no choice has touched (--untouched)
   method    prompt tuning against P-tuning (LSTM encoder), each at its chosen rate held constant after the warmup,
             trained in 20-step segments until the dev loss flattens (less than 2% relative improvement over the
             last quarter of the run) or 400 steps; PEFT's P-tuning for as many steps as P-tuning took is the
@@ -73,6 +77,7 @@ class Run:
     # Max length counts the virtual tokens: with this set it moves with N (the budget's, plus N - 20), so the text
     # keeps the room it has beside 20 virtual tokens and a longer prompt does not cut more of the context.
     same_text_room: bool = False
+    max_length: int | None = None  # the run's max length as given (virtual tokens included), instead of the budget's
 
 
 DEFAULT = Run("seed0", "N=20, vocab, seed 0")
@@ -87,6 +92,13 @@ STUDIES = {
                        Run("random", "random", init="random"))),  # fmt: skip
     "transfer": ("squad-qg", (Run("vocab", "vocab init", lr=0.1),
                               Run("from-squad", "from the SQuAD prompt", lr=0.1, init_from=("squad", DEFAULT)))),
+    "default": ("squad", (Run("n20-len256", "N=20, max length 256", max_length=256),
+                          Run("n20-len256-s1", "N=20, max length 256, seed 1", seed=1, max_length=256),
+                          Run("n100-len336", "N=100, max length 336", n=100, max_length=336),
+                          Run("n100-len336-s1", "N=100, max length 336, seed 1", n=100, seed=1, max_length=336),
+                          # the length study's N=100 runs (its max length 320 + 80 is 400: the same run folders)
+                          Run("n100", "N=100, max length 400", n=100, max_length=400),
+                          Run("n100-s1", "N=100, max length 400, seed 1", n=100, seed=1, max_length=400))),
     "method": ("squad", (Run("prompt", "prompt tuning", until_flat=True),
                          Run("ptuning", "P-tuning (LSTM)", method="ptuning", until_flat=True),
                          Run("peft-ptuning", "PEFT P-tuning (LSTM)", method="peft-ptuning", steps_like="ptuning"))),
@@ -98,7 +110,11 @@ QUESTIONS = {
     "init": "How should the prompt start?",
     "transfer": "Does a trained SQuAD prompt start question generation better than vocabulary init?",
     "method": "Prompt tuning or P-tuning, each trained until its dev loss flattens?",
+    "default": "Which prompt length and max length should be the default, chosen on dev and checked on untouched data?",
 }
+# The default study's untouched examples (offset, count): SQuAD dev after every example a choice has looked at
+# (quality.py's selection 0-49, the studies' held-out 50-149).
+UNTOUCHED = (150, 150)
 
 
 def quality_budget(task: str, model: str) -> dict:
@@ -148,7 +164,7 @@ class Study:
         if args.steps:
             self.budget["steps"] = args.steps
             self.budget["warmup_steps"] = max(1, args.steps // 10)
-        for key in ("curve_limit", "eval_every"):
+        for key in ("curve_limit", "eval_every", "eval_max_length"):
             if getattr(args, key):
                 self.budget[key] = getattr(args, key)
         if args.test_limit:
@@ -173,12 +189,15 @@ class Study:
         self.task = get_task(self.task_name, **({"src": "en", "tgt": "de"} if self.task_name == "translation" else {}))
         self.data = Path(args.data) / DATA_FOLDERS[self.task_name]
         self.metric = self.task.main_metric
+        self.untouched_where = tuple(int(x) for x in args.untouched.split(":")) if args.untouched else UNTOUCHED
 
     # -- where runs live ------------------------------------------------------------------------------
     def lr(self, run: Run) -> float:
         return run.lr if run.lr is not None else self.budget["lr"][run.method]
 
     def max_length(self, run: Run) -> int:
+        if run.max_length:
+            return run.max_length
         if run.same_text_room and run.n:
             return self.budget["max_length"] + run.n - 20
         return self.budget["max_length"]
@@ -352,6 +371,32 @@ class Study:
                                         **search)  # fmt: skip
         return _scores(records["soft_prompt"], folder)
 
+    def untouched(self, adapter: Path, folder: Path) -> dict:
+        """The default study's second look: scores on examples no choice has touched (UNTOUCHED)."""
+        search = {"search": self.budget["decoding"]} if self.budget["decoding"] else {}
+        offset, limit = self.untouched_where
+        records = self.quality.evaluate(adapter, folder, offset=offset, limit=limit, **search)
+        return _scores(records["soft_prompt"], folder)
+
+    def setting(self, run: Run) -> str:
+        """What a default is made of: N and the max length (the seed is not part of it)."""
+        return f"N={run.n}, max length {self.max_length(run)}"
+
+    def choose(self, entries: list[dict]) -> dict:
+        """The default study's choice on dev: each setting's mean over its seeds; the best N=100 setting is the one
+        N=20 is checked against on the untouched examples."""
+        by_setting: dict[str, list[float]] = {}
+        for entry in entries:
+            by_setting.setdefault(entry["setting"], []).append(entry["held_out"][self.metric])
+        means = {k: sum(v) / len(v) for k, v in by_setting.items()}
+        long = {k: v for k, v in means.items() if k.startswith("N=100")}
+        return {"dev_mean": means, "best": max(means, key=means.get),
+                "n100": max(long, key=long.get) if long else None}  # fmt: skip
+
+    def untouched_runs(self, choice: dict) -> list[Run]:
+        """The runs scored on the untouched examples: the default's (N=20) and the chosen N=100 setting's."""
+        return [r for r in self.runs if self.setting(r) in (choice["n100"], "N=20, max length 256")]
+
     def step0_adapter(self, run: Run, out: Path) -> Path:
         """The prompt a run starts from, saved as an adapter (the table training's step 0 uses)."""
         from softtool.adapter import WEIGHTS_FILE, Adapter, AdapterMeta, save_adapter
@@ -424,6 +469,7 @@ class Study:
             "lr": self.lr(run),
             "schedule": "constant" if (run.until_flat or run.steps_like) else "linear",
             "max_length": self.max_length(run),
+            "setting": self.setting(run),
             "steps": train["steps"],
             "stopped": train["stopped"],
             "best_step": meta.get("metrics", {}).get("best_step"),
@@ -475,6 +521,19 @@ class Study:
             "not_run": missing,
             "summary": self.summary(runs) if runs else {},
         }
+        if self.name == "default" and runs and not missing:
+            choice = self.choose(runs)
+            scores = {}
+            for run in self.untouched_runs(choice):
+                out = self.folder(run)
+                scores[run.name] = self.untouched(out, out / "untouched")
+            means: dict[str, list[float]] = {}
+            for run in self.untouched_runs(choice):
+                means.setdefault(self.setting(run), []).append(scores[run.name][self.metric])
+            result["choice"] = choice
+            offset, limit = self.untouched_where
+            result["untouched"] = {"split": "dev", "offset": offset, "limit": limit, "runs": scores,
+                                   "mean": {k: sum(v) / len(v) for k, v in means.items()}}  # fmt: skip
         path.parent.mkdir(parents=True, exist_ok=True)
         provenance.write_diff(path, self.tree)
         path.write_text(json.dumps(result, indent=2) + "\n")
@@ -566,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=0, help="override the quality JSON's steps")
     parser.add_argument("--eval-every", type=int, default=0, help="override the quality JSON's evaluation interval")
     parser.add_argument("--curve-limit", type=int, default=0, help="override the dev examples of the curves")
+    parser.add_argument("--eval-max-length", type=int, default=0, help="override the held-out evaluations' length")
     parser.add_argument("--test-limit", type=int, default=0, help="override the held-out examples")
     parser.add_argument("--train-limit", type=int, default=None, help="train on the first N examples only")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="the shared data folder")
@@ -573,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default=str(ROOT / "runs" / "study"), help="where adapters and predictions go")
     parser.add_argument("--output", default=str(RESULTS))
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--untouched", default="", help="default: OFFSET:COUNT of the untouched dev examples "
+                        "(150:150)")  # fmt: skip
     parser.add_argument("--allow-dirty", action="store_true", help="train and report from uncommitted code, storing "
                         "its diff beside the JSON and in each run folder")  # fmt: skip
     argv = sys.argv[1:] if argv is None else argv

@@ -440,6 +440,49 @@ def test_study_trains_one_run_at_quality_budget_reports_it_and_renders_its_table
     assert "vocab" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # six runs and their scores
+def test_the_default_study_chooses_on_dev_and_scores_n20_and_the_chosen_n100_once_untouched(
+    quality_run, tiny_model_dir, tmp_path, monkeypatch
+):
+    args, results = quality_run
+    study = load_benchmark("study")
+    monkeypatch.setattr(study, "RESULTS", results)
+    common = [
+        "--task",
+        "translation",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        args[args.index("--data") + 1],
+        "--threads",
+        "1",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--output",
+        str(tmp_path / "out"),
+        "--quiet",
+        "--untouched",
+        "3:1",
+        "--eval-max-length",
+        "320",
+    ]  # fmt: skip (room for 100 virtual tokens)
+    assert study.main(["default", *common]) == 0
+    record = json.loads((tmp_path / "out" / f"study_default_translation_{tiny_model_dir.name}.json").read_text())
+    runs = {r["name"]: r for r in record["runs"]}
+    assert {r["max_length"] for r in runs.values()} == {256, 336, 400} and not record["not_run"]
+    means = record["choice"]["dev_mean"]
+    assert set(means) == {"N=20, max length 256", "N=100, max length 336", "N=100, max length 400"}
+    assert means["N=20, max length 256"] == pytest.approx(
+        (runs["n20-len256"]["held_out"]["bleu"] + runs["n20-len256-s1"]["held_out"]["bleu"]) / 2
+    )
+    assert record["choice"]["best"] == max(means, key=means.get)
+    untouched = record["untouched"]
+    assert (untouched["offset"], untouched["limit"]) == (3, 1)
+    chosen = record["choice"]["n100"]
+    assert set(untouched["mean"]) == {"N=20, max length 256", chosen}
+    assert all(scores["n"] == 1 for scores in untouched["runs"].values()) and len(untouched["runs"]) == 4
+
+
 # -- the shell scripts ------------------------------------------------------------------------------------------
 @pytest.mark.slow  # four softtool processes, two of them under torchrun
 def test_gpu_distributed_check_passes_as_a_cpu_dry_run_with_gloo(tmp_path, tiny_model_dir):
