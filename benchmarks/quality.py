@@ -427,6 +427,11 @@ def main(argv: list[str] | None = None) -> int:
                         "code, storing its diff beside the JSON")  # fmt: skip
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    # OpenMP's threads sleep while they wait, as the command line has them (softtool.threads): spinning threads on a
+    # shared machine made a training step 16x slower here (13 s against 0.8 s alone).
+    from softtool.threads import prepare_process
+
+    prepare_process()
     args.command = " ".join([sys.executable, "benchmarks/quality.py", *argv])  # study.py reads flags back from it
     tree = provenance.check_tree(args.output, args.allow_dirty)  # before any work: a refusal costs nothing
     import torch
