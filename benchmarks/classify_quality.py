@@ -168,8 +168,8 @@ class ClassifyQuality:
         order, label + EOS targets, right-padded), AdamW, linear schedule with the same warmup, clipping at 1."""
         import torch
         from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
-        from transformers import get_scheduler
 
+        from quality import peft_train_loop
         from softtool.data import encode_example, get_task, load_split
         from softtool.models import load_model, load_tokenizer
         from softtool.training.batching import collate, make_feature
@@ -193,20 +193,14 @@ class ClassifyQuality:
         config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n,
                                     prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)  # fmt: skip
         peft_model = get_peft_model(model, config)
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr)
-        scheduler = get_scheduler("linear", optimizer, max(1, self.args.steps // 10), self.args.steps)
-        bs, losses = self.args.batch_size, []
-        for step in range(steps):
+        bs = self.args.batch_size
+
+        def batch_at(step: int):
             picked = [feats[order[(step * bs + i) % len(order)]] for i in range(bs)]
-            batch = collate(picked, tokenizer.pad_token_id, prefix_tokens=n)  # PEFT prepends the prompt itself
-            loss = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            losses.append(round(loss.item(), 4))
+            return collate(picked, tokenizer.pad_token_id, prefix_tokens=n)  # PEFT prepends the prompt itself
+
+        # The schedule is the soft prompt's: warmup over a tenth of --steps, linear decay towards --steps.
+        losses = peft_train_loop(peft_model, batch_at, steps, lr, max(1, self.args.steps // 10), self.args.steps)
         peft_model.save_pretrained(str(out))
         seconds = round(time.perf_counter() - start, 1)
         (out / "quality_train.json").write_text(json.dumps({"seconds": seconds, "steps": steps, "losses": losses}))

@@ -72,6 +72,33 @@ def parse_grid(values: list[str]) -> dict[str, list[float]]:
     return grid
 
 
+def peft_train_loop(peft_model, batch_at, steps: int, lr: float, warmup: int, schedule_steps: int,
+                    schedule: str = "linear") -> list[float]:  # fmt: skip
+    """Train a PEFT model's prompt parameters for `steps` AdamW steps on `batch_at(step)` (a softtool Batch without
+    the virtual tokens, which PEFT prepends itself): the rate warms up over `warmup` steps, then follows softtool's
+    `schedule` (transformers' scheduler) as if the run were `schedule_steps` long; gradients clipped at 1, as
+    softtool's own loop clips them. Returns each step's loss."""
+    import torch
+    from transformers import get_scheduler
+
+    from softtool.training.options import SCHEDULES
+
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    scheduler = get_scheduler(SCHEDULES[schedule], optimizer, warmup, schedule_steps)
+    losses = []
+    for step in range(steps):
+        batch = batch_at(step)
+        loss = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(round(loss.item(), 4))
+    return losses
+
+
 def train_run(
     args,
     task,
@@ -219,12 +246,10 @@ class Quality:
         Its last prompt is kept (no dev evaluation)."""
         import torch
         from peft import PromptEncoderConfig, TaskType, get_peft_model
-        from transformers import get_scheduler
 
         from softtool.data import encode_example, load_split
         from softtool.models import load_model, load_tokenizer
         from softtool.training.batching import collate, make_feature
-        from softtool.training.options import SCHEDULES
 
         out = out or self.runs / f"peft-ptuning-lr{lr:g}"
         steps = steps or self.args.steps
@@ -242,25 +267,17 @@ class Quality:
                                      encoder_reparameterization_type="LSTM")  # fmt: skip
         torch.manual_seed(0)
         peft_model = get_peft_model(model, config)
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr)
-        scheduler = get_scheduler(SCHEDULES[schedule], optimizer, max(1, self.args.steps // 10), steps)
-        losses = []
         bs = self.args.batch_size
-        for step in range(steps):
-            picked = [examples[order[(step * bs + i) % len(order)]] for i in range(bs)]
+
+        def batch_at(step: int):
             feats = []
-            for ex in picked:
+            for i in range(bs):
+                ex = examples[order[(step * bs + i) % len(order)]]
                 enc = encode_example(tokenizer, template, self.task, ex, max_length=self.args.max_length)
                 feats.append(make_feature(template, enc.pieces, enc.target_ids, vocab))
-            batch = collate(feats, tokenizer.pad_token_id, prefix_tokens=20)  # PEFT prepends the prompt itself
-            loss = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            losses.append(round(loss.item(), 4))
+            return collate(feats, tokenizer.pad_token_id, prefix_tokens=20)  # PEFT prepends the prompt itself
+
+        losses = peft_train_loop(peft_model, batch_at, steps, lr, max(1, self.args.steps // 10), steps, schedule)
         peft_model.save_pretrained(str(out))
         seconds = round(time.perf_counter() - start, 1)
         (out / "quality_train.json").write_text(json.dumps({"seconds": seconds, "steps": steps, "losses": losses}))
