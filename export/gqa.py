@@ -20,11 +20,17 @@ The interface is the traced graph's plus one input:
     past_key_values.{i}.key/value [B, kv_heads, C, head_dim]
       -> logits [B, V] or topk_values/topk_indices [B, k], present.{i}.key/value (bound to past's memory)
 
-Two calls use it. Decode: S = 1, position_ids = each row's position, C the cache's capacity. Prefill (a
+Three calls use it. Decode: S = 1, position_ids = each row's position, C the cache's capacity. Prefill (a
 first prompt, in GroupQueryAttention's terms): rows right-padded to S, their positions 0..L-1 and -1 on
 the padding, over a cache exactly S wide (total_sequence_length = S); each row's logits are those of its
-last real token (the largest position). Virtual tokens are ids as everywhere (V + t*N + j, read from the
-prompt table).
+last real token (the largest position). A chunk after a cached prefix (the task's virtual tokens, copied
+into columns 0..P-1): one row (GroupQueryAttention refuses a multi-token chunk over a past for more rows
+unless given query_seqlens, which onnxruntime 1.31 lacks), its text at positions P..P+L-1, right-padded to
+a fixed length S with position -(p+1) at column p, over a cache P + S wide (total_sequence_length = P + S,
+never S: that would make it a first prompt). seqlens_k is the largest of max(p, -1 - p), so the chunk's
+padding is written too (columns the row overwrites before it reads them) and GroupQueryAttention places
+the chunk at P; the -1 of a first prompt's padding counts as 0 there. Virtual tokens are ids as
+everywhere (V + t*N + j, read from the prompt table).
 """
 
 from __future__ import annotations
@@ -133,10 +139,12 @@ def build_gqa_graph(model, table, facts: dict[str, Any], *, dtype: str, top_k: i
     virtual = g.op("Gather", [prompts, rows])
     x = g.op("Where", [g.op("Unsqueeze", [is_virtual, g.const("last_axis", i64(-1))]), virtual, text])
 
-    # Each row's last position is where its new entry goes and how far it attends (seqlens_k); the largest
-    # position is its last real token (padding carries -1), whose logits leave the graph.
+    # Each row's last column is where its new entries end and how far it attends (seqlens_k): the largest of
+    # max(p, -1 - p), so a chunk's padding (-(p+1) at column p) counts with its column and a first prompt's (-1)
+    # as 0. The largest position is the row's last real token, whose logits leave the graph.
     positions32 = g.op("Cast", ["position_ids"], to=TensorProto.INT32)
-    seqlens = g.op("ReduceMax", [positions32], axes=[1], keepdims=0)
+    columns = g.op("Max", [positions32, g.op("Sub", [g.const("minus_one", np.asarray(-1, np.int32)), positions32])])
+    seqlens = g.op("ReduceMax", [columns], axes=[1], keepdims=0)
     # ArgMax on floats: ONNX Runtime's CUDA ArgMax takes no integers (exact for positions below 2**24).
     last = g.op("ArgMax", [g.op("Cast", ["position_ids"], to=TensorProto.FLOAT)], axis=1, keepdims=1)
 

@@ -493,6 +493,7 @@ def _build(adapters, adapter_dirs, base, folder: Path, device: str, options: Exp
         inputs=tuple(inputs),
         outputs=tuple(outputs),
         kv_layout="gqa" if form == "gqa" else "slots",
+        prefix_chunks=form == "gqa",
         prompt_table_input=options.prompt_table_input,
         top_k=options.top_k,
         genai=form == "genai",

@@ -83,6 +83,10 @@ class ExportMeta:
     # a prefill is right-padded (padding at position -1) over a cache exactly as wide as its rows, and the
     # total_sequence_length input (int32, on the CPU) is the cache's width.
     kv_layout: str = "slots"
+    # The gqa form takes a one-row chunk after a cached prefix (export/gqa.py): each task's prompt keys/values are
+    # computed once and copied in, and a prefill runs only the text. False (absent): an earlier gqa export, whose
+    # padding would not count in seqlens_k: prefilled whole, prompt and text.
+    prefix_chunks: bool = False
     prompt_table_input: bool = False  # the table is a graph input (tasks can be added without re-export)
     top_k: int = 0  # >0: the graph emits top-k log-probs and ids instead of full logits
     # The genai form (softtool export --form genai): the traced graph with logits [B, 1, V], the last position in
@@ -116,6 +120,8 @@ class ExportMeta:
             raise ValueError("the genai form has full logits, a baked-in prompt table and the slots KV layout")
         if self.kv_layout not in KV_LAYOUTS:
             raise ValueError(f"kv_layout {self.kv_layout!r} is not one of {', '.join(KV_LAYOUTS)}")
+        if self.prefix_chunks and self.kv_layout != "gqa":
+            raise ValueError("prefix_chunks describes the gqa form's graph (kv_layout gqa)")
 
     # -- derived ------------------------------------------------------------------------------------
     @property
