@@ -297,6 +297,7 @@ class SofttoolBackend(Backend):
             continuous=self.options.continuous,
             step=self.options.step,
             admit_min=self.options.admit_min,
+            prefill=self.options.prefill,
         )
 
     def generate(self, indices: range, max_new_tokens: int) -> list[list[int]]:

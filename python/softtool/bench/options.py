@@ -17,6 +17,7 @@ from softtool.errors import SofttoolError
 
 ALL_BACKENDS = ("peft", "peft-cache", "hf", "hf-cb", "hf-embeds", "hf-static", "hf-rank", "torch", "onnx", "onnx-int8")
 STEPS = ("auto", "static", "dynamic")
+PREFILLS = ("exact", "buckets")
 DEFAULT_BACKENDS = ("peft", "hf", "hf-cb", "torch", "onnx", "onnx-int8")
 GENERATION_TASKS = ("translation", "squad", "cnndm")
 # classify ranks a classify adapter's labels after each example (softtool.bench.rank) instead of generating.
@@ -91,6 +92,14 @@ class BenchOptions:
     admit_min: int = field(
         default=1,
         metadata={"help": "softtool admits waiting rows once this many slots are free (1: at once).", "min": 1},
+    )
+    prefill: str = field(
+        default="exact",
+        metadata={
+            "help": "softtool's prefill shape: exact (as wide as the admitted rows) or buckets (fixed (rows, length) "
+            "shapes, captured as CUDA graphs on cuda).",
+            "choices": PREFILLS,
+        },
     )
     backends: list[str] = field(
         default_factory=lambda: list(DEFAULT_BACKENDS),
@@ -210,6 +219,8 @@ class BenchOptions:
         _check_device(self.device)
         if self.step not in STEPS:
             raise ValueError(f"step must be one of {STEPS}, got {self.step!r}")
+        if self.prefill not in PREFILLS:
+            raise ValueError(f"prefill must be one of {PREFILLS}, got {self.prefill!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device == "cpu" and self.dtype == "float16":

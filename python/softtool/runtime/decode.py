@@ -22,7 +22,8 @@ Steps (greedy search and sampling):
 
 Admission: by default a waiting row is admitted the moment a slot is free. `admit_min` > 1 holds admission
 until that many slots are free (or no row runs, or a row has waited `admit_wait` steps), so that one
-prefill call takes several rows instead of one or two.
+prefill call takes several rows instead of one or two. A prefill runs at the admitted rows' own width, or with
+`prefill="buckets"` at fixed (rows, length) shapes (captured on cuda, the same tokens).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from softtool.search import Hypothesis, SearchOptions
 
 Progress = Callable[[int], None]  # called with the number of rows that just finished
 STEPS = ("auto", "static", "dynamic")
+PREFILLS = ("exact", "buckets")
 
 
 @dataclass
@@ -69,6 +71,14 @@ class EngineOptions:
     admit_wait: int = field(
         default=8, metadata={"help": "Most steps a waiting row is held back by --admit-min.", "min": 0}
     )
+    prefill: str = field(
+        default="exact",
+        metadata={
+            "help": "Prefill shape: exact (as wide as the admitted rows) or buckets (fixed (rows, length) shapes on "
+            "kept buffers, captured as CUDA graphs on cuda; the same tokens).",
+            "choices": PREFILLS,
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.slots < 1:
@@ -77,6 +87,8 @@ class EngineOptions:
             raise ValueError(f"step must be one of {', '.join(STEPS)}, got {self.step!r}")
         if self.admit_min < 1 or self.admit_wait < 0:
             raise ValueError(f"admit_min must be >= 1 and admit_wait >= 0, got {self.admit_min}, {self.admit_wait}")
+        if self.prefill not in PREFILLS:
+            raise ValueError(f"prefill must be one of {', '.join(PREFILLS)}, got {self.prefill!r}")
 
     def static_step(self, model: SlotModel) -> bool:
         """Whether `model` decodes with the static step under these options."""
@@ -146,6 +158,7 @@ class Engine:
         self._item_of: dict[int, int] = {}  # slot -> the item it holds
         self.static = static  # admit only when every slot is free: static batches, the reference schedule
         self.admit_min, self.admit_wait = min(engine.admit_min, slots), engine.admit_wait
+        self.buckets = engine.prefill == "buckets"
         self._held = 0  # steps admission has been held back
         self.greedy_only = greedy_only(options)  # every row so far needs only its greedy choice
         self._scoring: dict[int, tuple[int | None, bool]] = {}  # item -> (logprobs k, prompt_logprobs), if any
@@ -227,7 +240,7 @@ class Engine:
         tasks = [self._rows[i][1] for i in items]
         wanted = [i for i in items if self._scoring.get(i, (None, False))[1]]
         if not wanted:
-            return self.model.prefill(slots, rows, tasks)
+            return self.model.prefill(slots, rows, tasks, buckets=self.buckets)
         # The rows admitted with it are scored too (one forward); only the items that asked get their scores.
         head, scores = self.model.prefill_scored(slots, rows, tasks)
         for item, row_scores in zip(items, scores, strict=True):

@@ -6,11 +6,15 @@ never moves between steps and never leaves the device; only the last position's 
 back to the host. For prefix templates each task's prompt keys/values are computed once and copied into a
 slot when a row starts.
 
-An export in the "gqa" form (softtool.export.gqa) is prefilled right-padded over a cache exactly as wide as
-its rows and takes the cache's width as total_sequence_length. On cuda its session is created with
+An export in the "gqa" form (softtool.export.gqa) takes the cache's width as total_sequence_length. With a shared
+prefix each row's text is prefilled as a chunk after its task's prompt keys/values, one row per call (what
+GroupQueryAttention takes at onnxruntime 1.31); otherwise rows are prefilled together, right-padded, over a cache
+exactly as wide as they are. On cuda its session is created with
 `enable_cuda_graph` on the generator's torch stream (`user_compute_stream`): the static decode step
 (runtime.static_step) binds fixed buffers per slot bucket and ONNX Runtime captures each bucket's run under
-its own `gpu_graph_id` and replays it; prefills run uncaptured (graph id -1).
+its own `gpu_graph_id` and replays it. Prefills run uncaptured (graph id -1), except a bucketed prefill
+(`SlotModel.prefill(buckets=True)`): each (rows, length) shape is bound once to fixed buffers under a graph id of
+its own, as the decode step's buckets are.
 """
 
 from __future__ import annotations
@@ -99,9 +103,10 @@ class OnnxGenerator(Generator):
         self.pad_token_id = meta.pad_token_id
         self.top_k = meta.top_k
         self.gqa = meta.kv_layout == "gqa"
-        # GroupQueryAttention's first prompt starts at column 0: no per-task prompt cache to copy in front.
         self.right_padded_prefill = self.gqa
-        self.precompute_prompt = precompute_prompt and not self.gqa
+        # A gqa export before prefix_chunks counts no padding in seqlens_k: its prefill starts at column 0 and
+        # runs the prompt too (a first prompt), with no per-task prompt cache copied in front.
+        self.precompute_prompt = precompute_prompt and (not self.gqa or meta.prefix_chunks)
         self.stream, self._shares_stream = stream, shares_stream
         self.cuda_graphs = _cuda_graphs(session)
         self._static_bindings: dict[tuple[int, int, int], tuple] = {}
@@ -240,7 +245,7 @@ class OnnxGenerator(Generator):
         if self.export_meta.prompt_table_input:
             self._table_value = ort.OrtValue.ortvalue_from_numpy(self.table, self._ort_device, 0)
         self._static_bindings.clear()  # they bound the old table: bound (and captured) again on their next step
-        self.prompt_changed()
+        self.prompt_changed()  # drops the bucketed prefills' bindings too
 
     # -- one graph call -----------------------------------------------------------------------------
     def _bind_cache(self, binding, kv: Sequence[torch.Tensor]) -> None:
@@ -326,33 +331,63 @@ class OnnxGenerator(Generator):
     def _bind_static(self, st, bucket: int) -> tuple:
         """Slots [:bucket] of `st` bound once: tokens, positions, cache and the head's output buffers, all at
         fixed addresses; on a capturing session, a graph id of their own."""
-        import onnxruntime as ort
-
         binding = self.session.io_binding()
-        for name, buf in (("input_ids", st.tokens[:bucket]), ("position_ids", st.positions[:bucket])):
+        head = self._bind_fixed(binding, st.tokens[:bucket], st.positions[:bucket], [t[:bucket] for t in st.kv])
+        options = self._graph_options()
+        if self._shares_stream:  # the engine waits for the step's result itself, on the same stream
+            options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        return binding, head, options
+
+    def _bind_fixed(self, binding, ids: torch.Tensor, positions: torch.Tensor, kv) -> tuple[torch.Tensor, ...]:
+        """Bind device buffers ids and positions [rows, S], the cache `kv` and new head buffers (returned) at their
+        fixed addresses: what a captured run reads and writes."""
+        rows = ids.shape[0]
+        for name, buf in (("input_ids", ids), ("position_ids", positions)):
             binding.bind_input(name, self._ort_device, 0, np.int64, tuple(buf.shape), buf.data_ptr())
         if self.top_k:
             head = (
-                torch.empty((bucket, self.top_k), dtype=torch.float32, device=self.kv_device),
-                torch.empty((bucket, self.top_k), dtype=torch.long, device=self.kv_device),
+                torch.empty((rows, self.top_k), dtype=torch.float32, device=self.kv_device),
+                torch.empty((rows, self.top_k), dtype=torch.long, device=self.kv_device),
             )
         else:
             # The genai form's logits are [B, 1, V]: bound as such, read through a [B, V] view of the same memory.
-            shape = (bucket, 1, self.vocab_size) if self.export_meta.genai else (bucket, self.vocab_size)
+            shape = (rows, 1, self.vocab_size) if self.export_meta.genai else (rows, self.vocab_size)
             head = (torch.empty(shape, dtype=torch.float32, device=self.kv_device),)
         for name, buf in zip(self._head, head, strict=True):
             dtype = np.int64 if buf.dtype == torch.long else np.float32
             binding.bind_output(name, self._ort_device, 0, dtype, tuple(buf.shape), buf.data_ptr())
         if self.export_meta.genai:
             head = (head[0][:, 0],)
-        self._bind_cache(binding, [t[:bucket] for t in st.kv])
+        self._bind_cache(binding, kv)
+        return head
+
+    def _graph_options(self):
+        """Run options with a graph id of their own on a capturing session."""
+        import onnxruntime as ort
+
         options = ort.RunOptions()
         if self.cuda_graphs:
             self._graph_ids += 1
             options.add_run_config_entry("gpu_graph_id", str(self._graph_ids))
-        if self._shares_stream:  # the engine waits for the step's result itself, on the same stream
-            options.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        return binding, head, options
+        return options
+
+    # -- the bucketed prefill ----------------------------------------------------------------------------
+    def _run_prefill(self, pf) -> Head:
+        """On a capturing session a prefill bucket is bound once to device copies of its ids and positions and runs
+        under a graph id of its own (captured by ONNX Runtime on a later run of it); elsewhere, as any call."""
+        if not self.cuda_graphs:
+            return super()._run_prefill(pf)
+        if pf.captured is None:
+            binding = self.session.io_binding()
+            ids, positions = pf.ids.to(self.kv_device), pf.positions.to(self.kv_device)
+            head = self._bind_fixed(binding, ids, positions, pf.kv)
+            pf.captured = (binding, ids, positions, head, self._graph_options())
+        binding, ids, positions, head, options = pf.captured
+        ids.copy_(pf.ids)
+        positions.copy_(pf.positions)
+        self._wait_for_torch()
+        self.session.run_with_iobinding(binding, options)
+        return tuple(h.cpu().numpy() for h in head)
 
     def _capture(self, st, body) -> None:
         """ONNX Runtime captures a graph id on its own on a later run of it; run each bucket's step until it

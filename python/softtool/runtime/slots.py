@@ -14,7 +14,11 @@ is shared and lives here:
 A head is a tuple of numpy arrays: (logits [n, V],) or (topk_values [n, k], topk_indices [n, k]).
 
 For a prefix template (every virtual token first) each task's prompt keys/values are computed once and
-copied into a slot at prefill, so requests never re-run the prompt.
+copied into a slot at prefill, so requests never re-run the prompt: the rows' texts run together over their
+tasks' prompts, or in the gqa form (right_padded_prefill) one row per call, as a chunk after its prompt.
+
+A prefill runs at the rows' own width, or (`buckets`) at a fixed (rows, length) shape on buffers kept per
+shape (static_step.prefill_shape): what a backend captures on cuda as it captures the decode step.
 
 The static step (softtool.runtime.static_step) is the other way to decode: fixed buffers per (slots,
 capacity), one step per slot bucket, the tokens and positions kept on the device and advanced by the step
@@ -36,7 +40,7 @@ from softtool.errors import SofttoolError
 from softtool.prompts.template import Template
 from softtool.runtime import static_step
 from softtool.runtime.logprobs import TokenLogprob, prompt_scores
-from softtool.runtime.static_step import StaticSlots
+from softtool.runtime.static_step import PrefillBuffers, StaticSlots
 
 Head = tuple[np.ndarray, ...]
 Scored = tuple[np.ndarray, np.ndarray, np.ndarray]  # target log-probs [B, T], top values and ids [B, T, K]
@@ -70,6 +74,7 @@ class SlotModel(ABC):
         self.capacity = 0
         self._prefix: list[torch.Tensor] | None = None
         self._static: dict[tuple[int, int], StaticSlots] = {}
+        self._prefill_shapes: dict[tuple[int, int, int], PrefillBuffers] = {}  # (rows, length, prefix) -> buffers
 
     # -- what a backend implements ------------------------------------------------------------------
     @abstractmethod
@@ -138,6 +143,8 @@ class SlotModel(ABC):
         """Drop the per-task prompt cache (the prompt table changed) and capture the kept static steps again
         (a captured graph reads the table it was captured with)."""
         self._prefix = None
+        for pf in self._prefill_shapes.values():
+            pf.captured = None  # captured again at their next use
         for st in self._static.values():
             if st.captured:
                 with self.stream_context():
@@ -149,23 +156,33 @@ class SlotModel(ABC):
             n, tasks = self.num_virtual, self.num_tasks
             ids = self.vocab_size + torch.arange(tasks * n, dtype=torch.long).view(tasks, n)
             positions = torch.arange(n, dtype=torch.long).expand(tasks, n).contiguous()
-            kv = self._empty(tasks, n + 1)
+            # GroupQueryAttention takes a prompt as a first prompt only over a cache exactly as wide (several rows
+            # over a wider one would be a chunk after a past, which it takes for one row alone).
+            kv = self._empty(tasks, n if self.right_padded_prefill else n + 1)
             self._forward(ids, positions, kv)
             self._prefix = [t[:, :, :n].clone() for t in kv]
         return self._prefix
 
     # -- the three operations ------------------------------------------------------------------------
     def prefill(
-        self, slots: Sequence[int], rows: Sequence[Sequence[int]], task_ids: Sequence[int], *, prompt_only_ok=False
+        self,
+        slots: Sequence[int],
+        rows: Sequence[Sequence[int]],
+        task_ids: Sequence[int],
+        *,
+        prompt_only_ok=False,
+        buckets: bool = False,
     ) -> Head | None:
         """Run `rows` (full ids, virtual ones included) and leave their cache in `slots`; returns their head.
 
         The rows run together, left-padded, on a temporary cache (padding goes to its scratch column), and
-        each row's entries are then copied into its slot. `prompt_only_ok`: rows that are only their task's shared
-        prompt are allowed (rank classification prefills all but a prompt's last token); the slots then get the
-        prompt's keys/values and the head is None.
+        each row's entries are then copied into its slot; with a shared prefix only the text runs, over the task's
+        prompt keys/values copied in first. `prompt_only_ok`: rows that are only their task's shared prompt are
+        allowed (rank classification prefills all but a prompt's last token); the slots then get the prompt's
+        keys/values and the head is None. `buckets`: run at a fixed (rows, length) shape (static_step.prefill_shape)
+        on buffers kept per shape, which a backend may capture on cuda; the same tokens as the exact shape.
         """
-        return self._prefill(slots, rows, task_ids, score=False, prompt_only_ok=prompt_only_ok)[0]
+        return self._prefill(slots, rows, task_ids, score=False, prompt_only_ok=prompt_only_ok, buckets=buckets)[0]
 
     def prefill_scored(
         self, slots: Sequence[int], rows: Sequence[Sequence[int]], task_ids: Sequence[int]
@@ -177,9 +194,9 @@ class SlotModel(ABC):
         return self._prefill(slots, rows, task_ids, score=True)
 
     def _prefill(
-        self, slots, rows, task_ids, score: bool, prompt_only_ok: bool = False
+        self, slots, rows, task_ids, score: bool, prompt_only_ok: bool = False, buckets: bool = False
     ) -> tuple[Head | None, list[list[TokenLogprob | None]]]:
-        n = self.num_virtual if self.shares_prefix and not self.right_padded_prefill else 0
+        n = self.num_virtual if self.shares_prefix else 0
         texts = [list(row[n:]) for row in rows]
         width = max(len(t) for t in texts)
         if width == 0 and n and prompt_only_ok and not score:
@@ -193,27 +210,38 @@ class SlotModel(ABC):
         lengths = [n + len(t) for t in texts]
         if max(lengths) > self.capacity - 1:
             raise SofttoolError(f"an input of {max(lengths)} tokens does not fit the cache ({self.capacity - 1})")
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        if n and self.right_padded_prefill:
+            return self._prefill_chunks(slots, texts, task_ids, n, buckets), []
+        if buckets and not score:
+            rows_b, width_b = static_step.prefill_shape(
+                len(rows), width, self.kv[0].shape[0], self.capacity - n - (0 if self.right_padded_prefill else 1)
+            )
+            pf = self._prefill_buffers(rows_b, width_b, n)
+        else:
+            pf = PrefillBuffers(*self._prefill_inputs(len(rows), width, n))
+        ids, positions, temp = pf.ids, pf.positions, pf.kv
+        ids.fill_(self.pad_token_id)
         if self.right_padded_prefill:
             # Rows from column 0, padding after them at position -1 (the graph takes each row's largest position
-            # as its last token), over a cache exactly `width` wide.
-            temp = self._empty(len(rows), width)
-            positions = torch.full((len(rows), width), -1, dtype=torch.long)
+            # as its last token), over a cache exactly as wide as the rows.
+            positions.fill_(-1)
             for i, text in enumerate(texts):
                 ids[i, : len(text)] = torch.as_tensor(text, dtype=torch.long)
                 positions[i, : len(text)] = torch.arange(len(text))
         else:
-            scratch = n + width
-            temp = self._empty(len(rows), scratch + 1)
+            scratch = temp[0].shape[2] - 1
             if n:
-                tasks = torch.as_tensor(list(task_ids), dtype=torch.long, device=self.kv_device)
+                # Rows past the real ones (a bucket's) take task 0's prompt: they only compute into scratch.
+                chosen = list(task_ids) + [0] * (ids.shape[0] - len(rows))
+                tasks = torch.as_tensor(chosen, dtype=torch.long, device=self.kv_device)
                 for buf, prompt in zip(temp, self._prefix_kv(), strict=True):
                     buf[:, :, :n] = prompt.index_select(0, tasks)
-            positions = torch.full((len(rows), width), scratch, dtype=torch.long)
+            positions.fill_(scratch)
+            cols = ids.shape[1]
             for i, text in enumerate(texts):
                 if text:
-                    ids[i, width - len(text) :] = torch.as_tensor(text, dtype=torch.long)
-                    positions[i, width - len(text) :] = torch.arange(n, n + len(text))
+                    ids[i, cols - len(text) :] = torch.as_tensor(text, dtype=torch.long)
+                    positions[i, cols - len(text) :] = torch.arange(n, n + len(text))
         scores: list[list[TokenLogprob | None]] = []
         if score:
             # Column c is scored on the id in column c + 1; virtual ids are scored as 0 and their values dropped.
@@ -224,13 +252,53 @@ class SlotModel(ABC):
                 for i, (row, text) in enumerate(zip(rows, texts, strict=True))
             ]
         else:
-            head = self._forward(ids, positions, temp)
+            head = self._run_prefill(pf)
+            head = tuple(a[: len(rows)] for a in head)
         # One copy per layer tensor for all rows, the temporary cache's whole width: past a row's length it holds
         # padding or nothing, columns the row writes (at its positions) before it ever reads them.
         index = torch.as_tensor(list(slots), dtype=torch.long, device=self.kv_device)
         for dst, src in zip(self.kv, temp, strict=True):
-            dst[:, :, : src.shape[2]].index_copy_(0, index, src)
+            dst[:, :, : src.shape[2]].index_copy_(0, index, src[: len(rows)])
         return head, scores
+
+    def _prefill_chunks(self, slots, texts, task_ids, n: int, buckets: bool) -> Head:
+        """A shared prefix in the gqa form (export/gqa.py): one call per row, its text as a chunk over the task's
+        prompt keys/values (GroupQueryAttention takes a chunk after a past for one row at a time), right-padded to a
+        fixed length when `buckets`, its padding at -(p+1) so that seqlens_k places the chunk after the prompt."""
+        prefix = self._prefix_kv()
+        heads = []
+        for slot, text, task in zip(slots, texts, task_ids, strict=True):
+            length = static_step.prefill_length(len(text), self.capacity - n) if buckets else len(text)
+            pf = self._prefill_buffers(1, length, n) if buckets else PrefillBuffers(*self._prefill_inputs(1, length, n))
+            pf.ids.fill_(self.pad_token_id)
+            pf.ids[0, : len(text)] = torch.as_tensor(text, dtype=torch.long)
+            columns = torch.arange(n, n + length)
+            pf.positions[0] = torch.where(columns < n + len(text), columns, -1 - columns)
+            for buf, prompt in zip(pf.kv, prefix, strict=True):
+                buf[:, :, :n] = prompt[int(task)]
+            heads.append(self._run_prefill(pf))
+            for dst, src in zip(self.kv, pf.kv, strict=True):
+                dst[int(slot), :, : src.shape[2]] = src[0]
+        return tuple(np.concatenate(parts) for parts in zip(*heads, strict=True))
+
+    def _prefill_inputs(self, rows: int, width: int, n: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """A prefill's ids and positions [rows, width] and its temporary cache: as wide as the rows in the gqa form
+        (after the prefix for a chunk), else prefix, rows and a scratch column."""
+        cache = n + width + (0 if self.right_padded_prefill else 1)
+        ids = torch.empty((rows, width), dtype=torch.long)
+        return ids, torch.empty_like(ids), self._empty(rows, cache)
+
+    def _prefill_buffers(self, rows: int, width: int, n: int) -> PrefillBuffers:
+        """The fixed buffers of one prefill bucket, made once and kept (a captured prefill reads them)."""
+        key = (rows, width, n)
+        pf = self._prefill_shapes.get(key)
+        if pf is None:
+            pf = self._prefill_shapes[key] = PrefillBuffers(*self._prefill_inputs(rows, width, n))
+        return pf
+
+    def _run_prefill(self, pf: PrefillBuffers) -> Head:
+        """A prefill's forward on its buffers; a backend replays a captured graph of it per bucket on cuda."""
+        return self._forward(pf.ids, pf.positions, pf.kv)
 
     # A backend that can run on strided views of the cache (PyTorch) attends only to the columns in use;
     # ONNX Runtime binds contiguous memory, so it gets whole rows.

@@ -30,6 +30,10 @@ import torch
 
 # Capacities are rounded up to a multiple of this, so that calls with slightly different rows share buffers.
 CAPACITY_STEP = 128
+# The text lengths a bucketed prefill pads to (texts only: a shared prefix is copied in), chosen from Multi30k's and
+# SQuAD's by benchmarks/prefill_buckets.py (results/prefill_buckets.json: the padding they cost); longer texts round
+# up to a multiple of CAPACITY_STEP.
+PREFILL_LENGTHS = (16, 24, 40, 152, 200, 248, 336, 512)
 
 
 def slot_buckets(slots: int) -> list[int]:
@@ -54,6 +58,30 @@ def bucket_for(buckets: list[int], width: int) -> int:
 def round_capacity(capacity: int) -> int:
     """`capacity` rounded up to a multiple of CAPACITY_STEP."""
     return -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
+
+
+def prefill_length(width: int, limit: int) -> int:
+    """The fixed length a prefill of texts up to `width` tokens runs at: the smallest of PREFILL_LENGTHS that holds
+    it, past the last a multiple of CAPACITY_STEP; at most `limit` (what the cache holds), at least `width`."""
+    length = next((b for b in PREFILL_LENGTHS if b >= width), round_capacity(width))
+    return max(width, min(length, limit))
+
+
+def prefill_shape(rows: int, width: int, slots: int, limit: int) -> tuple[int, int]:
+    """The (rows, length) bucket of a prefill of `rows` rows up to `width` tokens into a cache of `slots` rows:
+    rows as the decode step's slot buckets, length as `prefill_length`."""
+    return bucket_for(slot_buckets(slots), rows), prefill_length(width, limit)
+
+
+@dataclass
+class PrefillBuffers:
+    """The fixed buffers of one prefill shape: ids and positions [rows, length] (on the host; a capturing backend
+    keeps device copies beside them) and the temporary cache the rows are prefilled into, then copied out of."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    kv: list[torch.Tensor]
+    captured: object = None  # a backend's captured prefill of these buffers (cuda), made at the shape's first use
 
 
 @dataclass

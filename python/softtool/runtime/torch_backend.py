@@ -5,7 +5,8 @@ Each forward is softtool.runtime.slot_model.SlotLM with in-place cache writes, t
 DEVICE_TOP_K log-probs and ids of each row leave the device (the search's sparse path, as a top-k export),
 not [rows, V] logits; on the CPU the logits already are where the search reads them. The decode loop, the
 search and the per-task prompt cache are shared with the ONNX backend (runtime.decode, runtime.slots).
-On cuda the static decode step (runtime.static_step) is captured per slot bucket as a torch CUDA graph.
+On cuda the static decode step (runtime.static_step) is captured per slot bucket as a torch CUDA graph, and so is
+each bucket of a bucketed prefill.
 """
 
 from __future__ import annotations
@@ -206,6 +207,31 @@ class TorchGenerator(Generator):
     def _device_head(self, st, bucket: int) -> tuple[torch.Tensor, ...]:
         out = self._step_module(st.tokens[:bucket], st.positions[:bucket], *(t[:bucket] for t in st.kv))
         return tuple(out[:2]) if self.top_k else (out[0].float(),)
+
+    @torch.inference_mode()
+    def _run_prefill(self, pf) -> Head:
+        """On cuda (with CUDA graphs) each prefill bucket is captured at its first use, on device copies of its ids
+        and positions, and replayed after; the eager model elsewhere. The model is not the compiled step's module:
+        dynamo would compile every (rows, length) shape."""
+        if self.kv_device.type != "cuda" or not self.cuda_graphs:
+            return super()._run_prefill(pf)
+        if pf.captured is None:
+            ids, positions = pf.ids.to(self.kv_device), pf.positions.to(self.kv_device)
+            stream = torch.cuda.Stream(self.kv_device)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # the warm-up writes what the captured run will write again
+                for _ in range(2):
+                    self.slot_lm(ids, positions, *pf.kv)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.slot_lm(ids, positions, *pf.kv)
+            pf.captured = (graph, ids, positions, out)
+        graph, ids, positions, out = pf.captured
+        ids.copy_(pf.ids)
+        positions.copy_(pf.positions)
+        graph.replay()
+        return self._head(out)
 
     def _capture(self, st, body) -> None:
         from softtool.runtime.static_step import capture_graphs
