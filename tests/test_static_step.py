@@ -288,3 +288,33 @@ def test_gqa_prefill_pads_on_the_right_with_its_last_token_at_the_largest_positi
     together = generator.prefill([0, 1, 2], rows, [0, 0, 0])[0]
     alone = np.concatenate([generator.prefill([i], [row], [0])[0] for i, row in enumerate(rows)])
     np.testing.assert_allclose(together, alone, atol=1e-4)
+
+
+@pytest.mark.parametrize("source", ["torch", "traced", "gqa"])
+def test_beam_search_on_the_static_step_gives_the_dynamic_steps_beams(
+    adapter_dir, exports, options, source, monkeypatch
+):
+    """Beam rows live in the static engine's slots: each reorder is an index copy on the device before the step
+    (counted here), the search's tokens are written into the step's buffer, and every beam comes out as on the
+    dynamic step, token for token."""
+    from dataclasses import replace
+
+    from softtool.runtime import load_generator, static_step
+
+    path, backend = (adapter_dir, "torch") if source == "torch" else (exports[source], "onnx")
+    generator = load_generator(str(path), backend)
+    rows = _rows(generator)[:5]
+    beams = replace(options["greedy"], num_beams=3, num_return_sequences=2)
+    dynamic = generator.generate(rows, None, beams, EngineOptions(slots=8, step="dynamic"))
+    steps, reorders = [], []
+    device_head = generator._device_head
+    monkeypatch.setattr(generator, "_device_head", lambda st, bucket: steps.append(bucket) or device_head(st, bucket))
+    reorder_rows = static_step.reorder_rows
+    monkeypatch.setattr(
+        static_step, "reorder_rows", lambda st, bucket: reorders.append(bucket) or reorder_rows(st, bucket)
+    )
+    monkeypatch.setattr(generator, "step", lambda *a: pytest.fail("the dynamic step ran"))
+    static = generator.generate(rows, None, beams, EngineOptions(slots=8, step="static"))
+    assert static == dynamic
+    assert reorders and set(steps) == {8, 4}  # 2 items x 3 beams: the 8-slot bucket; the last item alone: 4
+    assert any(item[0] != item[1] for item in static)  # two different beams came back

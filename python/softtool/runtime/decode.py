@@ -12,9 +12,9 @@ Schedules:
   only when every slot is free, so rows go in batches of `slots` and a batch runs until its last row ends.
   Rows are seeded by their own index either way, so sampling draws the same tokens in both.
 - beam search: static batches of `slots / num_beams` items through the C++ `BeamSearch`, whose rows are
-  reordered every step.
+  reordered every step (on the static step: an index copy on the device, inside the captured step).
 
-Steps (greedy search and sampling):
+Steps (every search):
 - dynamic: each step runs as many slots as the highest busy one, over the columns the busy rows use; tokens
   and positions go to the model from the host (the CPU's default: it computes nothing it does not need).
 - static: fixed buffers and one step per slot bucket, tokens and positions kept on the device and advanced
@@ -311,7 +311,7 @@ def decode(
     if not rows:
         return []
     if options.num_beams > 1:
-        return _decode_beams(model, rows, task_ids, options, engine.slots, progress)
+        return _decode_beams(model, rows, task_ids, options, engine, progress)
     return _decode_slots(model, rows, task_ids, options, engine, progress, static=not engine.continuous)
 
 
@@ -343,26 +343,37 @@ def _decode_slots(model, rows, task_ids, options, engine: EngineOptions, progres
     return [[results[i * copies + c] for c in range(copies)] for i in range(len(rows))]
 
 
-def _decode_beams(model, rows, task_ids, options, slots, progress) -> list[list[Hypothesis]]:
+def _decode_beams(model, rows, task_ids, options, engine: EngineOptions, progress) -> list[list[Hypothesis]]:
     out: list[list[Hypothesis]] = []
-    per_batch = max(1, slots // options.num_beams)
+    per_batch = max(1, engine.slots // options.num_beams)
     for start in range(0, len(rows), per_batch):
         batch = list(range(start, min(start + per_batch, len(rows))))
-        out += _decode_batch(model, [rows[i] for i in batch], [task_ids[i] for i in batch], options)
+        out += _decode_batch(model, [rows[i] for i in batch], [task_ids[i] for i in batch], options, engine)
         if progress:
             progress(len(batch))
     return out
 
 
-def _decode_batch(model: SlotModel, rows, task_ids, options: SearchOptions) -> list[list[Hypothesis]]:
+def _decode_batch(model: SlotModel, rows, task_ids, options: SearchOptions, engine: EngineOptions):
+    """One static batch of beam search. On the static step the beams' rows live in the engine's slots: a reorder is
+    an index copy on the device inside the (captured) step, and the search's tokens are written into the step's
+    buffer; on the dynamic step the cache rows are reordered and the step runs as wide as the beams."""
     searcher = _search.make_search(options)
     searcher.start([_history(model, row) for row in rows])
     repeat = searcher.num_rows // len(rows)
     order = [i for i in range(len(rows)) for _ in range(repeat)]  # item-major, as the search expects
-    model.reserve(len(order), capacity_for(rows, options.max_new_tokens))
+    capacity = capacity_for(rows, options.max_new_tokens)
+    # Only when asked for: "auto" keeps beams on the dynamic step until a GPU run has checked the captured beam step.
+    fixed = model.static_slots(engine.slots, capacity, beams=True) if engine.step == "static" else None
+    if fixed is None:
+        model.reserve(len(order), capacity)
     slots = list(range(len(order)))
-    head = model.prefill(slots, [rows[i] for i in order], [task_ids[i] for i in order])
+    buckets = engine.prefill == "buckets"
+    head = model.prefill(slots, [rows[i] for i in order], [task_ids[i] for i in order], buckets=buckets)
     positions = np.asarray([len(rows[i]) for i in order], dtype=np.int64)
+    if fixed is not None:
+        with model.stream_context():  # each row's first new position; the step moves them on by itself
+            model.set_slots(fixed, slots, np.full(len(order), options.pad_token_id), positions)
     identity = np.arange(len(order))
     topk = len(head) == 2
     for _ in range(options.max_new_tokens):
@@ -370,9 +381,15 @@ def _decode_batch(model: SlotModel, rows, task_ids, options: SearchOptions) -> l
         if searcher.is_done():
             break
         beams = np.asarray(result.beam_indices, dtype=np.int64)
-        if not np.array_equal(beams, identity):  # greedy never reorders: skip copying the cache
+        tokens = np.asarray(result.next_tokens, dtype=np.int64)
+        moved = not np.array_equal(beams, identity)  # greedy never reorders: skip copying the cache
+        if fixed is not None:
+            with model.stream_context():
+                head = model.beam_step(fixed, tokens, beams if moved else None)
+            continue
+        if moved:
             model.reorder(beams)
             positions = positions[beams]
-        head = model.step(np.asarray(result.next_tokens, dtype=np.int64), positions)
+        head = model.step(tokens, positions)
         positions = positions + 1
     return [list(item) for item in searcher.finalize()]

@@ -9,6 +9,7 @@ is shared and lives here:
     prefill(slots, rows, task_ids)  run the rows' prompts and write their cache into those slots -> head
     step(tokens, positions)         one token for each of the first len(tokens) slots -> head
     reorder(order)                  beam search: slot i continues slot order[i]
+    beam_step(st, tokens, order)    the same on the static step: reorder on the device, then the step
     prefill_scored(...)             prefill, plus each prompt token's log-prob given the tokens before it (echo)
 
 A head is a tuple of numpy arrays: (logits [n, V],) or (topk_values [n, k], topk_indices [n, k]).
@@ -146,6 +147,7 @@ class SlotModel(ABC):
         for pf in self._prefill_shapes.values():
             pf.captured = None  # captured again at their next use
         for st in self._static.values():
+            st.beam_steps.clear()  # captured again by the next beam search (static_slots with beams)
             if st.captured:
                 with self.stream_context():
                     self._capture(st, st.body)
@@ -341,16 +343,45 @@ class SlotModel(ABC):
         captured graphs), nothing special on the CPU."""
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
-    def static_slots(self, slots: int, capacity: int) -> StaticSlots:
+    def static_slots(self, slots: int, capacity: int, beams: bool = False) -> StaticSlots:
         """The fixed buffers of a static engine of `slots` rows and at least `capacity` positions, every slot
         idle: kept ones when there are (the smallest that fits), else new ones, captured on cuda. They become
-        the cache prefill writes into."""
+        the cache prefill writes into. `beams`: with beam search's step too (reorder, then the step), made (and
+        captured) now while every slot is idle."""
         fits = [st for (n, c), st in self._static.items() if n == slots and c >= capacity]
         st = min(fits, key=lambda s: s.capacity) if fits else self._make_static(slots, capacity)
         self.kv, self.capacity = st.kv, st.capacity
         with self.stream_context():
             st.reset(self.pad_token_id)
+            if beams and not st.beam_steps:
+                st.order.copy_(torch.arange(slots, device=self.kv_device))
+                self._make_beam_steps(st)
         return st
+
+    def _make_beam_steps(self, st: StaticSlots) -> None:
+        """st.beam_steps: per bucket, the reorder on the device then the bucket's step (captured, where the step
+        is, by a backend that captures both as one graph; here the step's own capture follows the reorder)."""
+
+        def run(bucket: int):
+            static_step.reorder_rows(st, bucket)
+            return st.steps[bucket]()
+
+        st.beam_steps.update({b: functools.partial(run, b) for b in st.buckets})
+
+    def beam_step(self, st: StaticSlots, tokens: np.ndarray, order: np.ndarray | None) -> Head:
+        """Beam search's step on the static buffers for the first len(tokens) slots: slot i continues slot order[i]
+        (None: every slot its own), then takes token[i]; returns their head. Run in stream_context."""
+        rows = len(tokens)
+        bucket = st.bucket(rows)
+        st.tokens[:rows, 0] = torch.as_tensor(np.asarray(tokens, dtype=np.int64)).to(self.kv_device)
+        if order is None:
+            full, _ = st.steps[bucket]()
+        else:
+            whole = np.concatenate([np.asarray(order, dtype=np.int64), np.arange(rows, bucket)])
+            st.order[:bucket] = torch.as_tensor(whole).to(self.kv_device)
+            full, _ = st.beam_steps[bucket]()
+        head = static_step.split_head(static_step.to_host(st, bucket, "full", full), self.top_k)
+        return tuple(np.ascontiguousarray(a[:rows]) for a in head)
 
     def _make_static(self, slots: int, capacity: int) -> StaticSlots:
         capacity = static_step.round_capacity(capacity)
@@ -365,6 +396,7 @@ class SlotModel(ABC):
                 tokens=torch.full((slots, 1), self.pad_token_id, dtype=torch.long, device=self.kv_device),
                 positions=torch.full((slots, 1), capacity - 1, dtype=torch.long, device=self.kv_device),
                 buckets=static_step.slot_buckets(slots),
+                order=torch.arange(slots, device=self.kv_device),
                 stream=self.stream,
                 event=torch.cuda.Event() if cuda else None,
             )

@@ -97,6 +97,8 @@ class StaticSlots:
     stream: object = None  # torch.cuda.Stream on cuda: every operation of this engine runs on it
     steps: dict[int, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     body: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None  # the step itself, per bucket
+    order: torch.Tensor | None = None  # [slots] int64: beam search's reorder, slot i continues slot order[i]
+    beam_steps: dict[int, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     captured: bool = False
     capture_seconds: float = 0.0
     host: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # pinned copies per (bucket, kind)
@@ -136,6 +138,15 @@ def advance(head: tuple[torch.Tensor, ...], tokens: torch.Tensor, positions: tor
     return full, top1
 
 
+def reorder_rows(st: StaticSlots, bucket: int) -> None:
+    """Beam search's reorder of slots [:bucket] on the device: each slot's cache row and position become those of
+    slot st.order[i] (an index copy; the identity for idle slots). Part of the beam step, so it is captured too."""
+    index = st.order[:bucket]
+    for t in st.kv:
+        t[:bucket].copy_(t[:bucket].index_select(0, index))
+    st.positions[:bucket].copy_(st.positions[:bucket].index_select(0, index))
+
+
 def split_head(full: np.ndarray, top_k: int) -> tuple[np.ndarray, ...]:
     """The host copy of `advance`'s `full` back as the search's head: (values, ids) or (logits,)."""
     if top_k:
@@ -157,10 +168,13 @@ def to_host(st: StaticSlots, bucket: int, kind: str, tensor: torch.Tensor) -> np
     return host.numpy()
 
 
-def capture_graphs(st: StaticSlots, body: Callable[[int], tuple[torch.Tensor, torch.Tensor]], warmup: int = 2):
+def capture_graphs(
+    st: StaticSlots, body: Callable[[int], tuple[torch.Tensor, torch.Tensor]], warmup: int = 2, into=None
+):
     """Capture `body(bucket)` for every bucket as a torch CUDA graph on the engine's stream (largest first,
-    sharing one memory pool) and make `st.steps` replay them. Runs while every slot is idle: the warm-up
-    runs write only the scratch column, and tokens and positions are restored before capture."""
+    sharing one memory pool) and make `into` (st.steps by default) replay them. Runs while every slot is idle:
+    the warm-up runs write only the scratch column, and tokens and positions are restored before capture."""
+    into = st.steps if into is None else into
     start = time.perf_counter()
     pool = torch.cuda.graph_pool_handle()
     saved = (st.tokens.clone(), st.positions.clone())
@@ -174,7 +188,7 @@ def capture_graphs(st: StaticSlots, body: Callable[[int], tuple[torch.Tensor, to
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, stream=st.stream):
             outputs = body(bucket)
-        st.steps[bucket] = _replay(graph, outputs)
+        into[bucket] = _replay(graph, outputs)
     st.captured = True
     st.capture_seconds += time.perf_counter() - start
 

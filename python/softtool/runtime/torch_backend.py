@@ -5,8 +5,8 @@ Each forward is softtool.runtime.slot_model.SlotLM with in-place cache writes, t
 DEVICE_TOP_K log-probs and ids of each row leave the device (the search's sparse path, as a top-k export),
 not [rows, V] logits; on the CPU the logits already are where the search reads them. The decode loop, the
 search and the per-task prompt cache are shared with the ONNX backend (runtime.decode, runtime.slots).
-On cuda the static decode step (runtime.static_step) is captured per slot bucket as a torch CUDA graph, and so is
-each bucket of a bucketed prefill.
+On cuda the static decode step (runtime.static_step) is captured per slot bucket as a torch CUDA graph, so are
+beam search's reorder-then-step and each bucket of a bucketed prefill.
 """
 
 from __future__ import annotations
@@ -207,6 +207,19 @@ class TorchGenerator(Generator):
     def _device_head(self, st, bucket: int) -> tuple[torch.Tensor, ...]:
         out = self._step_module(st.tokens[:bucket], st.positions[:bucket], *(t[:bucket] for t in st.kv))
         return tuple(out[:2]) if self.top_k else (out[0].float(),)
+
+    def _make_beam_steps(self, st) -> None:
+        """On cuda, the reorder and the step of each bucket captured as one graph (every slot is idle now)."""
+        if not (st.captured and self.kv_device.type == "cuda"):
+            return super()._make_beam_steps(st)
+        from softtool.runtime.static_step import capture_graphs, reorder_rows
+
+        def body(bucket: int):
+            reorder_rows(st, bucket)
+            return st.body(bucket)
+
+        with torch.inference_mode():
+            capture_graphs(st, body, into=st.beam_steps)
 
     @torch.inference_mode()
     def _run_prefill(self, pf) -> Head:
