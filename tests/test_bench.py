@@ -332,3 +332,16 @@ def test_decoding_options_reach_every_row_and_hf_cb_that_cannot_apply_them_is_sk
     assert rows["torch"]["outputs"] == rows["peft"]["outputs"]
     for name in ("peft", "hf", "torch"):
         assert all(len(set(tokens)) == len(tokens) for tokens in rows[name]["outputs"]), name
+
+
+def test_the_100_token_config_is_the_translation_workload_with_a_trained_100_token_prompt():
+    from softtool.bench.options import BenchOptions, build_options, load_config
+
+    configs = REPO / "benchmarks" / "configs"
+    p100 = build_options(BenchOptions, load_config(configs / "translation_p100.json"), "translation_p100.json")
+    p20_config = {k: v for k, v in load_config(configs / "translation.json").items() if k != "train"}
+    p20 = build_options(BenchOptions, p20_config, "translation.json")
+    assert p100.num_virtual_tokens == 100 and p100.adapter == "runs/de-p100"
+    for name in ("task", "data", "split", "limit", "batch_size", "max_new_tokens", "num_beams"):
+        assert getattr(p100, name) == getattr(p20, name), name
+    assert p100.backends == ["hf-embeds", "torch", "onnx"] and p100.prefill == "exact"
