@@ -144,3 +144,50 @@ def test_onnx_captured_step_gives_the_uncaptured_steps_tokens(adapter_dir, gqa_e
     # The dynamic step (no buckets, nothing captured) on the same session agrees too.
     dynamic = captured.generate(rows, None, options, EngineOptions(slots=8, step="dynamic"))
     assert sum(a == b for a, b in zip(dynamic, want, strict=True)) / len(want) >= 0.99
+
+
+def test_torch_captured_prefill_buckets_give_the_exact_prefills_tokens(torch_generators):
+    """Each (rows, length) prefill bucket captured at its first use: the tokens of the same engine prefilling at
+    the rows' own width, uncaptured (both decode with the same captured step)."""
+    captured = torch_generators["captured"]
+    rows = [captured.encode({"source": s}) for s in SOURCES]
+    options = _options(captured, rows)
+    want = captured.generate(rows, None, options, EngineOptions(slots=8, step="static"))
+    got = captured.generate(rows, None, options, EngineOptions(slots=8, step="static", prefill="buckets"))
+    assert got == want
+    assert captured._prefill_shapes and all(pf.captured is not None for pf in captured._prefill_shapes.values())
+
+
+def test_torch_captured_beam_step_gives_the_dynamic_beams(torch_generators):
+    """Beam search on the static step: reorder (an index copy) and step captured as one graph per bucket."""
+    captured = torch_generators["captured"]
+    rows = [captured.encode({"source": s}) for s in SOURCES[:6]]
+    options = SearchOptions(max_new_tokens=16, num_beams=4, num_return_sequences=2, eos_token_ids=[2])
+    want = captured.generate(rows, None, options, EngineOptions(slots=8, step="dynamic"))
+    got = captured.generate(rows, None, options, EngineOptions(slots=8, step="static"))
+    st = next(st for st in captured._static.values() if st.beam_steps)
+    assert sorted(st.beam_steps) == [1, 2, 4, 8]
+    same = sum(a == b for a, b in zip(got, want, strict=True)) / len(want)
+    assert same >= 0.8, f"{same:.0%} of items' beams identical"  # fp16: a captured kernel may round a near-tie
+
+
+def test_onnx_gqa_prefix_chunks_and_buckets_on_the_cuda_provider(adapter_dir, gqa_export):
+    """The gqa form's text-only prefill (one row per call after the copied-in prompt) on the CUDA execution
+    provider: the tokens of the whole-row prefill, exact and bucketed (captured under graph ids), and beams on the
+    static step."""
+    from softtool.runtime import load_generator
+
+    shared = load_generator(str(gqa_export), "onnx", device="cuda", strict_device=True)
+    whole = load_generator(str(gqa_export), "onnx", device="cuda", strict_device=True, precompute_prompt=False)
+    assert shared.shares_prefix and not whole.shares_prefix
+    rows = [shared.encode({"source": s}) for s in SOURCES]
+    options = _options(whole, rows)
+    want = whole.generate(rows, None, options, EngineOptions(slots=8, step="static"))
+    for prefill in ("exact", "buckets"):
+        got = shared.generate(rows, None, options, EngineOptions(slots=8, step="static", prefill=prefill))
+        same = sum(a == b for a, b in zip(got, want, strict=True)) / len(want)
+        assert same >= 0.95, f"{prefill}: {same:.0%} of rows identical"
+    beams = SearchOptions(max_new_tokens=16, num_beams=4, num_return_sequences=2, eos_token_ids=[2])
+    dynamic = shared.generate(rows[:6], None, beams, EngineOptions(slots=8, step="dynamic"))
+    static = shared.generate(rows[:6], None, beams, EngineOptions(slots=8, step="static"))
+    assert sum(a == b for a, b in zip(static, dynamic, strict=True)) / 6 >= 0.8

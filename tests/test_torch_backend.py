@@ -98,3 +98,10 @@ def test_several_adapters_share_one_generator_and_a_mixed_batch_equals_each_alon
     alone = [TorchGenerator.from_adapter(p, model=model, tokenizer=both.tokenizer) for p in paths]
     assert mixed == [alone[t].generate([row], None, options)[0] for row, t in zip(rows, tasks, strict=True)]
     assert rows[0] != both.encode({"source": SOURCES[0]}, task=1)  # the templates really differ
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_a_compile_mode_that_captures_graphs_of_its_own_is_refused(tiny, smollm2_tokenizer, mode):
+    """softtool captures the static step itself; torch.compile's own CUDA graphs would capture inside that capture."""
+    with pytest.raises(ValueError, match="captures CUDA graphs of its own"):
+        _generator(tiny, smollm2_tokenizer, "[P:5]English: {source}\nGerman:", compile_mode=mode)

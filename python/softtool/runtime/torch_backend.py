@@ -38,6 +38,8 @@ class TorchGenerator(Generator):
     cuda_graphs: on cuda, capture the static decode step per slot bucket (off: run it eagerly).
     compile_step: compile the static decode step with torch.compile (inductor fuses the many small kernels of a
     step into few) before it is captured. None (default): on cuda with CUDA graphs.
+    compile_mode: torch.compile's mode for it (None: its default; "max-autotune-no-cudagraphs" tunes the kernels
+    and leaves the capture to softtool, as every mode here must: "reduce-overhead" would capture graphs of its own).
     """
 
     views_ok = True
@@ -52,7 +54,12 @@ class TorchGenerator(Generator):
         top_k: int | None = None,
         cuda_graphs: bool = True,
         compile_step: bool | None = None,
+        compile_mode: str | None = None,
     ):
+        if compile_mode in ("reduce-overhead", "max-autotune"):
+            raise ValueError(
+                f"compile_mode {compile_mode!r} captures CUDA graphs of its own; softtool captures the step"
+            )
         self.model = model
         self.cuda_graphs = cuda_graphs
         self.compile_step = compile_step
@@ -83,7 +90,9 @@ class TorchGenerator(Generator):
             self.compile_step = self.kv_device.type == "cuda" and cuda_graphs
         # One compiled module serves every bucket: dynamo specializes it per batch size (or makes that size
         # dynamic after the second), each compiled while its bucket is captured, never while decoding.
-        self._step_module = torch.compile(self.slot_lm, fullgraph=True) if self.compile_step else self.slot_lm
+        self._step_module = (
+            torch.compile(self.slot_lm, fullgraph=True, mode=compile_mode) if self.compile_step else self.slot_lm
+        )
         self.set_prompt(prompt_table)
 
     @classmethod
@@ -99,6 +108,7 @@ class TorchGenerator(Generator):
         dtype: str = "float32",
         cuda_graphs: bool = True,
         compile_step: bool | None = None,
+        compile_mode: str | None = None,
     ) -> TorchGenerator:
         """Load an adapter folder and its base model (or use the `model` given)."""
         from softtool.models import load_model, load_tokenizer
@@ -125,6 +135,7 @@ class TorchGenerator(Generator):
             adapter.meta,
             cuda_graphs=cuda_graphs,
             compile_step=compile_step,
+            compile_mode=compile_mode,
         )
         generator.where = str(path)
         generator.task_names = [Path(path).resolve().name]
