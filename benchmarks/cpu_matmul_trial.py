@@ -84,7 +84,7 @@ def layouts(rows: list[int], repeats: int) -> list[dict]:
     return out
 
 
-def decode_step(model_name: str, slots: int, repeats: int) -> dict:
+def decode_step(model_name: str, slots: int, repeats: int, backend: str = "inductor") -> dict:
     """The torch backend's decode step at `slots` rows, eager against inductor with freezing (oneDNN linears)."""
     import numpy as np
     import torch
@@ -107,27 +107,30 @@ def decode_step(model_name: str, slots: int, repeats: int) -> dict:
     import torch._inductor.config as inductor
 
     inductor.freezing = True  # weights become constants: inductor packs them for oneDNN's linear
-    compiled = torch.compile(generator.slot_lm)
+    compiled = torch.compile(generator.slot_lm, backend=backend)
     generator.slot_lm = compiled
     t0 = time.perf_counter()
     with torch.no_grad():
         compiled_head = generator.step(tokens, positions)[0]
     compile_s = time.perf_counter() - t0
     frozen = _median_ms(lambda: generator.step(tokens, positions), repeats)
-    return {"slots": slots, "eager_ms": eager, "inductor_freezing_ms": frozen, "compile_s": compile_s,
+    return {"slots": slots, "compile_backend": backend, "eager_ms": eager, "inductor_freezing_ms": frozen, "compile_s": compile_s,
             "same_argmax": bool((eager_head.argmax(-1) == compiled_head.argmax(-1)).all()),
             "max_abs_logit_diff": float(np.abs(eager_head - compiled_head).max())}  # fmt: skip
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", default="1,2,4,8,16", help="M values of the GEMMs (decode rows)")
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--skip-step", action="store_true", help="only the GEMMs (no model)")
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend of the step (a test: eager)"
+    )
     parser.add_argument("--output", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from softtool.threads import configure_threads
 
@@ -147,12 +150,13 @@ def main() -> None:
         "layouts": layouts(rows, args.repeats),
     }
     if not args.skip_step:
-        result["decode_step"] = decode_step(args.model, max(rows), max(20, args.repeats // 10))
+        result["decode_step"] = decode_step(args.model, max(rows), max(1, args.repeats // 10), args.compile_backend)
     text = json.dumps(result, indent=1)
     print(text)
     if args.output:
         Path(args.output).write_text(text + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

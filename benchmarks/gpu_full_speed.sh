@@ -23,6 +23,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 phase=${1:?usage: gpu_full_speed.sh torch|onnx}
+case "$phase" in torch | onnx) ;; *) echo "unknown phase $phase (torch or onnx)" >&2; exit 2 ;; esac
 OUT=${OUT:-benchmarks/results}
 LIMIT16=${LIMIT16:-48}
 LIMIT1=${LIMIT1:-12}
@@ -59,5 +60,4 @@ case "$phase" in
       --output "$OUT/bench_translation_p100_b1_cuda.json"
     step profile-onnx 35 "${profile[@]}" --backends onnx --output "$OUT/profile_static_step_p100_onnx_cuda.json"
     ;;
-  *) echo "unknown phase $phase (torch or onnx)" >&2; exit 2 ;;
 esac

@@ -162,11 +162,11 @@ def case(
     return {"accepted": True, "max_abs_diff_outputs": out_err, "max_abs_diff_cache": cache_err}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--provider", default="cpu", choices=("cpu", "cuda"), help="execution provider (cuda: fp16)")
     parser.add_argument("--output", default=None, help="JSON file to merge this version's cases into")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import onnxruntime as ort
     from onnxruntime.capi import onnxruntime_pybind11_state as capi
@@ -195,7 +195,8 @@ def main() -> None:
         result = json.loads(path.read_text()) if path.is_file() else {"benchmark": "gqa_chunk_probe", "runs": {}}
         result["runs"][key] = run
         path.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -16,10 +16,9 @@ the filler rows a row bucket adds for each admission size.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
-
-import click
 
 from softtool.bench.limits import git_commit
 
@@ -110,21 +109,24 @@ def row_filler(slots: int = 16) -> dict[str, float]:
     return {str(k): round((bucket_for(buckets, k) - k) / k, 4) for k in range(1, slots + 1)}
 
 
-@click.command()
-@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=Path("../shared/data"))
-@click.option("--count", default=8, show_default=True, help="number of buckets up to --last")
-@click.option("--last", default=512, show_default=True, help="the largest bucket (the training length budget)")
-@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
-def main(data: Path, count: int, last: int, output: Path) -> None:
-    """Choose the prefill length buckets from Multi30k and SQuAD and report their padding."""
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--count", type=int, default=8, help="number of buckets up to --last (default 8)")
+    parser.add_argument("--last", type=int, default=512, help="the largest bucket, the training length budget (512)")
+    parser.add_argument("--output", type=Path, required=True)
+    args = parser.parse_args(argv)
+
     from softtool.runtime.static_step import PREFILL_LENGTHS
 
-    lengths = text_lengths(data)
-    chosen = choose(lengths, count, last)
+    lengths = text_lengths(args.data)
+    chosen = choose(lengths, args.count, args.last)
+    command = f"python benchmarks/prefill_buckets.py --data {args.data} --count {args.count} --last {args.last}"
     result = {
         "benchmark": "prefill_buckets",
         "commit": git_commit(Path(__file__).resolve().parents[1]) or "unknown",
-        "command": f"python benchmarks/prefill_buckets.py --data {data} --count {count} --last {last} --output {output}",
+        "command": f"{command} --output {args.output}",
+        "computed_not_measured": True,
         "chosen": chosen,
         "in_use": list(PREFILL_LENGTHS),
         "beyond_last": f"a multiple of {STEP}",
@@ -134,10 +136,11 @@ def main(data: Path, count: int, last: int, output: Path) -> None:
         },
         "row_bucket_filler_over_rows": row_filler(),
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
-    click.echo(json.dumps({"chosen": chosen, "in_use": list(PREFILL_LENGTHS)}))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({"chosen": chosen, "in_use": list(PREFILL_LENGTHS)}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

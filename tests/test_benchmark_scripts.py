@@ -535,3 +535,61 @@ def test_gpu_kit_run_names_its_phases_when_given_none_or_another(tmp_path):
     assert bare.returncode != 0 and "usage: gpu_kit_run.sh torch|onnx" in bare.stderr
     other = subprocess.run(["bash", str(script), "bench"], env=env, capture_output=True, text=True, timeout=60)
     assert other.returncode == 2 and "unknown phase bench (torch or onnx)" in other.stderr
+
+
+def test_gpu_full_speed_names_its_phases_when_given_none_or_another(tmp_path):
+    script = REPO / "benchmarks" / "gpu_full_speed.sh"
+    env = {**os.environ, "MODEL": str(tmp_path), "DATA": str(tmp_path), "OUT": str(tmp_path)}
+    bare = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert bare.returncode != 0 and "usage: gpu_full_speed.sh torch|onnx" in bare.stderr
+    other = subprocess.run(["bash", str(script), "bench"], env=env, capture_output=True, text=True, timeout=60)
+    assert other.returncode == 2 and "unknown phase bench (torch or onnx)" in other.stderr
+
+
+# -- prefill_buckets.py -----------------------------------------------------------------------------------------
+def test_prefill_buckets_chooses_aligned_lengths_from_the_data_and_counts_their_padding(tmp_path):
+    data = tmp_path / "data"
+    write_multi30k(data / "multi30k"), write_squad(data / "squad")
+    out = tmp_path / "buckets.json"
+    args = ["--data", str(data), "--count", "3", "--last", "64", "--output", str(out)]
+    assert load_benchmark("prefill_buckets").main(args) == 0
+    result = json.loads(out.read_text())
+    chosen = result["chosen"]
+    assert len(chosen) == 3 and chosen[-1] == 64 and chosen == sorted(chosen) and all(b % 8 == 0 for b in chosen)
+    assert result["computed_not_measured"] and result["command"].startswith("python benchmarks/prefill_buckets.py")
+    for name in ("multi30k", "squad"):
+        padding = result["padding_over_real_tokens"][name]["chosen"]
+        assert padding["examples"] == 4 and padding["one_row"]["exact"] == 0.0
+        assert 0 <= padding["one_row"]["bucketed"] <= padding["groups_of_16"]["bucketed"], name
+    assert result["row_bucket_filler_over_rows"]["5"] == 0.6  # 5 rows run in the bucket of 8
+
+
+# -- gqa_chunk_probe.py -----------------------------------------------------------------------------------------
+def test_gqa_chunk_probe_finds_a_chunk_after_a_cached_prefix_exact_for_one_row_and_refused_for_two(tmp_path):
+    """What the gqa form's prefill rests on, on the installed onnxruntime's CPU provider: the day a version takes two
+    rows' chunks over a past without query_seqlens, this fails and the one-row-per-call prefill can be revisited."""
+    out = tmp_path / "probe.json"
+    assert load_benchmark("gqa_chunk_probe").main(["--output", str(out)]) == 0
+    (run,) = json.loads(out.read_text())["runs"].values()
+    cases = run["cases"]
+    for name in ("1 row, prefix 8 cached, chunk of 5", "1 row, prefix 8 cached, chunk of 3 right-padded to 6"):
+        assert cases[name]["accepted"] and cases[name]["max_abs_diff_outputs"] < 1e-5, name
+        assert cases[name]["max_abs_diff_cache"] < 1e-5, name
+    assert "batch_size must be 1" in cases["2 rows, prefix 8 cached, chunks of 5 and 5"]["error"]
+    if run["knows_query_seqlens"]:
+        batched = cases["query_seqlens: 2 rows, prefix 8 cached, chunks of 5 and 3 right-padded"]
+        assert batched["accepted"] and batched["max_abs_diff_outputs"] < 1e-5
+
+
+# -- cpu_matmul_trial.py ----------------------------------------------------------------------------------------
+def test_cpu_matmul_trial_times_each_gemm_both_ways_and_the_compiled_step_with_its_tokens(tmp_path, tiny_model_dir):
+    out = tmp_path / "matmul.json"
+    args = ["--model", str(tiny_model_dir), "--threads", "1", "--rows", "1,2", "--repeats", "2",
+            "--compile-backend", "eager", "--output", str(out)]  # fmt: skip
+    assert load_benchmark("cpu_matmul_trial").main(args) == 0
+    result = json.loads(out.read_text())
+    assert {(r["shape"], r["m"]) for r in result["linears"]} >= {("q", 1), ("gate_up", 2)}
+    assert all(r["mkl_ms"] > 0 and r["onednn_ms"] > 0 and r["max_abs_diff"] < 1e-3 for r in result["linears"])
+    assert [r["m"] for r in result["layouts"]] == [1, 2]
+    step = result["decode_step"]
+    assert step["slots"] == 2 and step["compile_backend"] == "eager" and step["same_argmax"]
