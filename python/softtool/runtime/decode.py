@@ -364,7 +364,9 @@ def _decode_batch(model: SlotModel, rows, task_ids, options: SearchOptions, engi
     order = [i for i in range(len(rows)) for _ in range(repeat)]  # item-major, as the search expects
     capacity = capacity_for(rows, options.max_new_tokens)
     # Only when asked for: "auto" keeps beams on the dynamic step until a GPU run has checked the captured beam step.
-    fixed = model.static_slots(engine.slots, capacity, beams=True) if engine.step == "static" else None
+    # More beams than slots (one item already overflows them) run on the dynamic step, as wide as they are.
+    static = engine.step == "static" and len(order) <= engine.slots
+    fixed = model.static_slots(engine.slots, capacity, beams=True) if static else None
     if fixed is None:
         model.reserve(len(order), capacity)
     slots = list(range(len(order)))
