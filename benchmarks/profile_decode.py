@@ -63,7 +63,9 @@ def _softtool(gen, rows, options, engine) -> tuple[float, list, dict]:
 
     clock = _Clock()
     gen.prefill = clock.wrap(
-        "prefill", gen.prefill, lambda slots, rs, tasks: (len(rs), sum(len(r) for r in rs) - gen.num_virtual * len(rs))
+        "prefill",
+        gen.prefill,
+        lambda slots, rs, tasks, **_: (len(rs), sum(len(r) for r in rs) - gen.num_virtual * len(rs)),
     )
     gen.step = clock.wrap("decode_step", gen.step, lambda tokens, positions: (len(tokens), len(tokens)))
     make = decode._search.make_slot_search
