@@ -31,6 +31,7 @@ def serve(paths, threads, **values) -> None:
     Example:
       softtool serve runs/de runs/fr --port 8000
       softtool serve runs/multi-onnx --adapters-dir runs/new --api-key "$KEY"
+      softtool serve runs/de runs/fr --engine vllm --vllm-url http://gpu1:8000,http://gpu2:8000
       curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"model": "de", "prompt": "A dog runs.", "max_tokens": 32}'
     """
@@ -55,4 +56,8 @@ def serve(paths, threads, **values) -> None:
     loaded = load(
         list(paths), options.adapters_dir, options.backend, model=options.model, device=options.device, threads=threads
     )
+    if options.engine == "vllm" and loaded.backend != "torch":
+        raise SofttoolError(
+            "--engine vllm serves adapter folders (their prompt tables are sent as prompt_embeds), not an export"
+        )
     run(options, loaded, ready=lambda url: print_ready(url, list(loaded.registry.tasks)))

@@ -36,6 +36,7 @@ from softtool.serve.registry import AdapterWatcher, Loaded
 log = logging.getLogger("softtool.serve")
 
 API_KEY_ENV = "SOFTTOOL_API_KEY"
+NOT_APPLIED_HEADER = "X-Softtool-Not-Applied"  # decoding defaults of the task the engine did not apply
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a request body larger than this is refused (413) before it is read
 
 
@@ -45,7 +46,7 @@ class ServerState:
 
     options: ServeOptions
     loaded: Loaded
-    engine: AsyncEngine = field(init=False)
+    engine: AsyncEngine = field(init=False)  # or a VllmEngine (--engine vllm): the same interface
     service: CompletionService = field(init=False)
     metrics: Metrics = field(init=False)
     watcher: AdapterWatcher | None = None
@@ -57,8 +58,15 @@ class ServerState:
         defaults = SearchOptions(
             max_new_tokens=self.options.max_tokens, eos_token_ids=eos, pad_token_id=generator.pad_token_id
         )
-        # One position more than the longest row: the cache's scratch column.
-        self.engine = AsyncEngine(generator, defaults, self.options.slots, self.options.max_length + 1)
+        if self.options.engine == "vllm":
+            from softtool.serve.vllm.backend import VllmEngine
+            from softtool.serve.vllm.balancer import Balancer, parse_urls
+
+            balancer = Balancer(parse_urls(self.options.vllm_url))
+            self.engine = VllmEngine(generator, balancer, processor=self.options.vllm_processor)
+        else:
+            # One position more than the longest row: the cache's scratch column.
+            self.engine = AsyncEngine(generator, defaults, self.options.slots, self.options.max_length + 1)
         self.metrics = Metrics(self.engine.stats, lambda: self.service.inflight)
         self.service = CompletionService(
             self.engine, self.loaded.registry, tokenizer, generator.vocab_size, self.options, self.metrics
@@ -121,8 +129,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        ok = state.engine.alive and service.accepting
-        body = {"status": "ok" if ok else "unavailable", "tasks": len(registry)}
+        ok, details = state.engine.health()
+        ok = ok and service.accepting
+        body = {"status": "ok" if ok else "unavailable", "tasks": len(registry), **details}
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
@@ -155,7 +164,7 @@ def create_app(state: ServerState) -> FastAPI:
             return StreamingResponse(
                 _counted(service.stream(prepared), prepared, metrics),
                 media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **_not_applied(prepared)},
             )
         work = asyncio.ensure_future(service.complete(prepared))
         left = asyncio.ensure_future(_disconnected(request))
@@ -173,9 +182,16 @@ def create_app(state: ServerState) -> FastAPI:
             metrics.requests.labels(label, str(exc.status)).inc()
             raise
         metrics.requests.labels(label, "200").inc()
+        if prepared.not_applied:
+            return JSONResponse(response.model_dump(), headers=_not_applied(prepared))
         return response
 
     return app
+
+
+def _not_applied(prepared) -> dict[str, str]:
+    """The task's decoding defaults that this engine could not apply (--engine vllm --no-vllm-processor)."""
+    return {NOT_APPLIED_HEADER: ", ".join(prepared.not_applied)} if prepared.not_applied else {}
 
 
 def _card(task) -> ModelCard:

@@ -72,6 +72,7 @@ class Prepared:
     generated: int = 0  # tokens generated over all choices (set when generation ends)
     status: int = 200  # what a stream ended with (an error is sent as an event after the 200 header)
     ranked: bool = False  # a classify task's request: its labels are ranked, nothing is generated
+    not_applied: list[str] = field(default_factory=list)  # task decoding defaults the engine does not apply
 
 
 class CompletionService:
@@ -111,6 +112,21 @@ class CompletionService:
                 "echo",
             )
         ranked = task.classifier is not None and not prefix
+        if ranked and not self.engine.ranks_labels:
+            raise ApiError(
+                400,
+                f"'{task.name}' is a classify task, answered by ranking every label after the prompt; the vLLM engine "
+                "cannot score a prompt given as embeddings, so classify tasks are served by softtool's engine "
+                "(softtool serve without --engine vllm)",
+                "model",
+            )
+        if request.echo and request.logprobs is not None and not self.engine.scores_prompt:
+            raise ApiError(
+                400,
+                "echo with logprobs needs the prompt's log-probs, which vLLM does not return for a prompt given as "
+                "embeddings; ask for echo or logprobs alone",
+                "echo",
+            )
         if ranked and request.echo:
             raise ApiError(400, f"'{task.name}' is a classify task: it answers with a label, without echo", "echo")
         options = self._search_options(request, budget, self.engine.generator.decoding(task.task_id))
@@ -140,7 +156,17 @@ class CompletionService:
             prompt_tokens += len(ids)
             rows += [Row(ids, task.task_id, options, **scoring) for _ in range(request.n)]
             echoes += [[t for t in ids if t < self.vocab_size] if request.echo else None] * request.n
-        return Prepared(request, task, rows, prompt_tokens, request.stops, arrived, echoes=echoes, ranked=ranked)
+        return Prepared(
+            request,
+            task,
+            rows,
+            prompt_tokens,
+            request.stops,
+            arrived,
+            echoes=echoes,
+            ranked=ranked,
+            not_applied=self.engine.not_applied(options),
+        )
 
     def _prefix_ids(self, task: Task, request: CompletionRequest):
         """Prefix mode: the task's virtual tokens, then the prompt as it is (PEFT's prepend convention)."""

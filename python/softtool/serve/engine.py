@@ -113,6 +113,17 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
+    scores_prompt = True  # echo with logprobs, where the generator can score a prompt
+    ranks_labels = True  # classify tasks rank their labels on the engine thread
+
+    def health(self) -> tuple[bool, dict]:
+        """Whether the engine can take rows, and what /health adds about it."""
+        return self.alive, {}
+
+    def not_applied(self, options: SearchOptions) -> list[str]:
+        """Decoding options of a row this engine would not apply (none: the search applies all)."""
+        return []
+
     async def stop(self) -> None:
         """Cancel what is left and end the thread (the server drains requests before calling this)."""
         if self._thread is None:

@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 BACKENDS = ("torch", "onnx")
+ENGINES = ("softtool", "vllm")  # who decodes: softtool's engine in this process, or vLLM servers (serve/vllm)
 
 
 @dataclass
@@ -30,6 +31,30 @@ class ServeOptions:
         metadata={
             "help": "onnx for an export folder, torch for adapter folders (default: from the paths)",
             "choices": BACKENDS,
+        },
+    )
+    engine: str = field(
+        default="softtool",
+        metadata={
+            "help": "softtool: decode here; vllm: send each row to the vLLM servers of --vllm-url as prompt_embeds "
+            "(adapter folders only; docs/serve.md, Scaling out)",
+            "choices": ENGINES,
+        },
+    )
+    vllm_url: str | None = field(
+        default=None,
+        metadata={
+            "help": "with --engine vllm: the vLLM servers (started with --enable-prompt-embeds), comma-separated; "
+            "each request goes to the healthy one with the fewest requests outstanding",
+            "metavar": "URL[,URL...]",
+        },
+    )
+    vllm_processor: bool = field(
+        default=True,
+        metadata={
+            "help": "with --engine vllm: the servers run softtool's logits processor (scripts/vllm_server.sh), so "
+            "a task's no-repeat n-gram and repetition penalty apply; off: they do not, and each response says so "
+            "in its X-Softtool-Not-Applied header"
         },
     )
     slots: int = field(default=16, metadata={"help": "rows decoded together (the engine's KV cache batch)", "min": 1})
@@ -72,6 +97,14 @@ class ServeOptions:
     def __post_init__(self) -> None:
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.engine == "vllm" and not self.vllm_url:
+            raise ValueError("--engine vllm needs --vllm-url URL[,URL...]")
+        if self.engine != "vllm" and self.vllm_url:
+            raise ValueError("--vllm-url is for --engine vllm")
+        if self.engine == "vllm" and self.backend == "onnx":
+            raise ValueError("--engine vllm decodes on vLLM; --backend onnx does not apply")
         if self.slots < 1 or self.max_queue < 0 or self.max_n < 1:
             raise ValueError("slots and max_n must be >= 1 and max_queue >= 0")
         if not 0 <= self.port <= 65535:
