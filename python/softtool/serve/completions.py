@@ -381,6 +381,7 @@ class CompletionService:
                 text=texts[i].echo + texts[i].text,
                 logprobs=texts[i].logprobs(),
                 finish_reason=texts[i].finish_reason,
+                token_ids=list(texts[i].tokens) if prepared.request.return_token_ids else None,
             )
             for i in range(len(prepared.rows))
         ]
@@ -410,12 +411,21 @@ class CompletionService:
                 for piece in await self.rank(prepared):
                     yield chunk([piece])
             else:
+                ids_sent: dict[int, int] = {}  # per choice: token ids already sent (return_token_ids)
                 async for index, delta, choice in self.generate(prepared):
                     logprobs = choice.take_logprobs()
+                    ids = None
+                    if prepared.request.return_token_ids:
+                        ids = list(choice.tokens[ids_sent.get(index, 0) :])
+                        ids_sent[index] = len(choice.tokens)
                     # release() gives the rest once a choice ends; a token's entry comes with the text it starts in
-                    if delta or choice.finish_reason is not None or (logprobs is not None and logprobs.tokens):
+                    if delta or ids or choice.finish_reason is not None or (logprobs is not None and logprobs.tokens):
                         piece = CompletionChoice(
-                            index=index, text=delta, logprobs=logprobs, finish_reason=choice.finish_reason
+                            index=index,
+                            text=delta,
+                            logprobs=logprobs,
+                            finish_reason=choice.finish_reason,
+                            token_ids=ids,
                         )
                         yield chunk([piece])
         except ApiError as exc:

@@ -5,8 +5,9 @@ unknown field, a value out of range, an option softtool does not implement) is a
 `ErrorResponse`, built by the app from pydantic's error, never by hand-written checks in the routes.
 
 softtool's additions, passed by the openai client as `extra_body`: `fields` (the other fields of a template
-with several, e.g. {"context": "..."} while the prompt fills {question}), `top_k`, `repetition_penalty` and
-`min_tokens`.
+with several, e.g. {"context": "..."} while the prompt fills {question}), `top_k`, `repetition_penalty`,
+`min_tokens` and `return_token_ids` (each choice's generated token ids, the EOS included when it stopped on it, as
+vLLM names it: what to compare across engines, since text depends on the detokenizer).
 
 A prompt is a string, a list of strings, a list of token ids, or a list of such lists (OpenAI's four forms);
 `logprobs: k` (0 to MAX_LOGPROBS) and `echo` answer with `CompletionLogprobs`, OpenAI's legacy shape.
@@ -71,6 +72,7 @@ class CompletionRequest(BaseModel):
     top_k: StrictInt | None = Field(default=None, ge=0)
     repetition_penalty: Number | None = Field(default=None, gt=0)
     min_tokens: StrictInt | None = Field(default=None, ge=0)
+    return_token_ids: StrictBool = False  # each choice's generated token ids too (vLLM's field of the same name)
 
     @model_validator(mode="after")
     def _neutral_only(self) -> CompletionRequest:
@@ -126,6 +128,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
+    token_ids: list[int] | None = None  # with return_token_ids: the generated ids (in a stream: this chunk's)
 
 
 def completion_id() -> str:
