@@ -233,7 +233,8 @@ class VllmEngine:
             "temperature": float(options.temperature) if options.do_sample else 0.0,
             "top_p": float(options.top_p) if options.do_sample else 1.0,
             "top_k": int(options.top_k) if options.do_sample and options.top_k else -1,
-            "seed": int(options.seed) % 2**63,
+            # The n rows of a request share its options: each its own seed, or their samples would all be one.
+            "seed": (int(options.seed) + row.index) % 2**63,
             "ignore_eos": True,
             "stop_token_ids": [int(t) for t in options.eos_token_ids],
             "stream": True,
