@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         from serve_load_engines import main_engines
 
         main_engines(args)
-        return
+        return 0
     if not args.paths:
         parser.error("give what `softtool serve` serves (or --engines)")
     if args.direct_child:  # the no-HTTP row, in its own process like the server

@@ -129,7 +129,7 @@ def run(args, result: dict[str, Any], save) -> None:
     names = [Path(p).name for p in paths]
     texts = sentences(args.data, 4096)
     count = max(args.requests, 4 * max(int(c) for c in args.engine_clients.split(",")))
-    mixed = [(names[i % len(names)], texts[i]) for i in range(count)]
+    mixed = [(names[i % len(names)], texts[i % len(texts)]) for i in range(count)]  # a short file goes round
     result["engines"] = {"workload": f"{count} Multi30k val sentences at most, tasks {names} round-robin, greedy, "
                          f"exactly {args.max_tokens} new tokens", "adapters": paths, "export": export, "rows": []}  # fmt: skip
 

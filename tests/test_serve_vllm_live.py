@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import os
 import signal
@@ -26,14 +27,17 @@ import httpx
 import pytest
 import torch
 
-from helpers import Server, reference_logprobs, save_tiny_adapter
+from helpers import Server, load_benchmark, reference_logprobs, save_tiny_adapter
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = os.environ.get("SOFTTOOL_VLLM_VENV")
 URL = os.environ.get("SOFTTOOL_VLLM_URL")
-pytestmark = pytest.mark.skipif(
-    not (VENV or URL), reason="needs vLLM: make test-vllm (or SOFTTOOL_VLLM_VENV / SOFTTOOL_VLLM_URL)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not (VENV or URL), reason="needs vLLM: make test-vllm (or SOFTTOOL_VLLM_VENV / SOFTTOOL_VLLM_URL)"
+    ),
+    pytest.mark.slow,  # the real model, a vLLM server and softtool servers in processes of their own
+]
 
 BUDGET = 48  # max_tokens of every comparison
 STARTUP = 1200  # seconds vLLM may take to load and compile on a busy 2-core machine
@@ -260,3 +264,19 @@ def test_health_lists_the_vllm_backend(front, vllm_url):
     body = httpx.get(f"{front.url}/health").json()
     assert body["status"] == "ok"
     assert body["backends"] == [{"url": vllm_url, "healthy": True, "outstanding": 0, "error": None}]
+
+
+def test_serve_load_engine_rows_run_every_engine_on_the_same_requests(vllm_url, tmp_path):
+    """`serve_load.py --engines` at a smoke budget: each engine's row, every request exactly --max-tokens long."""
+    data = tmp_path / "m30k"
+    data.mkdir()
+    with gzip.open(data / "val.en.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(SENTENCES[:4]) + "\n")
+    out = tmp_path / "engines.json"
+    args = ["--engines", "--vllm-url", vllm_url, "--data", str(data), "--requests", "4", "--max-tokens", "4",
+            "--engine-clients", "2", "--repeats", "1", "--threads", "1", "--output", str(out)]  # fmt: skip
+    assert load_benchmark("serve_load").main(args) == 0
+    rows = json.loads(out.read_text())["engines"]["rows"]
+    names = ["softtool-torch@2", "softtool-onnx@2", "softtool-vllm@2", "vllm-direct@2"]
+    assert [r["name"] for r in rows] == names
+    assert all(r["errors"] == 0 and r["exact_tokens"] for r in rows)
