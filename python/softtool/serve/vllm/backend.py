@@ -80,6 +80,7 @@ class VllmEngine:
         self.processor = processor  # the backends run softtool's logits processor
         self.timeout = timeout
         self.transport = transport  # tests: a fake vLLM
+        # /metrics: `active` counts rows in flight to vLLM; slots, pending and steps are vLLM's (its own /metrics)
         self.stats = EngineStats()
         self._client: httpx.AsyncClient | None = None
         self._tasks: dict[Row, asyncio.Task] = {}
@@ -157,7 +158,6 @@ class VllmEngine:
         finally:
             self._tasks.pop(row, None)
             self.stats.active -= 1
-            self.stats.steps += 1
 
     def _deliver(self, row: Row, event) -> None:
         if isinstance(event, Finished):
