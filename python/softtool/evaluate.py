@@ -285,6 +285,10 @@ def run_eval(
         )
     classify = task.name == "classify"
     if classify:
+        if not task.labels:  # a PEFT adapter, or a task given by hand without its labels
+            raise SofttoolError(
+                f"{path}: its classify task records no labels; train it with softtool, or pass the task's options"
+            )
         warn_unseen_labels(task, split)
     max_new = options.max_new_tokens or task.max_target_tokens
     so = options.search_options(generator.tokenizer, max_new, generator.decoding(0))
