@@ -287,7 +287,8 @@ def run_eval(
     if classify:
         if not task.labels:  # a PEFT adapter, or a task given by hand without its labels
             raise SofttoolError(
-                f"{path}: its classify task records no labels; train it with softtool, or pass the task's options"
+                f"{path}: a classify task needs its labels, which this adapter does not record (a PEFT adapter?); "
+                "train the prompt with softtool train --task classify"
             )
         warn_unseen_labels(task, split)
     max_new = options.max_new_tokens or task.max_target_tokens
