@@ -402,3 +402,13 @@ def test_the_documented_lm_eval_task_scores_each_label_as_softtool_ranks_it(live
     assert results["acc,none"] == pytest.approx(
         np.mean([p == g for p, g in zip(ranked.predictions, gold, strict=True)])
     )
+
+
+def test_a_peft_adapter_evaluated_as_classify_without_labels_is_one_line(trained, data, tmp_path, capsys):
+    peft_only = tmp_path / "peft-only"
+    shutil.copytree(trained, peft_only)
+    (peft_only / "softtool.json").unlink()  # PEFT's two files: no task, no labels
+    model = json.loads((trained / "softtool.json").read_text())["base_model"]
+    args = ["eval", peft_only, "--data", data, "--task", "classify", "--template", "[P:4]" + TEMPLATE, "--model", model]
+    code, _, err = run_cli([*args, "-o", tmp_path / "eval"], capsys)
+    assert "a classify task needs its labels, which this adapter does not record" in error_line(code, err)

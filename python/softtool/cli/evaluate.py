@@ -107,8 +107,9 @@ def _check_template(folder: Path, task_name: str | None, template: str) -> None:
     from softtool.prompts.template import Template
 
     name = task_name or load_adapter(folder).meta.task
-    if name != "generic":
-        get_task(name).check_template(Template.parse(template))
+    task = get_task(name) if name != "generic" else None
+    if task is not None and task.fields:  # the user's own tasks take their fields from the template itself
+        task.check_template(Template.parse(template))
 
 
 def print_scores(results: dict, output: Path, console=None) -> None:
