@@ -627,10 +627,12 @@ def serve_vllm(results: Results) -> str:
     rows = []
     for row in engines["rows"]:
         label, clients = row["name"].rsplit("@", 1)
+        # server_cpu_s: the `softtool serve` process's CPU seconds in the run (vLLM's own processes not counted)
+        cores = "-" if row.get("server_cpu_s") is None else f"{row['server_cpu_s'] / row['wall_s']:.2f}"
         rows.append([ENGINE_LABELS.get(label, label), clients, _tokens(row), f"{row['requests_per_s']:.2f}",
-                     *_latency(row), str(row["errors"])])  # fmt: skip
+                     *_latency(row), cores, str(row["errors"])])  # fmt: skip
     header = ["engine", "clients", "tokens/s", "requests/s", "TTFT p50 / p95 s", "latency p50 / p95 / p99 s",
-              "errors"]  # fmt: skip
+              "`softtool serve` CPU (cores)", "errors"]  # fmt: skip
     summary, lines = engines.get("summary", {}), []
     for label in ("onnx", "torch"):
         entry = summary.get(f"{label}16_vs_vllm16")
@@ -644,6 +646,8 @@ def serve_vllm(results: Results) -> str:
             f"- What softtool's front costs vLLM at 16 clients: {summary['vllm_front_cost16']:.0%} of "
             "its direct tokens/s."
         )
+    for label, reason in engines.get("not_measured", {}).items():
+        lines.append(f"- Not measured: {ENGINE_LABELS.get(label, label)}: {reason}")
     workload = f"Workload: {engines['workload']}; each row the best of {result['options']['repeats']} runs."
     return "\n".join([*table(header, rows), "", workload, *lines, "", source_line(results)])
 
