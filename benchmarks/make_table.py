@@ -82,18 +82,20 @@ def rank_rows(result: dict, name: str) -> list[str]:
         where = f"`{name}` @ {result['machine']['git_commit']}"
         if r["status"] != "ok":
             rows.append(
-                f"| {opts['task']}{on} | {opts['batch_size']} | {r['name']} | {r['status']} | | | | | | {where} |"
+                f"| {opts['task']}{on} | {opts['batch_size']} | {r['name']} | {r['status']} | | | | | | | {where} |"
             )
             continue
         target = "-"
         if "target_speedup" in r:
             target = f"{r['target_speedup']:.1f}x " + ("met" if r["target_met"] else "**missed**")
         same = r.get("same_predictions_as_peer")
+        # softtool's timed passes split: the prompts' prefill and the labels' forward (runtime.choices)
+        parts = f"{r['prefill_s']:.1f} / {r['score_s']:.1f}" if "prefill_s" in r else "-"
         rows.append(
             f"| {opts['task']} x{workload['examples']}{on} | {opts['batch_size']} | {r['name']} "
             f"| {_f(r['examples_per_s'], '.2f')} | {_f(r.get('speedup_vs_hf_rank'), '.2f', 'x')} | {target} "
             f"| {_f(r.get('metric'), '.2f')} | {'-' if same is None else f'{same:.0%}'} "
-            f"| {_f(r.get('max_abs_score_diff_vs_peer'), '.1e')} | {where} |"
+            f"| {_f(r.get('max_abs_score_diff_vs_peer'), '.1e')} | {parts} | {where} |"
         )
     return rows
 
@@ -131,8 +133,8 @@ def make_tables(paths: list[Path]) -> str:
     if rank:
         out += [
             "| classification | examples/batch | backend | examples/s | vs hf-rank | target | accuracy "
-            "| same as hf-rank | max score diff | result |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| same as hf-rank | max score diff | prefill / labels s | result |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             *rank,
             "",
         ]

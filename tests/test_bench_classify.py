@@ -100,6 +100,10 @@ def test_classify_bench_writes_examples_per_second_speedups_and_agreement_per_ba
     assert rows["hf-rank"]["speedup_vs_hf_rank"] == 1.0 and rows["hf-rank"]["max_abs_score_diff_vs_peer"] == 0
     assert (rows["torch"]["target_met"], rows["onnx"]["target_met"]) == (True, False)
     assert "target_speedup" not in rows["hf-rank"]
+    for name in ("torch", "onnx"):  # softtool's timed passes split into the prompts' prefill and the labels' forward
+        parts = rows[name]["prefill_s"], rows[name]["score_s"]
+        assert min(parts) > 0 and sum(parts) <= rows[name]["timed_s"]
+    assert "prefill_s" not in rows["hf-rank"]  # the peer has no such parts: one forward per batch
     assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -126,6 +130,7 @@ def test_make_table_renders_a_classification_row_per_backend(ranked):
         sys.path.pop(0)
     text = make_table.make_tables([path])
     assert "| classification | examples/batch | backend | examples/s | vs hf-rank |" in text
+    assert "| prefill / labels s |" in text
     for b in result["backends"]:
         assert f"| classify x{len(ROWS)} | 3 | {b['name']} |" in text
     assert "1.0x met" not in text and "0.0x met" in text and "1000.0x **missed**" in text

@@ -56,12 +56,20 @@ def normalized(scores: np.ndarray, task, choices: Sequence[Sequence[int]], lengt
 
 
 def rank_rows(
-    generator, task, rows: Sequence[Sequence[int]], task_ids: Sequence[int], *, eos: bool, length_norm: str = "none"
+    generator,
+    task,
+    rows: Sequence[Sequence[int]],
+    task_ids: Sequence[int],
+    *,
+    eos: bool,
+    length_norm: str = "none",
+    timings: dict[str, float] | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """Every label's score after each row (full ids, virtual ones included) and the predicted labels: what `rank`
-    does per batch, and what `generate` and `serve` answer a classify task with."""
+    does per batch, and what `generate` and `serve` answer a classify task with (`timings`: score_choices')."""
     choices = label_choices(task, generator.tokenizer, eos)
-    scores = score_choices(generator, rows, task_ids, choices, max_rows=max(len(rows), 1) * len(choices))
+    max_rows = max(len(rows), 1) * len(choices)
+    scores = score_choices(generator, rows, task_ids, choices, max_rows=max_rows, timings=timings)
     return scores, predict_labels(scores, task, choices, length_norm)
 
 

@@ -37,6 +37,8 @@ class RankBackend:
     def __init__(self, options: BenchOptions, workload: RankWorkload) -> None:
         self.options = options
         self.workload = workload
+        # Where the time of a backend that has parts goes: softtool's prefill_s and score_s (runtime.choices)
+        self.timings: dict[str, float] = {}
 
     def load(self) -> None:
         """Load weights and graphs (timed apart from scoring)."""
@@ -116,7 +118,7 @@ class TorchRankBackend(RankBackend):
 
         rows = [self.workload.rows[i] for i in batch]
         # What `softtool eval` runs per batch: a trained prompt's labels are scored with the EOS after them.
-        scores, _ = rank_rows(self.generator, self.task, rows, [0] * len(rows), eos=True)
+        scores, _ = rank_rows(self.generator, self.task, rows, [0] * len(rows), eos=True, timings=self.timings)
         return scores
 
 
@@ -151,6 +153,7 @@ def run_rank_backend(name: str, options: BenchOptions, workload: RankWorkload, i
         return {"name": name, "status": "skipped", "reason": str(exc)}
     warmup_s = time.perf_counter() - start - load_s
     scores = np.zeros((len(workload.rows), len(workload.choices)))
+    backend.timings.clear()  # the timed passes only
     passes = []
     for _ in range(options.repeats):
         t0 = time.perf_counter()
@@ -169,6 +172,8 @@ def run_rank_backend(name: str, options: BenchOptions, workload: RankWorkload, i
         "warmup_s": warmup_s,
         "peak_rss_mb": peak_rss_mb(),
         "peak_rss_isolated": isolated,
+        # softtool's split of timed_s: the prompts' prefill (with the cache copies) and the labels' forward
+        **{key: backend.timings[key] for key in ("prefill_s", "score_s") if key in backend.timings},
         "scores": scores.tolist(),
     }
 

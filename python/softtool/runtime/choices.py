@@ -15,6 +15,7 @@ len(choices) full rows of prompt + label.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,9 +35,12 @@ def score_choices(
     choices: Sequence[Sequence[int]],
     *,
     max_rows: int = DEFAULT_MAX_ROWS,
+    timings: dict[str, float] | None = None,
 ) -> np.ndarray:
     """Per row (full ids, virtual ones included) and choice (token ids), the summed log-prob of the choice's tokens
-    after the row: float64 [len(rows), len(choices)]. Rows are processed max_rows // len(choices) at a time."""
+    after the row: float64 [len(rows), len(choices)]. Rows are processed max_rows // len(choices) at a time.
+    `timings`: where to add the seconds of the two parts, "prefill_s" (the prompts, and their caches copied to one
+    row per choice) and "score_s" (the choices' forward), so a benchmark can say which one bounds it."""
     if not choices or any(len(c) == 0 for c in choices):
         raise ValueError("every choice needs at least one token")
     if any(len(r) == 0 for r in rows):
@@ -50,14 +54,17 @@ def score_choices(
     per = max(1, max_rows // len(choices))
     for start in range(0, len(rows), per):
         part = [list(r) for r in rows[start : start + per]]
-        out[start : start + len(part)] = _score_part(model, part, list(task_ids[start : start + per]), choices)
+        out[start : start + len(part)] = _score_part(
+            model, part, list(task_ids[start : start + per]), choices, timings if timings is not None else {}
+        )
     return out
 
 
-def _score_part(model: SlotModel, rows: list[list[int]], tasks: list[int], choices) -> np.ndarray:
+def _score_part(model: SlotModel, rows: list[list[int]], tasks: list[int], choices, timings: dict) -> np.ndarray:
     n_choices, width = len(choices), max(len(c) for c in choices)
     # Each row's prompt but its last token, then that token and the choice: positions up to len(row) - 1 + width.
     with model.scratch_cache(len(rows) * n_choices, max(map(len, rows)) + width + 1):
+        t0 = time.perf_counter()
         firsts = [i * n_choices for i in range(len(rows))]
         model.prefill(firsts, [r[:-1] for r in rows], tasks, prompt_only_ok=True)
         source = torch.as_tensor(firsts, dtype=torch.long, device=model.kv_device).repeat_interleave(n_choices)
@@ -74,7 +81,10 @@ def _score_part(model: SlotModel, rows: list[list[int]], tasks: list[int], choic
                 ids[k, : len(fed)] = torch.as_tensor(fed)
                 positions[k, : len(fed)] = torch.arange(len(row) - 1, len(row) - 1 + len(fed))
                 targets[k, : len(choice)] = torch.as_tensor(choice)
+        t1 = time.perf_counter()
         _, scored = model._forward_scored(ids, positions, model.kv, targets)
+        timings["prefill_s"] = timings.get("prefill_s", 0.0) + t1 - t0
+        timings["score_s"] = timings.get("score_s", 0.0) + time.perf_counter() - t1
     logprobs = np.asarray(scored[0], dtype=np.float64).reshape(len(rows), n_choices, width)
     lengths = np.array([len(c) for c in choices])
     mask = np.arange(width)[None, :] < lengths[:, None]  # [choices, width]
