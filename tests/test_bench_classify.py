@@ -87,8 +87,13 @@ def test_classify_bench_writes_examples_per_second_speedups_and_agreement_per_ba
     assert workload["examples"] == len(ROWS) and workload["labels"] == LABELS
     assert workload["scored"] == "label + EOS" and all(ids[-1] == 2 for ids in workload["label_tokens"])
     assert sorted(map(len, workload["label_tokens"])) == [2, 2, 4]
-    # The peer runs every example once per label; softtool runs each example once.
+    # The peer runs every example once per label; softtool runs each example's text once (the prefix prompt once for
+    # all), then per label the example's last token and the label but its last.
     assert workload["model_tokens"]["hf-rank"] > workload["model_tokens"]["softtool"]
+    n, count = workload["num_virtual_tokens"], workload["examples"]
+    inputs = round(workload["mean_input_tokens"] * count)  # every row's ids, virtual ones included
+    labels = sum(map(len, workload["label_tokens"]))
+    assert n > 0 and workload["model_tokens"]["softtool"] == n + inputs - count * (1 + n) + count * labels
     assert [b["name"] for b in result["backends"]] == RANK_BACKENDS
     for b in result["backends"]:
         assert b["status"] == "ok", f"{b['name']} was {b['status']}: {b.get('reason')}"

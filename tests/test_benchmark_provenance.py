@@ -83,3 +83,14 @@ def test_an_allowed_dirty_run_stores_its_diff_beside_the_result_and_the_hash_in_
     assert (checkout / "benchmarks" / "study.py").read_text() == "N = 20\n"
     _git(checkout, "apply", str(results / "study_length.diff"))
     assert (checkout / "benchmarks" / "study.py").read_text() == "N = 100\n"
+
+
+def test_the_bench_commit_ignores_a_rewritten_result_as_provenance_does_but_not_a_changed_script(checkout, monkeypatch):
+    from softtool.bench.limits import git_commit
+
+    monkeypatch.delenv("SOFTTOOL_GIT_COMMIT", raising=False)
+    (checkout / "benchmarks" / "results" / "study_length.json").write_text('{"rewritten": true}\n')
+    clean = git_commit(checkout)
+    assert clean and not clean.endswith("-dirty")
+    (checkout / "benchmarks" / "study.py").write_text("N = 100\n")
+    assert git_commit(checkout) == clean + "-dirty"

@@ -30,7 +30,9 @@ def cpu_model() -> str:
 
 def git_commit(repo: Path | None = None) -> str | None:
     """The checkout's commit (-dirty with uncommitted changes); SOFTTOOL_GIT_COMMIT where the tree has no git
-    history (a copy sent to another machine)."""
+    history (a copy sent to another machine). Changes under benchmarks/results/ do not count, as in
+    benchmarks/provenance.py: they are what the benchmarks write (the demo rewrites its committed transcript as it
+    starts), not the code that ran."""
     repo = repo or Path(__file__).resolve().parents[3]
     if os.environ.get("SOFTTOOL_GIT_COMMIT"):
         return os.environ["SOFTTOOL_GIT_COMMIT"]
@@ -39,8 +41,9 @@ def git_commit(repo: Path | None = None) -> str | None:
             ["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True
-        ).stdout.strip()
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results"],
+            cwd=repo, capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("-dirty" if dirty else "")

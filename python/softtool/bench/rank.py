@@ -56,10 +56,14 @@ class RankWorkload:
     def model_tokens(self, shared_prompt: bool) -> int:
         """Tokens the model runs over the workload, padding excluded: the peer's example + label but its last
         token per (example, label); softtool's example but its last token once (shared_prompt), then per label
-        the example's last token and the label but its last."""
+        the example's last token and the label but its last. A prefix prompt's virtual tokens run once for the
+        whole workload there (their keys and values are copied into each row), other templates' once per row."""
         labels = sum(map(len, self.choices))
         if shared_prompt:
-            return sum(len(r) - 1 for r in self.rows) + len(self.rows) * labels
+            from softtool.prompts.template import Template
+
+            prefix = self.num_virtual_tokens if Template.parse(self.template).is_prefix else 0
+            return prefix + sum(len(r) - 1 - prefix for r in self.rows) + len(self.rows) * labels
         return sum(len(self.choices) * len(r) for r in self.rows) + len(self.rows) * (labels - len(self.choices))
 
 
