@@ -141,9 +141,10 @@ format: setup
 docs: setup
 	$(BIN)/python benchmarks/render_docs.py
 
-# The whole product on the default model in one go (about 12 minutes on 2 CPU cores after setup): train a
-# translation prompt, score it against the instruction prompt and zero-shot, export it to ONNX, score the
-# export, generate, a short bench against plain transformers, one request through `softtool serve`, then a
+# The whole product on the default model in one go (5 minutes on the 2-core VM after setup: the step times in
+# benchmarks/results/demo_run.log): train a translation prompt, score it against the instruction prompt and
+# zero-shot, export it to ONNX, score the export, generate, a short bench against transformers running the same
+# prompt (hf-embeds), one request through `softtool serve`, then a
 # summary. Everything lands under $(DEMO); scripts/demo.py prints each command it runs.
 demo: setup
 	$(BIN)/python scripts/demo.py --data $(DATA) --out $(DEMO)
