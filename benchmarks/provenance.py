@@ -17,28 +17,23 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from softtool.bench import provenance as _provenance
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = "benchmarks/results"  # relative to the checkout
+RESULTS = _provenance.RESULTS  # relative to the checkout
 # The libraries a study or quality number depends on; peft only where a run uses PEFT's own P-tuning.
 PACKAGES = ("softtool", "torch", "transformers", "onnxruntime")
 
 
 def tree_diff(root: Path = ROOT) -> bytes | None:
-    """The uncommitted changes to tracked files (`git diff HEAD`, binary-safe), b"" on a clean tree, None without
-    git. Files under benchmarks/results/ are left out: they are what these scripts write (quality.py rewrites its
-    JSON after every stage), not the code that computed them."""
-    try:
-        return subprocess.run(
-            ["git", "diff", "HEAD", "--binary", "--", ".", f":(exclude){RESULTS}"],
-            cwd=root, capture_output=True, check=True,
-        ).stdout  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return None
+    """The uncommitted changes to tracked files outside benchmarks/results/ (softtool.bench.provenance's rule:
+    those files are what these scripts write, quality.py rewriting its JSON after every stage), b"" when clean."""
+    return _provenance.tree_diff(root)
 
 
 def writes_results(output: str | Path, root: Path = ROOT) -> bool:
     """Whether `output` (a folder or a file) lies in the checkout's benchmarks/results/."""
-    return Path(output).resolve().is_relative_to((root / RESULTS).resolve())
+    return _provenance.writes_results(output, root)
 
 
 @dataclass(frozen=True)
@@ -65,13 +60,7 @@ def check_tree(output: str | Path, allow_dirty: bool, root: Path = ROOT) -> Tree
     if diff is None or head is None:  # a copy without git history (see git_commit)
         return Tree(os.environ.get("SOFTTOOL_GIT_COMMIT", "unknown"), b"")
     if diff and writes_results(output, root) and not allow_dirty:
-        files = [line.split(" b/", 1)[1] for line in diff.decode(errors="replace").splitlines()
-                 if line.startswith("diff --git ")]  # fmt: skip
-        shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
-        raise SystemExit(
-            f"error: uncommitted changes ({shown}): a result in {RESULTS}/ must name the code it ran. Commit them, "
-            "write elsewhere with --output, or pass --allow-dirty to store the diff beside the result"
-        )
+        raise SystemExit(f"error: {_provenance.refusal(diff)}")
     return Tree(head + ("-dirty" if diff else ""), diff)
 
 

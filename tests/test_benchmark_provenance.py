@@ -94,3 +94,28 @@ def test_the_bench_commit_ignores_a_rewritten_result_as_provenance_does_but_not_
     assert clean and not clean.endswith("-dirty")
     (checkout / "benchmarks" / "study.py").write_text("N = 100\n")
     assert git_commit(checkout) == clean + "-dirty"
+
+
+def test_bench_refuses_a_result_from_a_dirty_tree_and_stores_its_diff_when_allowed(
+    checkout, monkeypatch, tiny_model_dir, capsys
+):
+    from helpers import run_cli
+    from softtool.bench import provenance as core
+
+    monkeypatch.setattr(core, "CHECKOUT", checkout)  # the throwaway repository stands for the checkout
+    (checkout / "benchmarks" / "study.py").write_text("N = 100\n")
+    out = checkout / "benchmarks" / "results" / "bench_smoke.json"
+    args = ["bench", "--config", str(REPO / "benchmarks" / "configs" / "smoke.json"), "--model", str(tiny_model_dir),
+            "--backends", "torch", "--no-isolate", "--no-limits", "--cache-dir", str(checkout / "cache"),
+            "--output", str(out)]  # fmt: skip
+    assert run_cli(args).code == 2
+    assert capsys.readouterr().err.startswith("error: uncommitted changes (benchmarks/study.py)")
+    assert not out.exists()
+    assert run_cli([*args, "--allow-dirty"]).code == 0
+    stored = out.with_suffix(".diff").read_bytes()
+    assert b"+N = 100" in stored
+    record = json.loads(out.read_text())["uncommitted_diff"]
+    assert record == {"file": "bench_smoke.diff", "sha256": hashlib.sha256(stored).hexdigest()}
+    # elsewhere nothing is checked: a result outside benchmarks/results/ is not evidence
+    assert run_cli([*args[:-1], str(checkout / "elsewhere.json")]).code == 0
+    assert not (checkout / "elsewhere.diff").exists()

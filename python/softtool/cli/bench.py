@@ -60,10 +60,16 @@ _TRAIN_ONLY = [name for name in cli_fields(TrainBenchOptions) if name not in cli
     "--config", "config_path", type=click.Path(dir_okay=False), help="Workload config (benchmarks/configs/*.json)."
 )
 @click.option("--train", "train_mode", is_flag=True, help="Benchmark training steps instead of generation.")
+@click.option(
+    "--allow-dirty",
+    is_flag=True,
+    help="Write into the checkout's benchmarks/results/ from a tree with uncommitted changes, storing the diff "
+    "beside the result (refused otherwise: a result there must name the code it ran).",
+)
 @cli_options(BenchOptions, override=_overrides())
 @cli_options(TrainBenchOptions, only=_TRAIN_ONLY)
 @click.pass_context
-def bench(ctx: click.Context, config_path: str | None, train_mode: bool, **values: Any) -> None:
+def bench(ctx: click.Context, config_path: str | None, train_mode: bool, allow_dirty: bool, **values: Any) -> None:
     """Measure tokens/s, latency, time to first token, peak memory and quality of softtool's backends
     (torch, onnx, onnx-int8) against PEFT prompt tuning and plain transformers, on one workload.
 
@@ -99,6 +105,7 @@ def bench(ctx: click.Context, config_path: str | None, train_mode: bool, **value
         shared = {k: v for k, v in config.items() if k in _SHARED_WITH_TRAIN}
         train_values = {**shared, **config.get("train", {}), **_only(TrainBenchOptions, given)}
         options = build_options(TrainBenchOptions, train_values, source)
+        diff = _check_tree(options.output, allow_dirty)
         with console.status("training benchmark") as status:
             result = run_train_bench(options, command=command, progress=lambda m: status.update(m))
     else:
@@ -108,13 +115,32 @@ def bench(ctx: click.Context, config_path: str | None, train_mode: bool, **value
             given["num_virtual_tokens"] = given["num_virtual_tokens"][0]
         values = {**{k: v for k, v in config.items() if k != "train"}, **_only(BenchOptions, given)}
         options = build_options(BenchOptions, values, source)
+        diff = _check_tree(options.output, allow_dirty)
         with console.status("preparing the workload") as status:
             result = _run(options, command, status)
     print_table(result, Console(), path=options.output)
     if options.output:
+        if diff:
+            from softtool.bench import provenance
+
+            result["uncommitted_diff"] = provenance.diff_record(options.output, diff)
+            provenance.write_diff(options.output, diff)
         path = write_json(result, options.output)
         chart = write_chart(result, Path(options.output).with_suffix(".png"))
         click.echo(f"wrote {path}" + (f" and {chart}" if chart else ""), err=True)
+
+
+def _check_tree(output: str | None, allow_dirty: bool) -> bytes | None:
+    """Before the run: the uncommitted diff a result written into the checkout's benchmarks/results/ would carry
+    (None elsewhere, or on a clean tree); refused without --allow-dirty (softtool.bench.provenance)."""
+    from softtool.bench import provenance
+
+    if not output or not provenance.writes_results(output):
+        return None
+    diff = provenance.tree_diff()
+    if diff and not allow_dirty:
+        raise SofttoolError(provenance.refusal(diff))
+    return diff or None
 
 
 def _only(cls: type, values: dict[str, Any]) -> dict[str, Any]:
