@@ -516,7 +516,8 @@ def study(results: Results, name: str) -> str:
                  f"steps, {budget['schedule']} rate after warmup")  # fmt: skip
     lines = [f"**{result['study']}** ({result['task']}, {result['model']}; `{name}`)", "", *table(header, rows), "",
              f"Budget: {steps}, batch {budget['batch_size']}, max length {length} (from `{budget['source']}`); "
-             f"held out: {held['split']} {held['offset']}+, {held['limit']} examples."]  # fmt: skip
+             f"{'chosen on' if result['study'] == 'default' else 'held out'}: {held['split']} {held['offset']}-"
+             f"{held['offset'] + held['limit'] - 1}, {held['limit']} examples."]  # fmt: skip
     if result.get("not_run"):
         lines.append(f"Not run: {', '.join(result['not_run'])}.")
     if result.get("choice"):
@@ -529,7 +530,7 @@ def study(results: Results, name: str) -> str:
         rows = [[runs[name]["label"], f"{scores[metric]:.2f}", f"{scores.get('exact_match', float('nan')):.2f}"]
                 for name, scores in untouched["runs"].items()]  # fmt: skip
         rows += [[f"mean, {k}", f"{v:.2f}", ""] for k, v in untouched["mean"].items()]
-        lines += table(["run", metric, "exact match"], rows)
+        lines += [*table(["run", metric, "exact match"], rows), ""]
     # The JSON's own commit is where the report was written; each run trained at the commit in its row.
     lines.append(source_line(results, [name]) + " Each run trained at the commit in its row.")
     return "\n".join(lines)
