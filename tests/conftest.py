@@ -94,6 +94,19 @@ def lively_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gqa_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """Like lively_model_dir, with heads 16 wide and two key/value heads, as GroupQueryAttention needs."""
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("gqa-llama"),
+        smollm2_tokenizer,
+        initializer_range=0.2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
     """tiny_model_dir loaded (shared by the session: read it, do not change it)."""
     from softtool.models import load_model

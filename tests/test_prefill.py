@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import save_tiny_adapter, save_tiny_llama
+from helpers import save_tiny_adapter
 from softtool.runtime.decode import EngineOptions
 from softtool.runtime.static_step import PREFILL_LENGTHS, prefill_length, prefill_shape
 from softtool.search import SearchOptions
@@ -31,15 +31,8 @@ OPTIONS = SearchOptions(max_new_tokens=10, eos_token_ids=[2], pad_token_id=2)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, smollm2_tokenizer):
-    return save_tiny_llama(
-        tmp_path_factory.mktemp("prefill-llama"),
-        smollm2_tokenizer,
-        initializer_range=0.2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+def model_dir(gqa_model_dir):
+    return gqa_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import format_2_copy, run_cli, save_tiny_adapter, save_tiny_llama
+from helpers import format_2_copy, run_cli, save_tiny_adapter
 from softtool.runtime.decode import Engine, EngineOptions
 from softtool.runtime.static_step import bucket_for, round_capacity, slot_buckets
 from softtool.search import SearchOptions
@@ -32,19 +32,6 @@ SETTINGS = {
     "penalties": {"no_repeat_ngram_size": 2, "repetition_penalty": 1.5},
     "sampling": {"do_sample": True, "top_k": 20, "seed": 3},
 }
-
-
-@pytest.fixture(scope="module")
-def gqa_model_dir(tmp_path_factory, smollm2_tokenizer):
-    """A lively tiny Llama whose heads are 16 wide, as GroupQueryAttention needs."""
-    return save_tiny_llama(
-        tmp_path_factory.mktemp("gqa-llama"),
-        smollm2_tokenizer,
-        initializer_range=0.2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
 
 
 @pytest.fixture(scope="module")

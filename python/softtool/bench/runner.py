@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,24 +48,44 @@ def identical_share(outputs: list[list[int]], reference: list[list[int]]) -> flo
     return sum(a == b for a, b in zip(outputs[:common], reference[:common], strict=True)) / common
 
 
-def run_bench(options: BenchOptions, command: str = "", progress=None) -> dict[str, Any]:
-    """Run every requested backend on one workload; returns the result that `report.write_json` saves."""
-    from softtool.models import load_model, load_tokenizer
+@dataclass
+class _Prepared:
+    """What a bench run knows before its backends run."""
 
-    if options.task == "classify":
-        return run_rank_bench(options, command, progress)
+    started: str
+    tokenizer: Any
+    workload: Any  # a Workload, or a RankWorkload for task classify
+    costs: Any  # model_costs, for measure_limits
+    probe: dict[str, Any]  # measure_limits' device and dtype
+    limits: dict[str, Any]
+
+
+def _prepare(options: BenchOptions, build) -> _Prepared:
+    """Threads, the start time, the workload `build(options, model, tokenizer)` makes and the machine's limits. The
+    model is dropped after: the workers load their own, and this process stays small beside them."""
+    import torch
+
+    from softtool.models import load_model, load_tokenizer
 
     set_threads(options.threads)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     tokenizer = load_tokenizer(options.model)
     model = load_model(options.model)
-    workload = build_workload(options, model, tokenizer)
-    import torch
-
+    workload = build(options, model, tokenizer)
     costs = model_costs(model, bytes_per_param=getattr(torch, options.dtype).itemsize)
     probe = dict(device=options.device, dtype=options.dtype)
     limits = measure_limits(options.threads, costs, **probe) if options.limits else {}
-    del model  # the workers load their own; keep this process small beside them
+    return _Prepared(started, tokenizer, workload, costs, probe, limits)
+
+
+def run_bench(options: BenchOptions, command: str = "", progress=None) -> dict[str, Any]:
+    """Run every requested backend on one workload; returns the result that `report.write_json` saves."""
+    if options.task == "classify":
+        return run_rank_bench(options, command, progress)
+
+    prepared = _prepare(options, build_workload)
+    started, tokenizer, workload = prepared.started, prepared.tokenizer, prepared.workload
+    costs, probe, limits = prepared.costs, prepared.probe, prepared.limits
 
     results = []
     options = _with_exports(options, workload.adapter_dir, results, progress)
@@ -135,19 +156,9 @@ def run_bench(options: BenchOptions, command: str = "", progress=None) -> dict[s
 
 def run_rank_bench(options: BenchOptions, command: str = "", progress=None) -> dict[str, Any]:
     """run_bench for task classify: every requested backend ranks one workload (softtool.bench.rank)."""
-    import torch
-
-    from softtool.models import load_model, load_tokenizer
-
-    set_threads(options.threads)
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    tokenizer = load_tokenizer(options.model)
-    model = load_model(options.model)
-    workload = build_rank_workload(options, model, tokenizer)
-    costs = model_costs(model, bytes_per_param=getattr(torch, options.dtype).itemsize)
-    probe = dict(device=options.device, dtype=options.dtype)
-    limits = measure_limits(options.threads, costs, **probe) if options.limits else {}
-    del model  # the workers load their own
+    prepared = _prepare(options, build_rank_workload)
+    started, workload = prepared.started, prepared.workload
+    costs, probe, limits = prepared.costs, prepared.probe, prepared.limits
 
     results: list[dict[str, Any]] = []
     options = _with_exports(options, workload.adapter_dir, results, progress)
