@@ -98,6 +98,17 @@ def test_classify_table_shows_accuracy_with_macro_f1_and_the_kept_budget(tmp_pat
     assert "`classify_smollm2-135m.json` (AMD EPYC, commit abc1234)" in out
 
 
+def test_classify_targets_judge_sst2_against_the_best_discrete_prompt_and_the_rest_against_the_majority(tmp_path):
+    result = classify_result()
+    rte = dict(result["sets"]["sst2"]["dev"])
+    rte["soft_prompt"] = {"accuracy": 50.0, "macro_f1": 40.0}  # below the majority's 50.9
+    result["sets"]["rte"]["dev"] = rte
+    (tmp_path / "classify_smollm2-135m.json").write_text(json.dumps(result))
+    lines = render_docs.render_block("classify", tmp_path).splitlines()
+    assert "- sst2: soft prompt 86.7 against the best discrete prompt (8-shot 72.5): met" in lines
+    assert "- rte: soft prompt 50.0 against the majority class (50.9): **missed**" in lines
+
+
 def test_classify_table_before_any_run_says_the_runs_are_pending(tmp_path):
     out = render_docs.render_block("classify", tmp_path)
     assert out.startswith("The runs are pending") and "|" not in out
