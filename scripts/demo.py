@@ -130,10 +130,6 @@ def main() -> None:
         help="also write what the demo prints here ('' for nowhere); make docs renders the README's excerpt from it",
     )
     args = parser.parse_args()
-    from softtool.bench.limits import git_commit
-
-    # Read before the transcript is opened: rewriting the committed transcript would itself make the tree dirty.
-    args.commit = git_commit() or "unknown"
     transcript = Transcript(Path(args.transcript) if args.transcript else None)
     sys.stdout = transcript
     try:
@@ -144,9 +140,9 @@ def main() -> None:
 
 
 def run_demo(args) -> None:
-    from softtool.bench.limits import cpu_model
+    from softtool.bench.limits import cpu_model, git_commit
 
-    print(f"softtool demo at commit {args.commit} on {cpu_model()}, {os.cpu_count()} cores")
+    print(f"softtool demo at commit {git_commit() or 'unknown'} on {cpu_model()}, {os.cpu_count()} cores")
     data = Path(args.data) / "multi30k"
     if not data.is_dir():
         sys.exit(f"demo: {data} not found; pass --data (the folder holding multi30k/)")

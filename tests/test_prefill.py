@@ -31,15 +31,10 @@ OPTIONS = SearchOptions(max_new_tokens=10, eos_token_ids=[2], pad_token_id=2)
 
 
 @pytest.fixture(scope="module")
-def model_dir(gqa_model_dir):
-    return gqa_model_dir
-
-
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory, model_dir):
+def adapters(tmp_path_factory, gqa_model_dir):
     root = tmp_path_factory.mktemp("prefill-adapters")
     torch.manual_seed(1)
-    return [save_tiny_adapter(root / name, model_dir, torch.randn(N, 64) * 0.5) for name in ("de", "fr")]
+    return [save_tiny_adapter(root / name, gqa_model_dir, torch.randn(N, 64) * 0.5) for name in ("de", "fr")]
 
 
 @pytest.fixture(scope="module")

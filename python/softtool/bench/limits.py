@@ -29,24 +29,21 @@ def cpu_model() -> str:
 
 
 def git_commit(repo: Path | None = None) -> str | None:
-    """The checkout's commit (-dirty with uncommitted changes); SOFTTOOL_GIT_COMMIT where the tree has no git
-    history (a copy sent to another machine). Changes under benchmarks/results/ do not count, as in
-    benchmarks/provenance.py: they are what the benchmarks write (the demo rewrites its committed transcript as it
-    starts), not the code that ran."""
-    repo = repo or Path(__file__).resolve().parents[3]
+    """The checkout's commit (-dirty with uncommitted changes, by provenance.tree_diff's rule: changes under
+    benchmarks/results/ do not count, they are what the benchmarks write); SOFTTOOL_GIT_COMMIT where the tree has
+    no git history (a copy sent to another machine)."""
+    from softtool.bench.provenance import CHECKOUT, tree_diff
+
+    repo = repo or CHECKOUT
     if os.environ.get("SOFTTOOL_GIT_COMMIT"):
         return os.environ["SOFTTOOL_GIT_COMMIT"]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
         ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results"],
-            cwd=repo, capture_output=True, text=True,
-        ).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return None
-    return commit + ("-dirty" if dirty else "")
+    return commit + ("-dirty" if tree_diff(repo) else "")
 
 
 def machine_info(threads: int) -> dict[str, Any]:

@@ -10,9 +10,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from softtool.bench.limits import best_of, machine_info, measure_limits, model_costs
 from softtool.bench.measure import row_steps_per_s, run_backend, set_threads, workload_to_json
@@ -48,8 +47,7 @@ def identical_share(outputs: list[list[int]], reference: list[list[int]]) -> flo
     return sum(a == b for a, b in zip(outputs[:common], reference[:common], strict=True)) / common
 
 
-@dataclass
-class _Prepared:
+class _Prepared(NamedTuple):
     """What a bench run knows before its backends run."""
 
     started: str
@@ -83,9 +81,7 @@ def run_bench(options: BenchOptions, command: str = "", progress=None) -> dict[s
     if options.task == "classify":
         return run_rank_bench(options, command, progress)
 
-    prepared = _prepare(options, build_workload)
-    started, tokenizer, workload = prepared.started, prepared.tokenizer, prepared.workload
-    costs, probe, limits = prepared.costs, prepared.probe, prepared.limits
+    started, tokenizer, workload, costs, probe, limits = _prepare(options, build_workload)
 
     results = []
     options = _with_exports(options, workload.adapter_dir, results, progress)
@@ -156,9 +152,7 @@ def run_bench(options: BenchOptions, command: str = "", progress=None) -> dict[s
 
 def run_rank_bench(options: BenchOptions, command: str = "", progress=None) -> dict[str, Any]:
     """run_bench for task classify: every requested backend ranks one workload (softtool.bench.rank)."""
-    prepared = _prepare(options, build_rank_workload)
-    started, workload = prepared.started, prepared.workload
-    costs, probe, limits = prepared.costs, prepared.probe, prepared.limits
+    started, _, workload, costs, probe, limits = _prepare(options, build_rank_workload)
 
     results: list[dict[str, Any]] = []
     options = _with_exports(options, workload.adapter_dir, results, progress)
